@@ -1,0 +1,1 @@
+"""Ray actor shells that host one per-rank Runner each."""

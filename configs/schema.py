@@ -1,0 +1,176 @@
+"""The Odyssey config: one frozen dataclass per section, a docstring under every field.
+
+Checks that one section can make alone live in its __post_init__; checks across sections in OdysseyConfig's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    """Folder holding the weights: a Wan2.1 diffusers pipeline folder or the original Wan2.1 release folder.
+    null runs the embedded tiny model that ships inside the package."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the DiT: auto is bfloat16 on CUDA and float32 on CPU. Modulation, norms and the time
+    embedding stay in float32 whatever this says."""
+
+    text_encoder_device: Literal["auto", "cpu"] = "auto"
+    """Where the text encoder runs: auto uses the GPU of the rank that encodes; cpu keeps it off the GPU."""
+
+    offload_text_encoder: bool = False
+    """Move the text encoder to CPU memory between prompts, freeing its GPU memory for the DiT and the VAE."""
+
+    vae_tiling: bool = False
+    """Decode the VAE in spatial tiles so memory stays bounded at large resolutions."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    ulysses_degree: int = 1
+    """Ranks that share one video's tokens (Ulysses sequence parallelism). Heads need not divide it."""
+
+    cfg_degree: Literal[1, 2] = 1
+    """2 runs the conditional and unconditional passes of classifier-free guidance at once on two halves of
+    the ranks."""
+
+    replicas: int = 1
+    """Independent copies of the model; each serves its own prompts. world = replicas * cfg_degree * ulysses_degree."""
+
+    fuse_qkv: bool | Literal["auto"] = "auto"
+    """Send Q, K and V in one all-to-all (true) or three concurrent ones (false); auto measures both once per
+    message size and keeps the faster. The results are identical."""
+
+    fp8_comm: bool = False
+    """Carry the all-to-alls in float8 e4m3 with a scale per vector: about half the bytes, ~5% attention error."""
+
+    head_chunks: int = 1
+    """Attend each rank's heads in this many chunks, overlapping chunk i+1's all-to-all with chunk i's attention."""
+
+    attention_backend: Literal["auto", "flash", "sdpa", "reference"] = "auto"
+    """Local attention kernel: flash (flash-attn, CUDA fp16/bf16), sdpa (torch), reference (slow, exact) or auto."""
+
+    def __post_init__(self) -> None:
+        _require(self.ulysses_degree >= 1, f"ulysses_degree must be >= 1, got {self.ulysses_degree}")
+        _require(self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
+        _require(self.head_chunks >= 1, f"head_chunks must be >= 1, got {self.head_chunks}")
+
+    @property
+    def group_size(self) -> int:
+        """Ranks of one replica."""
+        return self.cfg_degree * self.ulysses_degree
+
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.group_size
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    sampler: Literal["unipc", "euler"] = "unipc"
+    """Flow-matching sampler: unipc (multistep, order 2, Wan's default) or euler."""
+
+    steps: int = 50
+    """Denoising steps."""
+
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight; 1.0 turns guidance off (one model pass per step)."""
+
+    shift: float = 5.0
+    """Flow shift of the sigma schedule: s' = shift*s / (1 + (shift-1)*s). Higher spends more steps at high noise."""
+
+    negative_prompt: str = ""
+    """Prompt that guidance steers away from."""
+
+    seed: int | None = None
+    """Seed of the initial noise; null draws one per prompt (recorded in the manifest)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        _require(self.shift > 0, f"shift must be > 0, got {self.shift}")
+        _require(self.seed is None or 0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    height: int = 480
+    """Frame height in pixels, a multiple of 16."""
+
+    width: int = 832
+    """Frame width in pixels, a multiple of 16."""
+
+    frames: int = 81
+    """Frames per video, 4n+1 (the VAE compresses time 4x after the first frame)."""
+
+    fps: int = 16
+    """Frames per second of the written MP4."""
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _require(value >= 16 and value % 16 == 0, f"{name} must be a positive multiple of 16, got {value}")
+        _require(
+            self.frames >= 1 and self.frames % 4 == 1,
+            f"frames must be 4n+1 (1, 5, 9, ..., 81), got {self.frames}",
+        )
+        _require(self.fps >= 1, f"fps must be >= 1, got {self.fps}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where ranks compute: auto is CUDA when the rank sees a GPU, else CPU (gloo)."""
+
+    collective_timeout_s: float = 300.0
+    """Timeout of every torch.distributed collective; a stuck or dead rank fails its replica after this long."""
+
+    max_retries: int = 2
+    """Times a prompt is retried on a rebuilt replica after its replica failed."""
+
+    num_cpus_per_worker: float | None = None
+    """CPUs Ray reserves per worker actor on CPU-only clusters (fractions allowed); null sizes workers to fit."""
+
+    placement: Literal["auto", "STRICT_PACK", "PACK"] = "auto"
+    """Placement group strategy per replica: auto is STRICT_PACK (one node) when a replica fits a node, else PACK."""
+
+    def __post_init__(self) -> None:
+        _require(self.collective_timeout_s > 0, f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        _require(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
+        _require(
+            self.num_cpus_per_worker is None or self.num_cpus_per_worker > 0,
+            f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}",
+        )
+
+
+@dataclass(frozen=True)
+class OdysseyConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Weights and precision."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel degrees and the attention wire."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """The denoising loop."""
+
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """Size and rate of the output video."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Devices, timeouts, retries and placement."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.parallel.cfg_degree == 1 or self.sampling.guidance_scale != 1.0,
+            "parallel.cfg_degree=2 needs classifier-free guidance, but sampling.guidance_scale is 1.0 (off)",
+        )
