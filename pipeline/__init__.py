@@ -1,1 +1,6 @@
 """Models (DiT, text encoder, VAE), samplers, weight loading and the per-rank Runner: pure torch, no Ray."""
+
+from .dit import WanDiT, WanDiTConfig
+from .parallel import apply_sequence_parallel
+
+__all__ = ["WanDiT", "WanDiTConfig", "apply_sequence_parallel"]

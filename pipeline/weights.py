@@ -1,0 +1,189 @@
+"""Loading Wan2.1 DiT weights from a local folder: diffusers model folder, diffusers pipeline folder, or the original
+release. safetensors only; the model is built on the meta device and the loaded tensors are assigned, so it is
+never materialised twice."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .dit import WanDiT, WanDiTConfig
+
+__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "WeightsError"]
+
+_COMFY_PREFIX = "model.diffusion_model."
+
+# diffusers name -> original Wan2.1 name (the model's own), applied in order
+_DIFFUSERS_TO_ORIGINAL = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit: missing or unknown files, keys or shapes."""
+
+
+def _dit_folder(path: Path) -> Path:
+    if not path.exists():
+        raise WeightsError(f"weights folder {path} does not exist")
+    if not path.is_dir():
+        raise WeightsError(f"{path} is not a folder; pass the folder that holds config.json and the weights")
+    if (path / "transformer" / "config.json").is_file():
+        return path / "transformer"  # diffusers pipeline folder
+    if (path / "config.json").is_file():
+        return path
+    raise WeightsError(
+        f"{path} holds no DiT: expected config.json (a diffusers model or original Wan2.1 folder) "
+        f"or transformer/config.json (a diffusers pipeline folder)"
+    )
+
+
+def dit_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a DiT folder: one file, or the shards an index names."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"{indexes[0]} names shards that are not there: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
+        hint = f" (found {', '.join(others)}: only safetensors are loaded, for safety)" if others else ""
+        raise WeightsError(f"no .safetensors weights in {folder}{hint}")
+    return files
+
+
+def _our_name(key: str, diffusers: bool) -> str:
+    if key.startswith(_COMFY_PREFIX):
+        key = key[len(_COMFY_PREFIX):]
+    if diffusers:
+        for pattern, repl in _DIFFUSERS_TO_ORIGINAL:
+            key, n = re.subn(pattern, repl, key)
+            if n:
+                break
+    return key
+
+
+def read_dit_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> WanDiTConfig:
+    """WanDiTConfig from a config.json (diffusers or original keys) and the weights' shapes (our names), which
+    supply what the config omits (original configs have no text_dim or patch_size)."""
+    if raw.get("image_dim") or raw.get("added_kv_proj_dim") or raw.get("model_type", "t2v") not in ("t2v", None):
+        raise WeightsError(
+            f"only text-to-video Wan2.1 checkpoints are supported; this one is "
+            f"{raw.get('model_type') or 'image-conditioned (image_dim / added_kv_proj_dim set)'}"
+        )
+    if any(k.startswith("img_emb.") or ".k_img." in k for k in shapes):
+        raise WeightsError("only text-to-video Wan2.1 checkpoints are supported; these weights have image inputs")
+    for key in ("patch_embedding.weight", "text_embedding.0.weight", "head.head.weight", "blocks.0.ffn.0.weight"):
+        if key not in shapes:
+            raise WeightsError(f"weights lack {key}: not a Wan2.1 DiT checkpoint")
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    heads = raw.get("num_heads", raw.get("num_attention_heads"))
+    if heads is None:
+        raise WeightsError("config.json has neither num_heads nor num_attention_heads")
+    qk_norm = raw.get("qk_norm", True)
+    if isinstance(qk_norm, str):
+        if qk_norm != "rms_norm_across_heads":
+            raise WeightsError(f"unsupported qk_norm {qk_norm!r}")
+        qk_norm = True
+    if tuple(raw.get("window_size", (-1, -1))) != (-1, -1):
+        raise WeightsError(f"windowed attention is not supported (window_size {raw['window_size']})")
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+    cfg = WanDiTConfig(
+        dim=dim,
+        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        num_heads=int(heads),
+        num_layers=layers,
+        in_dim=in_dim,
+        out_dim=shapes["head.head.weight"][0] // math.prod(patch),
+        text_dim=shapes["text_embedding.0.weight"][1],
+        freq_dim=shapes.get("time_embedding.0.weight", (0, raw.get("freq_dim", 256)))[1],
+        patch_size=tuple(patch),
+        eps=float(raw.get("eps", 1e-6)),
+        qk_norm=bool(qk_norm),
+        cross_attn_norm=bool(raw.get("cross_attn_norm", True)),
+        text_len=int(raw.get("text_len", 512)),
+    )
+    declared = {"dim": raw.get("dim"), "num_layers": raw.get("num_layers"), "ffn_dim": raw.get("ffn_dim")}
+    if "attention_head_dim" in raw:
+        declared["dim"] = raw["attention_head_dim"] * int(heads)
+    wrong = [f"{k}={v} (weights: {getattr(cfg, k)})" for k, v in declared.items() if v is not None and v != getattr(cfg, k)]
+    if wrong:
+        raise WeightsError(f"config.json disagrees with the weights: {', '.join(wrong)}")
+    return cfg
+
+
+def load_dit(path, *, device="cpu", dtype: torch.dtype | None = None, attention_backend: str = "auto") -> WanDiT:
+    folder = _dit_folder(Path(path))
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"cannot read {folder / 'config.json'}: {e}") from None
+    files = dit_weight_files(folder)
+
+    # Shapes first (headers only): the config needs them and every mismatch is reported before any tensor loads.
+    source: dict[str, tuple[Path, str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+            diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in keys) or (
+                "_diffusers_version" in raw
+            )
+            for key in keys:
+                ours = _our_name(key, diffusers)
+                source[ours] = (file, key)
+                shapes[ours] = tuple(f.get_slice(key).get_shape())
+    cfg = read_dit_config(raw, shapes)
+
+    with torch.device("meta"):
+        model = WanDiT(cfg, attention_backend=attention_backend)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    misshaped = [f"{k} {shapes[k]} (expected {expected[k]})" for k in sorted(set(expected) & set(shapes))
+                 if shapes[k] != expected[k]]
+    problems = [(what, items) for what, items in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
+    if problems:
+        raise WeightsError(f"weights in {folder} do not fit the Wan2.1 DiT: " + "; ".join(
+            f"{what} keys: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
+            for what, items in problems))
+
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for ours, (file, _) in source.items():
+        by_file.setdefault(file, []).append(ours)
+    load_device = str(torch.device(device))
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device=load_device) as f:
+            for ours in names:
+                t = f.get_tensor(source[ours][1])
+                want = torch.float32 if WanDiT.keeps_fp32(ours) else (dtype or t.dtype)
+                state[ours] = t.to(want) if t.dtype != want else t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
