@@ -2,5 +2,6 @@
 
 from .dit import WanDiT, WanDiTConfig
 from .parallel import apply_sequence_parallel
+from .vae import WanVAEDecoder
 
-__all__ = ["WanDiT", "WanDiTConfig", "apply_sequence_parallel"]
+__all__ = ["WanDiT", "WanDiTConfig", "WanVAEDecoder", "apply_sequence_parallel"]

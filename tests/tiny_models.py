@@ -93,3 +93,162 @@ def save_dit(model, folder: Path, layout: str) -> Path:
     else:
         raise ValueError(layout)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE
+
+VAE_KW = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+
+def diffusers_vae(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLWan(**{**VAE_KW, **overrides}).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: perturb everything so every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _vae_to_original(state: dict, num_res_blocks: int, n_blocks: int) -> dict:
+    """diffusers AutoencoderKLWan decoder keys -> original Wan2.1_VAE.pth keys (independent of pipeline/)."""
+    res = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+           "conv_shortcut": "shortcut"}
+    out = {"conv2.weight": state["post_quant_conv.weight"], "conv2.bias": state["post_quant_conv.bias"],
+           "conv1.weight": state["quant_conv.weight"], "conv1.bias": state["quant_conv.bias"],
+           "encoder.conv1.weight": state["encoder.conv_in.weight"]}  # encoder weights ride along, ignored
+    per_block = num_res_blocks + 2  # resnets + one resample
+    for key, t in state.items():
+        if not key.startswith("decoder."):
+            continue
+        parts = key.split(".")
+        if parts[1] == "conv_in":
+            out["decoder.conv1." + parts[-1]] = t
+        elif parts[1] == "norm_out":
+            out["decoder.head.0." + parts[-1]] = t
+        elif parts[1] == "conv_out":
+            out["decoder.head.2." + parts[-1]] = t
+        elif parts[1] == "mid_block":
+            if parts[2] == "attentions":
+                out["decoder.middle.1." + ".".join(parts[4:])] = t
+            else:
+                out[f"decoder.middle.{2 * int(parts[3])}.{res[parts[4]]}.{parts[5]}"] = t
+        elif parts[1] == "up_blocks":
+            block = int(parts[2])
+            if parts[3] == "resnets":
+                n = block * per_block + int(parts[4])
+                out[f"decoder.upsamples.{n}.{res[parts[5]]}.{parts[6]}"] = t
+            else:  # upsamplers.0.<rest>
+                n = block * per_block + num_res_blocks + 1
+                out[f"decoder.upsamples.{n}." + ".".join(parts[5:])] = t
+    return out
+
+
+def save_vae(model, folder: Path, layout: str) -> Path:
+    folder = Path(folder)
+    if layout == "diffusers":
+        model.save_pretrained(folder)
+    elif layout == "pipeline":
+        model.save_pretrained(folder / "vae")
+    elif layout == "original":
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(_vae_to_original(state, model.config.num_res_blocks, len(model.config.dim_mult)),
+                   folder / "Wan2.1_VAE.pth")
+    else:
+        raise ValueError(layout)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text encoder
+
+CORPUS = """a red circle moving right
+a green square moving left across a dark background
+a blue ball bouncing up and down
+the quick brown fox jumps over the lazy dog
+a cinematic shot of a city at night with neon lights
+waves crash on a rocky shore at sunset
+ein Hund läuft über eine grüne Wiese
+un chat noir dort sur le canapé
+a yellow square moving up, a white circle moving down
+close-up of a flower opening in time lapse
+"""
+
+
+def tiny_tokenizer(folder: Path):
+    """A T5 tokenizer over a sentencepiece unigram model trained here on a small corpus."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text(CORPUS * 5, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=120, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )
+    return T5Tokenizer(vocab_file=str(folder / "spiece.model"), extra_ids=0, legacy=False)
+
+
+def hf_umt5(vocab_size: int, seed: int = 0, d_model: int = 24):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=vocab_size, d_model=d_model, d_kv=6, d_ff=40, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
+    return UMT5EncoderModel(cfg).eval()
+
+
+def _t5_to_original(state: dict) -> dict:
+    out = {}
+    for key, t in state.items():
+        if key == "encoder.embed_tokens.weight":
+            continue
+        if key == "shared.weight":
+            out["token_embedding.weight"] = t
+        elif key == "encoder.final_layer_norm.weight":
+            out["norm.weight"] = t
+        else:
+            _, _, i, _, layer, *rest = key.split(".")
+            rest = ".".join(rest)
+            name = {
+                "layer_norm.weight": "norm1.weight" if layer == "0" else "norm2.weight",
+                "SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
+                "DenseReluDense.wi_0.weight": "ffn.gate.0.weight", "DenseReluDense.wi_1.weight": "ffn.fc1.weight",
+                "DenseReluDense.wo.weight": "ffn.fc2.weight",
+            }.get(rest) or "attn." + rest.split(".", 1)[1]
+            out[f"blocks.{i}.{name}"] = t
+    return out
+
+
+def save_t5(model, tokenizer, folder: Path, layout: str) -> Path:
+    folder = Path(folder)
+    if layout == "pipeline":
+        model.save_pretrained(folder / "text_encoder")
+        tokenizer.save_pretrained(folder / "tokenizer")
+    elif layout == "original":
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(_t5_to_original(state), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+        tokenizer.save_pretrained(folder / "google" / "umt5-xxl")
+    else:
+        raise ValueError(layout)
+    return folder
+
+
+def wan_pipeline_folder(folder: Path, seed: int = 0, heads: int = 3, layers: int = 2) -> Path:
+    """A complete tiny Wan2.1 diffusers pipeline folder (transformer/, text_encoder/, tokenizer/, vae/)."""
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(folder / "_spm")
+    t5 = hf_umt5(len(tokenizer), seed=seed, d_model=24)
+    save_t5(t5, tokenizer, folder, "pipeline")
+    save_dit(diffusers_dit(seed, num_attention_heads=heads, attention_head_dim=12, text_dim=24, num_layers=layers),
+             folder, "pipeline")
+    save_vae(diffusers_vae(seed), folder, "pipeline")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    return folder

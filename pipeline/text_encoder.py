@@ -1,0 +1,124 @@
+"""The umt5-xxl text encoder (transformers' UMT5EncoderModel) with Wan2.1's prompt handling.
+
+Legend: N prompts, T text_len (512) token rows, C d_model (4096).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .weights import WeightsError
+
+__all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR"]
+
+log = logging.getLogger(__name__)
+
+ORIGINAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+ORIGINAL_TOKENIZER_DIR = "google/umt5-xxl"
+
+# original Wan2.1 T5 names -> transformers UMT5EncoderModel names
+_ORIGINAL_TO_HF = [
+    (r"^token_embedding\.", "shared."),
+    (r"^norm\.", "encoder.final_layer_norm."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.block.\1.layer.0.layer_norm."),
+    (r"^blocks\.(\d+)\.attn\.([qkvo])\.", r"encoder.block.\1.layer.0.SelfAttention.\2."),
+    (r"^blocks\.(\d+)\.pos_embedding\.embedding\.", r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.block.\1.layer.1.layer_norm."),
+    (r"^blocks\.(\d+)\.ffn\.gate\.0\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_0."),
+    (r"^blocks\.(\d+)\.ffn\.fc1\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_1."),
+    (r"^blocks\.(\d+)\.ffn\.fc2\.", r"encoder.block.\1.layer.1.DenseReluDense.wo."),
+]
+
+
+def _hf_name(key: str) -> str:
+    for pattern, repl in _ORIGINAL_TO_HF:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    raise WeightsError(f"unknown key {key} in {ORIGINAL_T5_FILE}")
+
+
+def _load_original(path: Path, dtype):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = {_hf_name(k): v for k, v in raw.items()}
+    state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    vocab, d_model = state["shared.weight"].shape
+    heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
+    cfg = UMT5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+        d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+        num_layers=1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.block.")),
+        num_heads=heads,
+        relative_attention_num_buckets=state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[0],
+        relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+    )
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightsError(f"{path} does not fit UMT5: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.tie_weights()
+    return model
+
+
+class WanTextEncoder:
+    """encode(prompts) -> [N, text_len, d_model]: real tokens (with EOS) encoded under the attention mask, then
+    zero rows up to text_len, exactly as Wan2.1 feeds its DiT."""
+
+    def __init__(self, model, tokenizer, text_len: int = 512):
+        self.model, self.tokenizer, self.text_len = model.eval().requires_grad_(False), tokenizer, text_len
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="cpu", dtype=torch.bfloat16, text_len: int = 512) -> "WanTextEncoder":
+        """A diffusers pipeline folder (text_encoder/ + tokenizer/) or the original Wan2.1 folder
+        (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/)."""
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        path = Path(path)
+        if (path / "text_encoder" / "config.json").is_file():
+            model = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype, use_safetensors=True)
+            tok_dir = path / "tokenizer"
+        elif (path / ORIGINAL_T5_FILE).is_file():
+            model = _load_original(path / ORIGINAL_T5_FILE, dtype)
+            tok_dir = path / ORIGINAL_TOKENIZER_DIR
+        else:
+            raise WeightsError(f"{path} holds no text encoder: expected text_encoder/ + tokenizer/ (diffusers) or "
+                               f"{ORIGINAL_T5_FILE} + {ORIGINAL_TOKENIZER_DIR}/ (original Wan2.1)")
+        if not tok_dir.is_dir():
+            raise WeightsError(f"tokenizer folder {tok_dir} is missing")
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        return cls(model.to(device), tokenizer, text_len)
+
+    def to(self, device) -> "WanTextEncoder":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        for prompt, ids in zip(prompts, full):
+            if len(ids) > self.text_len:
+                log.warning("prompt truncated to %d of its %d tokens: %.80r", self.text_len, len(ids), prompt)
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.text_len, truncation=True,
+                               add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        hidden_NTC = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Rows past each prompt's length become zeros, not the encoder's outputs at PAD.
+        return (hidden_NTC * mask.unsqueeze(-1).to(hidden_NTC.dtype)).float()
