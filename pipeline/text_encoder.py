@@ -90,7 +90,9 @@ class WanTextEncoder:
         """A diffusers pipeline folder (text_encoder/ + tokenizer/) or the original Wan2.1 folder
         (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/)."""
         from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         path = Path(path)
         if (path / "text_encoder" / "config.json").is_file():
             model = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype, use_safetensors=True)

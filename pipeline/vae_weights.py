@@ -79,26 +79,40 @@ def _from_original(raw: dict[str, torch.Tensor]) -> tuple[DecoderSpec, dict[str,
     return spec, state
 
 
-def load_vae_state(path: Path) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
-    """(decoder structure, decoder state dict in WanVAEDecoder's names) from any supported layout."""
+def _locate(path: Path) -> Path:
+    """The VAE's own file or folder inside whatever layout `path` is."""
     if not path.exists():
         raise WeightsError(f"VAE weights {path} do not exist")
     if path.is_dir() and (path / "vae" / "config.json").is_file():
         path = path / "vae"
     if path.is_dir() and (path / ORIGINAL_VAE_FILE).is_file():
         path = path / ORIGINAL_VAE_FILE
+    if path.is_file() and path.suffix not in (".pth", ".pt"):
+        raise WeightsError(f"{path}: expected {ORIGINAL_VAE_FILE} or a diffusers VAE folder")
+    if path.is_dir() and not ((path / "config.json").is_file()
+                              and (path / "diffusion_pytorch_model.safetensors").is_file()):
+        raise WeightsError(f"{path} holds no VAE: expected vae/, config.json + diffusion_pytorch_model."
+                           f"safetensors, or {ORIGINAL_VAE_FILE}")
+    return path
+
+
+def read_vae_spec(path: Path) -> DecoderSpec:
+    """The decoder's structure (latent channels, strides) without reading the weights' data."""
+    path = _locate(Path(path))
+    if path.is_file():  # memory-mapped: only the headers are read
+        return _from_original(torch.load(path, map_location="cpu", weights_only=True, mmap=True))[0]
+    return DecoderSpec.from_diffusers_config(json.loads((path / "config.json").read_text()))
+
+
+def load_vae_state(path: Path) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
+    """(decoder structure, decoder state dict in WanVAEDecoder's names) from any supported layout."""
+    path = _locate(Path(path))
     if path.is_file():
-        if path.suffix not in (".pth", ".pt"):
-            raise WeightsError(f"{path}: expected {ORIGINAL_VAE_FILE} or a diffusers VAE folder")
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        spec, state = _from_original(raw)
+        spec, state = _from_original(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     else:
-        cfg_file, weights = path / "config.json", path / "diffusion_pytorch_model.safetensors"
-        if not cfg_file.is_file() or not weights.is_file():
-            raise WeightsError(f"{path} holds no VAE: expected vae/, config.json + diffusion_pytorch_model."
-                               f"safetensors, or {ORIGINAL_VAE_FILE}")
-        spec = DecoderSpec.from_diffusers_config(json.loads(cfg_file.read_text()))
-        state = {k: v for k, v in load_file(str(weights)).items() if k.startswith(("decoder.", "post_quant_conv."))}
+        spec = DecoderSpec.from_diffusers_config(json.loads((path / "config.json").read_text()))
+        state = load_file(str(path / "diffusion_pytorch_model.safetensors"))
+        state = {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in WanVAEDecoder(spec).state_dict().items()}
     missing = sorted(set(expected) - set(state))

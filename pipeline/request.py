@@ -1,0 +1,101 @@
+"""What one generation asks for, and the events a Runner yields while serving it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from configs import OdysseyConfig, SamplingConfig, VideoConfig
+
+__all__ = ["GenerateRequest", "Progress", "Frame", "Result", "Event"]
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One video. Unset fields take the config's value when resolved; a resolved request is fully concrete, so
+    every rank that receives it does the same thing."""
+
+    prompt: str
+    request_id: str = ""
+    seed: int | None = None
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    shift: float | None = None
+    sampler: str | None = None
+
+    def resolve(self, config: OdysseyConfig) -> "GenerateRequest":
+        """Every field concrete and validated (ValueError); seed drawn if unset."""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        s, v = config.sampling, config.video
+        sampling = SamplingConfig(
+            sampler=self.sampler or s.sampler, steps=_pick(self.steps, s.steps),
+            guidance_scale=float(_pick(self.guidance_scale, s.guidance_scale)), shift=float(_pick(self.shift, s.shift)),
+            negative_prompt=_pick(self.negative_prompt, s.negative_prompt), seed=_pick(self.seed, s.seed),
+        )
+        if sampling.sampler not in ("unipc", "euler"):
+            raise ValueError(f"sampler must be unipc or euler, got {sampling.sampler!r}")
+        video = VideoConfig(height=_pick(self.height, v.height), width=_pick(self.width, v.width),
+                            frames=_pick(self.frames, v.frames), fps=_pick(self.fps, v.fps))
+        if config.parallel.cfg_degree == 2 and sampling.guidance_scale == 1.0:
+            raise ValueError("this replica runs CFG in parallel (cfg_degree=2) but the request turns guidance off")
+        seed = sampling.seed if sampling.seed is not None else secrets.randbelow(2**63)
+        return GenerateRequest(
+            prompt=self.prompt, request_id=self.request_id or f"req-{seed:x}", seed=seed,
+            negative_prompt=sampling.negative_prompt, height=video.height, width=video.width, frames=video.frames,
+            fps=video.fps, steps=sampling.steps, guidance_scale=sampling.guidance_scale, shift=sampling.shift,
+            sampler=sampling.sampler,
+        )
+
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+
+    def fingerprint(self) -> int:
+        """63-bit digest of every field: ranks compare it before the first collective."""
+        text = repr(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+@dataclass
+class Progress:
+    request_id: str
+    stage: str  # "encode" | "denoise"
+    step: int
+    total: int
+
+
+@dataclass
+class Frame:
+    """One decoded RGB frame [H, W, 3] uint8, from rank 0, as soon as it exists."""
+
+    request_id: str
+    index: int
+    total: int
+    image: np.ndarray
+
+
+@dataclass
+class Result:
+    request_id: str
+    seed: int
+    num_frames: int
+    timings: dict = field(default_factory=dict)  # seconds per stage
+    shapes: dict = field(default_factory=dict)
+    latents: object = None  # final latents [1, z, T, h, w] when the Runner was asked to return them
+
+
+Event = Progress | Frame | Result

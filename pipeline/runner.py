@@ -1,0 +1,183 @@
+"""The per-rank Runner: one process, one device, one rank of one replica. Knows nothing of Ray.
+
+Legend: B batch (1), L this rank's latent tokens, P patch vector, T text tokens, C text width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from configs import OdysseyConfig
+
+from .components import Components, load_components
+from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
+from .request import Event, Frame, GenerateRequest, Progress, Result
+from .samplers import make_sampler
+
+__all__ = ["Runner", "pick_device"]
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(preference: str, rank: int) -> torch.device:
+    """cuda when asked for or available (one GPU per process: under Ray each actor sees exactly one), else cpu."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("runtime.device is cuda but this process sees no GPU")
+    index = rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+class Runner:
+    """Joins the replica's process group, builds the (cfg, ulysses) mesh, loads the models once, then serves
+    generate(request) as an iterator of events: Progress per step, Frame per decoded frame (rank 0), Result."""
+
+    def __init__(self, config: OdysseyConfig, rank: int, world_size: int, init_method: str):
+        par = config.parallel
+        if world_size != par.group_size:
+            raise ValueError(f"world_size {world_size} != cfg_degree {par.cfg_degree} x ulysses_degree "
+                             f"{par.ulysses_degree}")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.device = pick_device(config.runtime.device, rank)
+        self.keep_latents_sharded = True  # False gathers the latents every step (benchmarked against)
+        self.return_latents = False  # rank 0 puts the final latents in its Result (tests, comparisons)
+        timeout = timedelta(seconds=config.runtime.collective_timeout_s)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        kwargs = {"device_id": self.device} if backend == "nccl" else {}
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timeout, **kwargs)
+        self.mesh: Mesh = build_mesh(par.cfg_degree, par.ulysses_degree)
+        t0 = time.perf_counter()
+        self.components: Components = load_components(
+            config.model, device=self.device, encode=rank == 0, decode=rank == 0,
+            attention_backend=par.attention_backend)
+        self.load_s = time.perf_counter() - t0
+        apply_sequence_parallel(self.components.dit, self.mesh.sp_group, fuse_qkv=par.fuse_qkv,
+                                fp8_comm=par.fp8_comm, head_chunks=par.head_chunks)
+        self._comm_device = self.device if backend == "nccl" else torch.device("cpu")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _agree(self, request: GenerateRequest, error: Exception | None) -> None:
+        """The first collective of a request: every rank shows (valid?, fingerprint); any invalid or different
+        request is a ValueError on every rank."""
+        mine = torch.tensor([0 if error else 1, request.fingerprint() if not error else -1], dtype=torch.int64,
+                            device=self._comm_device)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        table = torch.stack(every).cpu().tolist()
+        if error is not None:
+            raise error
+        bad = [r for r, (ok, _) in enumerate(table) if not ok]
+        if bad:
+            raise ValueError(f"rank(s) {bad} rejected request {request.request_id!r}")
+        if len({fp for _, fp in table}) > 1:
+            raise ValueError(f"ranks received different versions of request {request.request_id!r}")
+
+    def _context(self, request: GenerateRequest) -> torch.Tensor:
+        """[1 or 2, T, C] text embeddings (conditional, then unconditional when guidance is on): encoded on rank 0,
+        broadcast to the replica."""
+        n = 1 if request.guidance_scale == 1.0 else 2
+        comp = self.components
+        ctx = torch.empty((n, comp.text_len, comp.text_dim), dtype=torch.float32, device=self._comm_device)
+        if self.rank == 0:
+            encoder = comp.text_encoder
+            if self.config.model.offload_text_encoder:
+                encoder.to(self.device)
+            prompts = [request.prompt] + ([request.negative_prompt] if n == 2 else [])
+            ctx.copy_(encoder.encode(prompts))
+            if self.config.model.offload_text_encoder:
+                encoder.to("cpu")
+        if self.world_size > 1:
+            dist.broadcast(ctx, src=0)
+        return ctx.to(self.device)
+
+    def _velocity(self, x_BLP, grid, t, ctx, guidance: float) -> torch.Tensor:
+        dit = self.components.dit
+        t_B = torch.full((1,), float(t), device=self.device)
+        if ctx.shape[0] == 1:
+            return dit.forward_tokens(x_BLP, grid, t_B, ctx[:1])
+        if self.mesh.cfg_degree == 2:
+            # This half of the ranks runs one branch; partners (same tokens, other branch) swap results.
+            v_BLP = dit.forward_tokens(x_BLP, grid, t_B, ctx[self.mesh.cfg_rank : self.mesh.cfg_rank + 1])
+            both = v_BLP.new_empty((2, *v_BLP.shape))
+            _all_gather_dim0(both.view(-1, *v_BLP.shape[1:]), v_BLP.contiguous(), self.mesh.cfg_group)
+            v_cond, v_uncond = both[0], both[1]
+        else:
+            v_cond = dit.forward_tokens(x_BLP, grid, t_B, ctx[:1])
+            v_uncond = dit.forward_tokens(x_BLP, grid, t_B, ctx[1:])
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    # -- the job ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, request: GenerateRequest) -> Iterator[Event]:
+        error = None
+        try:
+            if not request.is_resolved:
+                raise ValueError(f"request {request.request_id!r} is not resolved (seed and sizes must be set)")
+            shape = self.components.latent_shape(request.frames, request.height, request.width)
+            if self.mesh.cfg_degree == 2 and request.guidance_scale == 1.0:
+                raise ValueError("CFG-parallel replica (cfg_degree=2) got a request with guidance off")
+        except ValueError as e:
+            error = e
+        self._agree(request, error)
+
+        rid, comp, dit = request.request_id, self.components, self.components.dit
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        ctx = self._context(request)
+        self._sync()
+        timings["text_s"] = time.perf_counter() - t_start
+        yield Progress(rid, "encode", 1, 1)
+
+        # The noise depends only on the seed and the shape, never on the layout: drawn whole on the CPU, then sharded.
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed), dtype=torch.float32)
+        grid = dit.grid(shape)
+        seq_len = math.prod(grid)
+        layout = dit.layout
+        x_BLP = layout.shard(dit.patchify(noise)).to(self.device)
+        sampler = make_sampler(request.sampler, request.steps, request.shift)
+        t0 = time.perf_counter()
+        for i, t in enumerate(sampler.timesteps.tolist()):
+            v_BLP = self._velocity(x_BLP, grid, t, ctx, request.guidance_scale)
+            if self.keep_latents_sharded:
+                x_BLP = sampler.step(i, v_BLP, x_BLP)
+            else:
+                x_full = sampler.step(i, layout.gather(v_BLP, seq_len), layout.gather(x_BLP, seq_len))
+                x_BLP = layout.shard(x_full)
+            yield Progress(rid, "denoise", i + 1, request.steps)
+        latents = dit.unpatchify(layout.gather(x_BLP, seq_len), grid)
+        self._sync()
+        timings["denoise_s"] = time.perf_counter() - t0
+
+        num_frames = (shape[2] - 1) * comp.temporal_stride + 1
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            for index, image in enumerate(comp.decoder.decode_stream(latents)):
+                if index == 0:
+                    timings["first_frame_s"] = time.perf_counter() - t_start
+                yield Frame(rid, index, num_frames, image)
+            timings["decode_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        yield Result(rid, request.seed, num_frames, timings,
+                     {"latents": list(shape), "tokens": seq_len, "tokens_per_rank": x_BLP.shape[1],
+                      "video": [num_frames, request.height, request.width, 3]},
+                     latents.cpu() if self.return_latents and self.rank == 0 else None)
