@@ -134,6 +134,12 @@ class RuntimeConfig:
     collective_timeout_s: float = 300.0
     """Timeout of every torch.distributed collective; a stuck or dead rank fails its replica after this long."""
 
+    placement_timeout_s: float = 120.0
+    """How long a replica may wait for its workers to be placed and started before it counts as failed."""
+
+    load_timeout_s: float = 1800.0
+    """How long loading the models on a replica may take."""
+
     max_retries: int = 2
     """Times a prompt is retried on a rebuilt replica after its replica failed."""
 
@@ -146,6 +152,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _require(self.collective_timeout_s > 0, f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         _require(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
+        _require(self.placement_timeout_s > 0 and self.load_timeout_s > 0, "timeouts must be > 0")
         _require(
             self.num_cpus_per_worker is None or self.num_cpus_per_worker > 0,
             f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}",

@@ -86,6 +86,7 @@ class Frame:
     index: int
     total: int
     image: np.ndarray
+    created_at: float = 0.0  # wall clock on the worker when the frame left the decoder
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Result:
     timings: dict = field(default_factory=dict)  # seconds per stage
     shapes: dict = field(default_factory=dict)
     latents: object = None  # final latents [1, z, T, h, w] when the Runner was asked to return them
+    finished_at: float = 0.0  # wall clock on the worker when the generation finished
 
 
 Event = Progress | Frame | Result

@@ -41,7 +41,9 @@ class Runner:
     """Joins the replica's process group, builds the (cfg, ulysses) mesh, loads the models once, then serves
     generate(request) as an iterator of events: Progress per step, Frame per decoded frame (rank 0), Result."""
 
-    def __init__(self, config: OdysseyConfig, rank: int, world_size: int, init_method: str):
+    def __init__(self, config: OdysseyConfig, rank: int, world_size: int, init_method: str, *, load: bool = True):
+        """Joins the group at init_method (collective: every rank at once) and, unless load=False, loads the models
+        (then call load_models() yourself: the Ray actors make the two steps separate calls)."""
         par = config.parallel
         if world_size != par.group_size:
             raise ValueError(f"world_size {world_size} != cfg_degree {par.cfg_degree} x ulysses_degree "
@@ -50,20 +52,30 @@ class Runner:
         self.device = pick_device(config.runtime.device, rank)
         self.keep_latents_sharded = True  # False gathers the latents every step (benchmarked against)
         self.return_latents = False  # rank 0 puts the final latents in its Result (tests, comparisons)
+        self.components: Components | None = None
+        self.load_s = 0.0
+        self.progress = (None, "idle", 0, 0)  # (request id, stage, step, total), read by health checks
         timeout = timedelta(seconds=config.runtime.collective_timeout_s)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         kwargs = {"device_id": self.device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timeout, **kwargs)
+        self._comm_device = self.device if backend == "nccl" else torch.device("cpu")
         self.mesh: Mesh = build_mesh(par.cfg_degree, par.ulysses_degree)
+        if load:
+            self.load_models()
+
+    def load_models(self) -> float:
+        """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took."""
+        par = self.config.parallel
         t0 = time.perf_counter()
-        self.components: Components = load_components(
-            config.model, device=self.device, encode=rank == 0, decode=rank == 0,
+        self.components = load_components(
+            self.config.model, device=self.device, encode=self.rank == 0, decode=self.rank == 0,
             attention_backend=par.attention_backend)
-        self.load_s = time.perf_counter() - t0
         apply_sequence_parallel(self.components.dit, self.mesh.sp_group, fuse_qkv=par.fuse_qkv,
                                 fp8_comm=par.fp8_comm, head_chunks=par.head_chunks)
-        self._comm_device = self.device if backend == "nccl" else torch.device("cpu")
+        self.load_s = time.perf_counter() - t0
+        return self.load_s
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -129,6 +141,7 @@ class Runner:
 
     @torch.no_grad()
     def generate(self, request: GenerateRequest) -> Iterator[Event]:
+        assert self.components is not None, "load_models() before generate()"
         error = None
         try:
             if not request.is_resolved:
@@ -146,6 +159,7 @@ class Runner:
         ctx = self._context(request)
         self._sync()
         timings["text_s"] = time.perf_counter() - t_start
+        self.progress = (rid, "encode", 1, 1)
         yield Progress(rid, "encode", 1, 1)
 
         # The noise depends only on the seed and the shape, never on the layout: drawn whole on the CPU, then sharded.
@@ -163,6 +177,7 @@ class Runner:
             else:
                 x_full = sampler.step(i, layout.gather(v_BLP, seq_len), layout.gather(x_BLP, seq_len))
                 x_BLP = layout.shard(x_full)
+            self.progress = (rid, "denoise", i + 1, request.steps)
             yield Progress(rid, "denoise", i + 1, request.steps)
         latents = dit.unpatchify(layout.gather(x_BLP, seq_len), grid)
         self._sync()
@@ -174,10 +189,12 @@ class Runner:
             for index, image in enumerate(comp.decoder.decode_stream(latents)):
                 if index == 0:
                     timings["first_frame_s"] = time.perf_counter() - t_start
-                yield Frame(rid, index, num_frames, image)
+                self.progress = (rid, "decode", index + 1, num_frames)
+                yield Frame(rid, index, num_frames, image, time.time())
             timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
+        self.progress = (rid, "done", 0, 0)
         yield Result(rid, request.seed, num_frames, timings,
                      {"latents": list(shape), "tokens": seq_len, "tokens_per_rank": x_BLP.shape[1],
                       "video": [num_frames, request.height, request.width, 3]},
-                     latents.cpu() if self.return_latents and self.rank == 0 else None)
+                     latents.cpu() if self.return_latents and self.rank == 0 else None, time.time())

@@ -1,0 +1,90 @@
+"""SPWorker: the Ray actor that owns one GPU (or a share of CPU) and hosts one rank's Runner.
+
+A thin shell: every method is a typed step of the lifecycle (create -> rendezvous -> load models -> serve), the
+Runner knows nothing of Ray, and all collectives run on the one thread that serves generate/run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import ray
+import torch
+
+from configs import OdysseyConfig
+from pipeline.request import Event, GenerateRequest, Result
+
+__all__ = ["SPWorker", "WorkerInfo"]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    node_id: str
+    ip: str
+    gpu_ids: tuple
+    pid: int
+
+
+@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"control": 1})
+class SPWorker:
+    """One rank of one replica. Create with .options(num_gpus=..., num_cpus=..., scheduling_strategy=<its
+    placement-group bundle>). Lifecycle and generation calls run one at a time on the default thread (so
+    collectives keep one order); health() runs on the "control" thread and answers while a generation runs.
+    max_restarts=0: a restarted rank has no process group; the driver rebuilds the whole replica instead."""
+
+    def __init__(self, config: OdysseyConfig, threads: int = 0):
+        self.config = config
+        self.runner = None
+        self.rank = -1
+        self.started = time.time()
+        if threads:
+            torch.set_num_threads(threads)  # a fractional CPU share must not spin up one thread per core
+
+    def info(self) -> WorkerInfo:
+        gpu_ids = tuple(sorted(str(g) for g in ray.get_gpu_ids()))
+        return WorkerInfo(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), gpu_ids,
+                          os.getpid())
+
+    def reserve_address(self) -> str:
+        """A free port on this node, as the tcp:// rendezvous address of the group (called on rank 0 only)."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ip}:{port}"
+
+    def rendezvous(self, rank: int, world_size: int, init_method: str) -> None:
+        """Join the replica's process group; every rank must be called at once."""
+        from pipeline.runner import Runner
+
+        self.rank = rank
+        self.runner = Runner(self.config, rank, world_size, init_method, load=False)
+
+    def load_models(self) -> float:
+        return self.runner.load_models()
+
+    def stream(self, request: GenerateRequest) -> Iterator[Event]:
+        """Rank 0: every event, as a Ray generator, as soon as it happens."""
+        yield from self.runner.generate(request)
+
+    def run(self, request: GenerateRequest) -> Result:
+        """Ranks > 0: take part in the generation; only the final Result comes back."""
+        result = None
+        for event in self.runner.generate(request):
+            if isinstance(event, Result):
+                result = event
+        return result
+
+    @ray.method(concurrency_group="control")
+    def health(self) -> dict:
+        request_id, stage, step, total = self.runner.progress if self.runner else (None, "starting", 0, 0)
+        return {"rank": self.rank, "pid": os.getpid(), "request_id": request_id, "stage": stage, "step": step,
+                "total": total, "uptime_s": time.time() - self.started}
+
+    def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.close()

@@ -1,0 +1,108 @@
+"""What the user sees while a batch runs: a progress bar per running prompt on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from pipeline.request import Frame, Progress
+
+__all__ = ["ProgressReporter", "make_reporter"]
+
+
+class ProgressReporter:
+    """Silent base: the interface the driver calls."""
+
+    def start(self, index: int, name: str, replica: int, attempt: int) -> None: ...
+
+    def event(self, index: int, event) -> None: ...
+
+    def finish(self, index: int, ok: bool, message: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LineReporter(ProgressReporter):
+    """One line per milestone: for logs, CI and anything that is not a terminal."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.started: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def start(self, index, name, replica, attempt):
+        self.started[index], self.names[index] = time.perf_counter(), name
+        retry = f" (attempt {attempt + 1})" if attempt else ""
+        self._say(f"[{index}] {name}: started on replica {replica}{retry}")
+
+    def event(self, index, event):
+        if isinstance(event, Progress) and event.stage == "denoise" and event.step == event.total:
+            self._say(f"[{index}] denoised ({event.total} steps) in {time.perf_counter() - self.started[index]:.1f} s")
+
+    def finish(self, index, ok, message):
+        took = time.perf_counter() - self.started.get(index, time.perf_counter())
+        self._say(f"[{index}] {'done' if ok else 'FAILED'} in {took:.1f} s: {message}")
+
+
+class BarReporter(ProgressReporter):
+    """tqdm bars, one per running prompt: denoising steps, then decoded frames."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bars: dict[int, object] = {}
+        self.names: dict[int, str] = {}
+        self.slots: dict[int, int] = {}
+
+    def start(self, index, name, replica, attempt):
+        self.finish_bar(index)
+        self.names[index] = name
+        free = min(set(range(len(self.slots) + 1)) - set(self.slots.values()))
+        self.slots[index] = free
+        label = f"[{index}] {name[:40]}" + (f" (retry {attempt})" if attempt else "")
+        self.bars[index] = self._tqdm(total=1, desc=label, position=free, leave=False, unit="step", dynamic_ncols=True)
+
+    def event(self, index, event):
+        bar = self.bars.get(index)
+        if bar is None:
+            return
+        if isinstance(event, Progress) and event.stage == "denoise":
+            if bar.total != event.total or bar.unit != "step":
+                bar.reset(total=event.total)
+                bar.unit = "step"
+            bar.n = event.step
+            bar.refresh()
+        elif isinstance(event, Frame):
+            if bar.unit != "frame":
+                bar.reset(total=event.total)
+                bar.unit = "frame"
+                bar.set_description(f"[{index}] decoding")
+            bar.n = event.index + 1
+            bar.refresh()
+
+    def finish_bar(self, index):
+        bar = self.bars.pop(index, None)
+        if bar is not None:
+            bar.close()
+        self.slots.pop(index, None)
+
+    def finish(self, index, ok, message):
+        self.finish_bar(index)
+        self._tqdm.write(f"[{index}] {'done' if ok else 'FAILED'}: {message}", file=sys.stderr)
+
+    def close(self):
+        for index in list(self.bars):
+            self.finish_bar(index)
+
+
+def make_reporter(mode: str | bool | None) -> ProgressReporter:
+    """'bars', 'lines', False/None (silent) or 'auto' (bars on a terminal, lines otherwise)."""
+    if not mode:
+        return ProgressReporter()
+    if mode == "auto":
+        mode = "bars" if sys.stderr.isatty() else "lines"
+    return BarReporter() if mode == "bars" else LineReporter()

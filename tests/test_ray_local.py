@@ -1,0 +1,144 @@
+"""Ray orchestration on a real local Ray cluster (CPU actors, gloo): same video as the plain launcher, frames
+streamed before the call returns, a SIGKILLed worker costs a retry, not the batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from cluster.driver import Driver, Job  # noqa: E402
+from cluster.placement import PlacementError, plan_placement  # noqa: E402
+from cluster.video import read_mp4  # noqa: E402
+from pipeline.launcher import LocalLauncher  # noqa: E402
+from pipeline.request import Frame, GenerateRequest, Progress, Result  # noqa: E402
+from tests.ray_helpers import assert_cluster_clean, ray_config  # noqa: E402
+from tests.tiny_models import wan_pipeline_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    return wan_pipeline_folder(tmp_path_factory.mktemp("wan") / "wan")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def luma(x):
+    return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+
+
+def assert_close_video(decoded, frames):
+    """H.264 yuv420p keeps luma at full resolution and chroma at a quarter: random-weight frames are noise, so
+    compare luma pixel by pixel and color per frame."""
+    decoded, frames = decoded.astype(float), frames.astype(float)
+    assert np.abs(luma(decoded) - luma(frames)).mean() < 6
+    assert np.abs(decoded.mean((1, 2)) - frames.mean((1, 2))).max() < 4
+
+
+def jobs_for(config, out, prompts):
+    return [Job(i, GenerateRequest(p, seed=100 + i).resolve(config), out / f"{i}.mp4", name=p)
+            for i, p in enumerate(prompts)]
+
+
+def test_sp2_through_actors_matches_the_plain_launcher(local_ray, wan_folder, tmp_path):
+    config = ray_config(wan_folder, "parallel.ulysses_degree=2")
+    frames = []
+    with Driver(config, progress=False, manifest=tmp_path / "manifest.jsonl",
+                on_event=lambda job, e: isinstance(e, Frame) and frames.append(e.image)) as driver:
+        (outcome,) = driver.run(jobs_for(config, tmp_path, ["a red circle moving right"]))
+    assert outcome.ok, outcome.error
+    with LocalLauncher(config, timeout_s=120) as group:
+        want = [e.image for e in group.generate(outcome.job.request) if isinstance(e, Frame)]
+    assert len(frames) == len(want) == 9
+    assert np.abs(np.stack(frames).astype(int) - np.stack(want).astype(int)).max() <= 1
+    video, fps = read_mp4(outcome.path)
+    assert video.shape == (9, 32, 48, 3) and fps == 16
+    assert_close_video(video, np.stack(frames))
+    assert (tmp_path / "manifest.jsonl").read_text().count("\n") == 1
+    assert not list(tmp_path.glob(".*partial*"))
+    assert_cluster_clean()
+
+
+def test_first_frame_arrives_before_the_generation_returns(local_ray, wan_folder, tmp_path):
+    config = ray_config(wan_folder, "video.frames=41")
+    arrivals = {}
+
+    def on_event(job, event):
+        if isinstance(event, Frame) and event.index == 0:
+            arrivals["first_frame"] = time.time()
+        if isinstance(event, Result):
+            arrivals["finished"] = event.finished_at
+
+    with Driver(config, progress=False, on_event=on_event) as driver:
+        (outcome,) = driver.run(jobs_for(config, tmp_path, ["a blue square moving left"]))
+    assert outcome.ok and outcome.result.num_frames == 41
+    assert arrivals["first_frame"] < arrivals["finished"]
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_sigkilled_worker_costs_a_retry_not_the_batch(local_ray, wan_folder, tmp_path, victim):
+    config = ray_config(wan_folder, "parallel.ulysses_degree=2", "parallel.replicas=2", "sampling.steps=6")
+    killed = []
+
+    def on_event(job, event):
+        if (job.index == 0 and not killed and isinstance(event, Progress) and event.stage == "denoise"
+                and event.step == 2):
+            replica = next(r for r in driver.replicas if r is not None and r.workers)
+            pid = replica.pids()[victim]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    t0 = time.time()
+    with Driver(config, progress=False, on_event=on_event, manifest=tmp_path / "manifest.jsonl") as driver:
+        outcomes = driver.run(jobs_for(config, tmp_path, [f"prompt {i}" for i in range(4)]))
+    assert killed, "the worker was never killed"
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert outcomes[0].job.attempts == 1 and all(o.job.attempts == 0 for o in outcomes[1:])
+    assert time.time() - t0 < 120  # noticed within seconds, never the collective timeout
+    for o in outcomes:
+        video, _ = read_mp4(o.path)
+        assert video.shape == (9, 32, 48, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.mp4", "1.mp4", "2.mp4", "3.mp4", "manifest.jsonl"]
+    assert_cluster_clean()
+
+
+def test_rejected_request_is_reported_and_the_batch_goes_on(local_ray, wan_folder, tmp_path):
+    config = ray_config(wan_folder)
+    jobs = jobs_for(config, tmp_path, ["fine", "too wide", "also fine"])
+    jobs[1].request = dataclasses.replace(jobs[1].request, width=40)  # invalid for the model, bypassing resolve
+    with Driver(config, progress=False) as driver:
+        outcomes = driver.run(jobs)
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert "rejected" in outcomes[1].error and "multiples of 16" in outcomes[1].error
+    assert outcomes[1].job.attempts == 0 and not (tmp_path / "1.mp4").exists()
+    assert_cluster_clean()
+
+
+def test_unplaceable_jobs_are_refused_with_what_is_missing(wan_folder):
+    nodes = [{"CPU": 4.0}]
+    with pytest.raises(PlacementError, match=r"2 replica\(s\) x cfg 1 x ulysses 4 needs 8 GPUs; the Ray cluster has 4"):
+        plan_placement(ray_config(wan_folder, "parallel.replicas=2", "parallel.ulysses_degree=4",
+                                  "runtime.device=auto"), [{"CPU": 4.0, "GPU": 4.0}])
+    with pytest.raises(PlacementError, match="runtime.device is cuda but the Ray cluster has no GPUs"):
+        plan_placement(ray_config(wan_folder, "runtime.device=cuda"), nodes)
+    with pytest.raises(PlacementError, match="needs 4 workers x 2 CPUs; the Ray cluster has 4 CPUs"):
+        plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "runtime.num_cpus_per_worker=2"), nodes)
+    shape = plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "parallel.cfg_degree=2"),
+                           [{"CPU": 2.0}])
+    assert shape.num_cpus == 0.25 and shape.strategy == "STRICT_PACK" and shape.num_gpus == 0  # sized to fit
+    with pytest.raises(PlacementError, match="STRICT_PACK needs 4 x 1 GPU on one node"):
+        plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "runtime.placement=STRICT_PACK",
+                                  "runtime.device=auto"), [{"CPU": 4.0, "GPU": 2.0}] * 2)
+    assert plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "runtime.device=auto"),
+                          [{"CPU": 4.0, "GPU": 2.0}] * 2).strategy == "PACK"
