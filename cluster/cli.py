@@ -1,14 +1,26 @@
-"""The `odyssey` command line."""
+"""The `odyssey` command line: thin over the config, the driver and Ray's job and cluster tools.
+
+Exit codes: 0 done; 1 a runtime failure (a prompt that kept failing, a lost cluster); 2 bad usage, config or input;
+130 interrupted. Errors are one line on stderr; --debug shows the traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import os
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import click
 import yaml
 
-from configs import ConfigError, OdysseyConfig, field_docs, load_config, to_dict
+from configs import OdysseyConfig, field_docs, load_config, to_dict
+
+DEFAULT_PRESET = "tiny"
 
 
 def _version() -> str:
@@ -18,37 +30,220 @@ def _version() -> str:
         return "0+unknown"
 
 
-class UsageError(click.UsageError):
-    """Bad input: one line on stderr, exit 2."""
+class InputError(click.ClickException):
+    """Bad usage, config or input: exit 2."""
+
+    exit_code = 2
+
+
+class RunFailed(click.ClickException):
+    """The work ran and failed: exit 1."""
+
+    exit_code = 1
 
 
 def _config_options(fn):
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override one setting, e.g. --set sampling.steps=20 (repeatable).")(fn)
-    fn = click.option("--config", "config_source", metavar="NAME_OR_PATH",
-                      help="Preset name or YAML file (default: built-in defaults).")(fn)
-    return fn
+    @click.option("--config", "config_source", metavar="NAME_OR_PATH",
+                  help=f"Preset name or YAML file (default: {DEFAULT_PRESET}, the embedded model).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a setting, e.g. --set sampling.steps=20 (repeatable).")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
-def resolve_config(config_source, overrides) -> OdysseyConfig:
+def _run_options(fn):
+    @_config_options
+    @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed of the initial noise (batch: seed + index).")
+    @click.option("--negative-prompt", help="What guidance steers away from.")
+    @click.option("--ulysses", type=click.IntRange(1), help="Ranks per video (sequence parallel degree).")
+    @click.option("--cfg-parallel", is_flag=True, help="Run the two guidance passes on two halves of the ranks.")
+    @click.option("--replicas", type=click.IntRange(1), help="Model copies serving prompts at once.")
+    @click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster in-process).")
+    @click.option("--progress", type=click.Choice(["auto", "bars", "lines", "none"]), default="auto", show_default=True,
+                  help="Progress bars on a terminal, plain lines in logs.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def resolve_config(config_source, overrides, *, ulysses=None, cfg_parallel=False, replicas=None,
+                   negative_prompt=None) -> OdysseyConfig:
+    flags = list(overrides)
+    if ulysses:
+        flags.append(f"parallel.ulysses_degree={ulysses}")
+    if cfg_parallel:
+        flags.append("parallel.cfg_degree=2")
+    if replicas:
+        flags.append(f"parallel.replicas={replicas}")
     try:
-        return load_config(config_source, overrides)
-    except ConfigError as e:
-        raise UsageError(f"config: {e}") from None
+        config = load_config(config_source or DEFAULT_PRESET, flags)
+        if negative_prompt is not None:  # free text: never through the YAML reader of --set
+            config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling,
+                                                                               negative_prompt=negative_prompt))
+        return config
+    except ValueError as e:
+        raise InputError(f"config: {e}") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _run(config, jobs, address, manifest, progress):
+    from .driver import Driver
+
+    with Driver(config, address=address, manifest=manifest, progress=None if progress == "none" else progress) as d:
+        outcomes = d.run(jobs)
+    failed = [o for o in outcomes if not o.ok]
+    for o in outcomes:
+        if o.ok:
+            click.echo(str(o.path))
+    if failed:
+        for o in failed:
+            click.echo(f"odyssey: prompt {o.job.index} ({o.job.name or o.job.request.prompt[:40]!r}) failed: "
+                       f"{o.error}", err=True)
+        raise RunFailed(f"{len(failed)} of {len(outcomes)} prompts failed")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(_version(), prog_name="odyssey")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.pass_context
-def cli(ctx, debug):
+def cli(debug):
     """Odyssey: text-to-video generation on Ray clusters."""
-    ctx.obj = {"debug": debug}
+
+
+# -- generate / batch ---------------------------------------------------------------------------------------------
+
+
+def _unique(path: Path) -> Path:
+    n, candidate = 2, path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output MP4 (default: outputs/<prompt>.mp4).")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append a JSON line about the result to this file.")
+@_run_options
+def generate(prompt, output, manifest, config_source, overrides, seed, negative_prompt, ulysses, cfg_parallel,
+             replicas, address, progress):
+    """Generate one video from PROMPT."""
+    from pipeline.request import GenerateRequest
+
+    from .driver import Job
+    from .prompts import slugify
+
+    config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
+                            negative_prompt=negative_prompt)
+    if not prompt.strip():
+        raise InputError("the prompt is empty")
+    if output is None:
+        output = _unique(Path("outputs") / f"{slugify(prompt)}.mp4")
+    elif output.suffix.lower() != ".mp4":
+        raise InputError(f"--output must end in .mp4, got {output}")
+    try:
+        request = GenerateRequest(prompt, seed=seed).resolve(config)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    _run(config, [Job(0, request, output, name=prompt)], address, manifest, progress)
+
+
+@cli.command()
+@click.argument("prompts_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"),
+              show_default=True, help="Folder for the MP4s and manifest.jsonl.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip prompts whose output is already complete.")
+@_run_options
+def batch(prompts_file, output_dir, resume, config_source, overrides, seed, negative_prompt, ulysses, cfg_parallel,
+          replicas, address, progress):
+    """Generate a video per prompt of PROMPTS_FILE (.txt: a prompt per line; .jsonl: objects with 'prompt' and
+    optional name, seed, negative_prompt and sampling/video settings)."""
+    from pipeline.request import GenerateRequest
+
+    from .driver import Job
+    from .prompts import output_path, read_prompt_file
+    from .video import PARTIAL_SUFFIX
+
+    config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
+                            negative_prompt=negative_prompt)
+    specs = read_prompt_file(prompts_file)
+    jobs, skipped = [], 0
+    for i, spec in enumerate(specs):  # every line is checked before anything runs
+        path = output_path(output_dir, i, len(specs), spec)
+        try:
+            request = GenerateRequest(spec.prompt, seed=spec.seed if spec.seed is not None else
+                                      (seed + i if seed is not None else None),
+                                      negative_prompt=spec.negative_prompt, **spec.overrides).resolve(config)
+        except ValueError as e:
+            raise InputError(f"{prompts_file}:{spec.line}: {e}") from None
+        if resume and path.exists():
+            skipped += 1
+            continue
+        jobs.append(Job(i, request, path, name=spec.name or spec.prompt))
+    if skipped:
+        click.echo(f"odyssey: {skipped} of {len(specs)} outputs already complete in {output_dir}, skipped", err=True)
+    if not jobs:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+    _run(config, jobs, address, output_dir / "manifest.jsonl", progress)
+
+
+# -- submit / cluster -----------------------------------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--address", default=None,
+              help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS or http://127.0.0.1:8265).")
+@click.option("--working-dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder uploaded as the job's working directory (e.g. with your prompt files).")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help="Ray auth token file (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return instead of streaming its logs.")
+@click.argument("odyssey_args", nargs=-1, type=click.UNPROCESSED)
+def submit(address, working_dir, token_file, no_wait, odyssey_args):
+    """Run `odyssey ODYSSEY_ARGS...` on a Ray cluster as a Ray Job: odyssey submit -- batch prompts.txt"""
+    if not odyssey_args:
+        raise InputError("nothing to submit: odyssey submit [OPTIONS] -- generate 'a prompt' ...")
+    from .submit import enable_token_auth, submit_job
+
+    enable_token_auth(token_file)
+    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    code = submit_job(address, list(odyssey_args), working_dir, wait=not no_wait)
+    if code:
+        sys.exit(code)
+
+
+@cli.command("cluster")
+@click.argument("action", type=click.Choice(["up", "down", "status"]))
+@click.argument("cluster_yaml", type=click.Path(exists=True, dir_okay=False))
+def cluster_cmd(action, cluster_yaml):
+    """Start, stop or inspect a cluster from a Ray cluster-launcher YAML (see cluster/launch/)."""
+    from .submit import cluster_command, validate_cluster_yaml
+
+    try:
+        validate_cluster_yaml(cluster_yaml)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    code = cluster_command(action, cluster_yaml)
+    if code:
+        sys.exit(code)
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
 
 
 @cli.group()
 def config():
-    """Inspect configs."""
+    """Inspect configs and presets."""
 
 
 @config.command("show")
@@ -58,7 +253,7 @@ def config_show(config_source, overrides, explain):
     """Print the resolved config as YAML."""
     cfg = resolve_config(config_source, overrides)
     if not explain:
-        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
         return
     for section_name, section in to_dict(cfg).items():
         click.echo(f"{section_name}:")
@@ -66,23 +261,47 @@ def config_show(config_source, overrides, explain):
         for key, value in section.items():
             for line in docs.get(key, "").splitlines():
                 click.echo(f"  # {line}")
-            click.echo("  " + yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip()[1:-1])
+            click.echo(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+
+
+@config.command("presets")
+def config_presets():
+    """List the shipped presets."""
+    from configs import list_presets
+
+    for name in list_presets():
+        click.echo(name)
+
+
+# -- entry point ----------------------------------------------------------------------------------------------------
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv=None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    # SIGTERM unwinds like Ctrl-C: partial files removed, actors and placement groups released, local Ray stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        cli.main(args=argv, prog_name="odyssey", standalone_mode=False)
+        cli.main(args=args, prog_name="odyssey", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("odyssey: aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("odyssey: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         if debug:
             raise
         click.echo(f"odyssey: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
+    except ValueError as e:  # config, input, weights and placement problems
+        if debug:
+            raise
+        click.echo(f"odyssey: error: {e}", err=True)
+        sys.exit(2)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         if debug:
             raise

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import WeightsError
+from .weights import WeightsError, check_keys
 
 __all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR"]
 
@@ -61,10 +61,8 @@ def _load_original(path: Path, dtype):
     )
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise WeightsError(f"{path} does not fit UMT5: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
+               {k: tuple(v.shape) for k, v in state.items()}, f"{path} does not fit UMT5")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     model.tie_weights()
     return model

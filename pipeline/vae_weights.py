@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from .vae import DecoderSpec, WanVAEDecoder
-from .weights import WeightsError
+from .weights import WeightsError, check_keys
 
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"
 
@@ -115,13 +115,6 @@ def load_vae_state(path: Path) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
         state = {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in WanVAEDecoder(spec).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in sorted(set(expected) & set(state))
-                 if tuple(state[k].shape) != expected[k]]
-    problems = [f"{what} keys: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
-                for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                if items]
-    if problems:
-        raise WeightsError(f"VAE weights in {path} do not fit the Wan2.1 decoder: " + "; ".join(problems))
+    check_keys(expected, {k: tuple(v.shape) for k, v in state.items()},
+               f"VAE weights in {path} do not fit the Wan2.1 decoder")
     return spec, state

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from .dit import WanDiT, WanDiTConfig
 
-__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "WeightsError"]
+__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "check_keys", "WeightsError"]
 
 _COMFY_PREFIX = "model.diffusion_model."
 
@@ -42,6 +42,19 @@ _DIFFUSERS_TO_ORIGINAL = [
 
 class WeightsError(ValueError):
     """Weights that do not fit: missing or unknown files, keys or shapes."""
+
+
+def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str) -> None:
+    """WeightsError naming every missing, unexpected and mis-shaped key (up to 8 of each)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    misshaped = [f"{k} {got[k]} (expected {expected[k]})" for k in sorted(set(expected) & set(got))
+                 if got[k] != expected[k]]
+    problems = [f"{name} keys: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
+                for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if items]
+    if problems:
+        raise WeightsError(f"{what}: " + "; ".join(problems))
 
 
 def _dit_folder(path: Path) -> Path:
@@ -162,17 +175,8 @@ def load_dit(path, *, device="cpu", dtype: torch.dtype | None = None, attention_
 
     with torch.device("meta"):
         model = WanDiT(cfg, attention_backend=attention_backend)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    misshaped = [f"{k} {shapes[k]} (expected {expected[k]})" for k in sorted(set(expected) & set(shapes))
-                 if shapes[k] != expected[k]]
-    problems = [(what, items) for what, items in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
-    if problems:
-        raise WeightsError(f"weights in {folder} do not fit the Wan2.1 DiT: " + "; ".join(
-            f"{what} keys: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
-            for what, items in problems))
+    check_keys({name: tuple(p.shape) for name, p in model.named_parameters()}, shapes,
+               f"weights in {folder} do not fit the Wan2.1 DiT")
 
     state = {}
     by_file: dict[Path, list[str]] = {}
