@@ -45,7 +45,7 @@ def through_ray(config, requests, out: Path):
 
     from cluster.driver import Driver, Job
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         t0 = time.perf_counter()
         with Driver(config, progress=False) as driver:

@@ -35,7 +35,7 @@ def generate_all(sp: int, seeds: int, out: Path):
     specs = [(spec, seed) for seed in range(seeds) for spec in all_specs()]
     jobs = [Job(i, GenerateRequest(spec.caption(), seed=1000 + seed).resolve(config), out / f"sp{sp}-{i:03d}.mp4")
             for i, (spec, seed) in enumerate(specs)]
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         with Driver(config, progress=False) as driver:
             outcomes = driver.run(jobs)

@@ -3,6 +3,7 @@ as its frames stream in, and survives a lost worker by rebuilding its replica an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,7 +62,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        # "local": a new cluster in this process, never one a stale `ray start` left behind
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
     return True
 
 
@@ -211,19 +213,21 @@ class Driver:
             if event.index == event.total - 1:
                 mark["last_frame_latency_s"] = time.time() - event.created_at
         elif isinstance(event, Result):
-            writer = writers.pop(job.index, None)
+            writer = writers.get(job.index)
             if writer is None:
                 outcomes[job.index] = Outcome(job, error="the replica returned no frames")
                 self.reporter.finish(job.index, False, "no frames")
                 return
             t0 = time.perf_counter()
-            path = writer.commit()
-            timings = {**event.timings, "driver_first_frame_s": mark.get("driver_first_frame_s"),
-                       "last_frame_latency_s": mark.get("last_frame_latency_s"),
-                       "write_close_s": time.perf_counter() - t0,
-                       "driver_total_s": time.perf_counter() - mark["started"], "queued_s": mark["queued_s"]}
-            outcome = outcomes[job.index] = Outcome(job, path=path, result=event, timings=timings)
-            self._write_manifest(outcome)
+            with _signals_deferred():  # the file and its manifest line appear together, or neither does
+                path = writer.commit()
+                writers.pop(job.index)
+                timings = {**event.timings, "driver_first_frame_s": mark.get("driver_first_frame_s"),
+                           "last_frame_latency_s": mark.get("last_frame_latency_s"),
+                           "write_close_s": time.perf_counter() - t0,
+                           "driver_total_s": time.perf_counter() - mark["started"], "queued_s": mark["queued_s"]}
+                outcome = outcomes[job.index] = Outcome(job, path=path, result=event, timings=timings)
+                self._write_manifest(outcome)
             self.reporter.finish(job.index, True, str(path))
 
     def _write_manifest(self, outcome: Outcome) -> None:
@@ -264,6 +268,20 @@ class Driver:
                 replica.kill()
                 self.replicas[slot] = None
                 events.put(("failed", job, (str(e), not self.stop.is_set())))
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM until the block is done (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _raise_on_sigterm():

@@ -152,13 +152,16 @@ def test_batch_with_hostile_names_and_resume_after_interruption(wan_folder, tmp_
     out = tmp_path / "out"
     cmd = [*ODYSSEY, "batch", str(prompts), "-o", str(out), *smoke(wan_folder), "--set", "sampling.steps=200"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def finished():  # complete outputs only: partial files are hidden (.name.*.partial.mp4)
+        return sorted(p.name for p in out.glob("*.mp4") if not p.name.startswith("."))
+
     deadline = time.time() + 180
-    while time.time() < deadline and not list(out.glob("*.mp4")):
+    while time.time() < deadline and not finished():
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    done = sorted(p.name for p in out.glob("*.mp4"))
+    done = finished()
     assert 1 <= len(done) < len(names), done
     assert not list(out.glob(".*")), "partial files left behind"
     _assert_no_workers_left()
@@ -253,11 +256,18 @@ def ray_head(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("ray start --head did not come up")
     yield address
+    # The head and everything it started live in their own session: stop exactly that (`ray stop` would stop
+    # every Ray on the machine).
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=8)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
 
 
 def test_submit_runs_odyssey_as_a_ray_job(ray_head, wan_folder, tmp_path):
