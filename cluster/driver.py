@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from configs import OdysseyConfig, to_dict
 from pipeline.request import Frame, GenerateRequest, Result
 
-from .placement import PlacementError, WorkerShape, cluster_nodes, plan_placement
+from .placement import WorkerShape, cluster_nodes, plan_placement
 from .progress import ProgressReporter, make_reporter
 from .replica import Replica, ReplicaFailed, RequestRejected
 from .video import StreamingMP4

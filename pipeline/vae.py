@@ -8,10 +8,7 @@ are mapped onto them.
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
