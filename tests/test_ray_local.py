@@ -70,6 +70,22 @@ def test_sp2_through_actors_matches_the_plain_launcher(local_ray, wan_folder, tm
     assert_cluster_clean()
 
 
+def test_health_answers_while_a_generation_runs(local_ray, wan_folder, tmp_path):
+    config = ray_config(wan_folder, "sampling.steps=60")
+    seen = []
+
+    def on_event(job, event):
+        if isinstance(event, Progress) and event.stage == "denoise" and event.step == 1:
+            seen.extend(driver.replicas[0].health(timeout_s=5))
+
+    with Driver(config, progress=False, on_event=on_event) as driver:
+        (outcome,) = driver.run(jobs_for(config, tmp_path, ["a red circle moving right"]))
+    assert outcome.ok
+    (health,) = seen
+    # Answered on the control thread mid-denoising, not queued behind the generation.
+    assert health["stage"] == "denoise" and health["step"] < 60 and health["request_id"] == outcome.job.request.request_id
+
+
 def test_first_frame_arrives_before_the_generation_returns(local_ray, wan_folder, tmp_path):
     config = ray_config(wan_folder, "video.frames=41")
     arrivals = {}
