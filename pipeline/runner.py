@@ -21,9 +21,20 @@ from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim
 from .request import Event, Frame, GenerateRequest, Progress, Result
 from .samplers import make_sampler
 
-__all__ = ["Runner", "pick_device"]
+__all__ = ["Runner", "pick_device", "guided_velocity", "cfg_combine"]
 
 log = logging.getLogger(__name__)
+
+
+def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + g * (cond - uncond)."""
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def guided_velocity(dit, x_BLP, grid, t_B, cond, uncond, guidance: float) -> torch.Tensor:
+    """Sequential CFG: the conditional and the unconditional pass one after the other on the same ranks."""
+    return cfg_combine(dit.forward_tokens(x_BLP, grid, t_B, cond), dit.forward_tokens(x_BLP, grid, t_B, uncond),
+                       guidance)
 
 
 def pick_device(preference: str, rank: int) -> torch.device:
@@ -131,11 +142,8 @@ class Runner:
             v_BLP = dit.forward_tokens(x_BLP, grid, t_B, ctx[self.mesh.cfg_rank : self.mesh.cfg_rank + 1])
             both = v_BLP.new_empty((2, *v_BLP.shape))
             _all_gather_dim0(both.view(-1, *v_BLP.shape[1:]), v_BLP.contiguous(), self.mesh.cfg_group)
-            v_cond, v_uncond = both[0], both[1]
-        else:
-            v_cond = dit.forward_tokens(x_BLP, grid, t_B, ctx[:1])
-            v_uncond = dit.forward_tokens(x_BLP, grid, t_B, ctx[1:])
-        return v_uncond + guidance * (v_cond - v_uncond)
+            return cfg_combine(both[0], both[1], guidance)
+        return guided_velocity(dit, x_BLP, grid, t_B, ctx[:1], ctx[1:], guidance)
 
     # -- the job ----------------------------------------------------------------------------------------------
 

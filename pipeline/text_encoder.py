@@ -6,12 +6,11 @@ Legend: N prompts, T text_len (512) token rows, C d_model (4096).
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
 
-from .weights import WeightsError, check_keys
+from .weights import WeightsError, check_keys, rename_first
 
 __all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR"]
 
@@ -35,11 +34,10 @@ _ORIGINAL_TO_HF = [
 
 
 def _hf_name(key: str) -> str:
-    for pattern, repl in _ORIGINAL_TO_HF:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    raise WeightsError(f"unknown key {key} in {ORIGINAL_T5_FILE}")
+    name = rename_first(key, _ORIGINAL_TO_HF)
+    if name is None:
+        raise WeightsError(f"unknown key {key} in {ORIGINAL_T5_FILE}")
+    return name
 
 
 def _load_original(path: Path, dtype):

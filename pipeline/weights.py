@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from .dit import WanDiT, WanDiTConfig
 
-__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "check_keys", "WeightsError"]
+__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "check_keys", "rename_first", "WeightsError"]
 
 _COMFY_PREFIX = "model.diffusion_model."
 
@@ -90,15 +90,19 @@ def dit_weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def rename_first(key: str, table: list[tuple[str, str]]) -> str | None:
+    """key rewritten by the first (regex, replacement) of table that matches it, or None."""
+    for pattern, repl in table:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return None
+
+
 def _our_name(key: str, diffusers: bool) -> str:
     if key.startswith(_COMFY_PREFIX):
         key = key[len(_COMFY_PREFIX):]
-    if diffusers:
-        for pattern, repl in _DIFFUSERS_TO_ORIGINAL:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
-    return key
+    return (rename_first(key, _DIFFUSERS_TO_ORIGINAL) or key) if diffusers else key
 
 
 def read_dit_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> WanDiTConfig:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dit import WanDiT
+from ..runner import guided_velocity
 from ..samplers import make_sampler
 from . import WEIGHTS
 from .analyze import analyze_frames
@@ -72,7 +73,7 @@ def encode_pool(enc, rng, n: int):
 
 @torch.no_grad()
 def sample(dit, text, decoder, prompts, seeds, steps=20, guidance=4.0, shift=2.0, sampler="unipc"):
-    """Videos [N, F, S, S, 3] for prompts, the same computation as the Runner (single process)."""
+    """Videos [N, F, S, S, 3] for prompts: the Runner's sampling loop in one process."""
     shape = (1, decoder.latents_mean.shape[1], (FRAMES - 1) // 4 + 1, SIZE // 4, SIZE // 4)
     grid = dit.grid(shape)
     cond, uncond = text.encode(prompts), text.encode([""])
@@ -82,10 +83,8 @@ def sample(dit, text, decoder, prompts, seeds, steps=20, guidance=4.0, shift=2.0
         x = dit.patchify(noise)
         s = make_sampler(sampler, steps, shift)
         for k, t in enumerate(s.timesteps.tolist()):
-            tt = torch.tensor([float(t)])
-            v_c = dit.forward_tokens(x, grid, tt, cond[i : i + 1])
-            v_u = dit.forward_tokens(x, grid, tt, uncond)
-            x = s.step(k, v_u + guidance * (v_c - v_u), x)
+            v = guided_velocity(dit, x, grid, torch.tensor([float(t)]), cond[i : i + 1], uncond, guidance)
+            x = s.step(k, v, x)
         videos.append(np.stack(list(decoder.decode_stream(dit.unpatchify(x, grid)))))
     return videos
 
