@@ -7,7 +7,6 @@ Runner knows nothing of Ray, and all collectives run on the one thread that serv
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -40,29 +39,51 @@ class SPWorker:
         self.config = config
         self.runner = None
         self.rank = -1
+        self._store = None  # rank 0's TCPStore server (open_store)
         self.started = time.time()
         if threads:
             torch.set_num_threads(threads)  # a fractional CPU share must not spin up one thread per core
 
     def info(self) -> WorkerInfo:
+        """Where this worker landed. Checks first that a worker Ray gave a GPU can use it: otherwise the model would
+        silently run on CPU (a driver/toolkit mismatch, a container without the GPU mounted)."""
         gpu_ids = tuple(sorted(str(g) for g in ray.get_gpu_ids()))
-        return WorkerInfo(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), gpu_ids,
-                          os.getpid())
+        node_id, ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+        if gpu_ids and self.config.runtime.accelerator_check and not torch.cuda.is_available():
+            raise ValueError(
+                f"Ray gave this worker GPU(s) {list(gpu_ids)} on {ip} but torch sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__} built "
+                f"for CUDA {torch.version.cuda}): check the node's driver and torch build (runtime.accelerator_check="
+                f"false is only for clusters with fake GPU resources)")
+        return WorkerInfo(node_id, ip, gpu_ids, os.getpid())
 
-    def reserve_address(self) -> str:
-        """A free port on this node, as the tcp:// rendezvous address of the group (called on rank 0 only)."""
+    def open_store(self) -> tuple[str, int]:
+        """Rank 0 only: start the group's TCPStore on a port the OS picks and keep it bound, so no other process can
+        take the port between choosing and using it. Returns (host, port) for the other ranks."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((ip, 0))
-            port = s.getsockname()[1]
-        return f"tcp://{ip}:{port}"
+        self._store = dist.TCPStore(ip, 0, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=self.config.runtime.collective_timeout_s))
+        return ip, self._store.port
 
-    def rendezvous(self, rank: int, world_size: int, init_method: str) -> None:
-        """Join the replica's process group; every rank must be called at once."""
+    def rendezvous(self, rank: int, world_size: int, host: str, port: int) -> None:
+        """Join the replica's process group through rank 0's store; every rank must be called at once."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
         from pipeline.runner import Runner
 
         self.rank = rank
-        self.runner = Runner(self.config, rank, world_size, init_method, load=False)
+        if rank == 0:
+            store = self._store
+        else:
+            store = dist.TCPStore(host, port, is_master=False,
+                                  timeout=timedelta(seconds=self.config.runtime.collective_timeout_s))
+        self.runner = Runner(self.config, rank, world_size, store=store, load=False)
 
     def load_models(self) -> float:
         return self.runner.load_models()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import queue
@@ -19,9 +18,12 @@ from typing import Callable, Sequence
 from configs import OdysseyConfig, to_dict
 from pipeline.request import Frame, GenerateRequest, Result
 
-from .placement import WorkerShape, cluster_nodes, plan_placement
+from .placement import WorkerShape, cluster_nodes, plan_placement, shortfall
+from .manifest import append_manifest_line
 from .progress import ProgressReporter, make_reporter
-from .replica import Replica, ReplicaFailed, RequestRejected
+from .replica import POLL_S, Replica, ReplicaFailed, RequestFailed, RequestRejected
+from .token_file import secure_default_token
+from .validate import check_batch
 from .video import StreamingMP4
 
 __all__ = ["Driver", "Job", "Outcome", "connect_ray"]
@@ -45,6 +47,7 @@ class Outcome:
     error: str | None = None
     result: Result | None = None
     timings: dict = field(default_factory=dict)
+    replica: int | None = None  # the replica slot that served the last attempt
 
     @property
     def ok(self) -> bool:
@@ -62,22 +65,36 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
     else:
+        secure_default_token()  # Ray would write ~/.ray/auth_token world-readable
         # "local": a new cluster in this process, never one a stale `ray start` left behind
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
     return True
 
 
 class Driver:
-    """with Driver(config) as d: outcomes = d.run(jobs)"""
+    """with Driver(config) as d: outcomes = d.run(jobs)
+
+    One thread per replica slot builds its replica (waiting for the cluster to have room, asking the autoscaler
+    for it), then serves jobs from the shared queue; the batch starts on the first replica up and the others join
+    as their nodes arrive. A lost replica is rebuilt with exponential backoff, never given up while there is work."""
 
     def __init__(self, config: OdysseyConfig, *, address: str | None = None, manifest: Path | None = None,
                  progress: str | bool | None = "auto", on_event: Callable | None = None):
         self.config, self.address, self.manifest = config, address, manifest
         self.reporter: ProgressReporter = make_reporter(progress)
         self.on_event = on_event  # on_event(job, event) for every event, on the driver's main thread
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # the driver is closing: streams end, builds give up
         self.replicas: list[Replica | None] = []
         self.shape: WorkerShape | None = None
+        self.builds = 0  # replicas started so far, first builds and rebuilds
+        self._slots: list[threading.Thread] = []
+        self._jobs: queue.Queue = queue.Queue()  # (run id, Job), taken by whichever replica is up and idle
+        self._events: queue.Queue = queue.Queue()  # (run id, kind, job, payload), read by run() on the main thread
+        self._changed = threading.Condition()
+        self._fatal: BaseException | None = None
+        self._no_replica_since = 0.0
+        self._run_id = 0
+        self._requested = False
         self._owns_ray = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -102,36 +119,41 @@ class Driver:
                                  f"--set model.path=/path/to/Wan2.1-folder)")
 
     def start(self) -> None:
+        """Plan, ask for what the cluster lacks, start every replica slot, and return once the first replica is up
+        (or raise what stopped every replica from starting)."""
         self.validate()
         self._owns_ray = connect_ray(self.address)
-        self.shape = plan_placement(self.config, cluster_nodes())
-        n = self.config.parallel.replicas
-        self.replicas = [None] * n
-        errors: list[BaseException] = []
-
-        def build(i):
-            try:
-                self.replicas[i] = Replica(i, self.config, self.shape, self.stop).start()
-            except BaseException as e:  # noqa: BLE001 - collected and re-raised below
-                errors.append(e)
-
-        threads = [threading.Thread(target=build, args=(i,), daemon=True) for i in range(n)]
-        for t in threads:
+        nodes = cluster_nodes()
+        self.shape = plan_placement(self.config, nodes)
+        par, rt = self.config.parallel, self.config.runtime
+        missing = shortfall(self.shape, par.replicas, nodes)
+        if missing:
+            self._request_resources(self.shape.bundles() * par.replicas)
+            log.warning("%d replica(s) x cfg %d x ulysses %d %s now: asked the autoscaler for the rest; starting on "
+                        "the first replica placed, waiting up to %g s (runtime.scale_up_timeout_s)", par.replicas,
+                        par.cfg_degree, par.ulysses_degree, missing, rt.scale_up_timeout_s)
+        self.replicas = [None] * par.replicas
+        self._no_replica_since = time.monotonic()
+        self._slots = [threading.Thread(target=self._slot, args=(i,), daemon=True, name=f"odyssey-replica-{i}")
+                       for i in range(par.replicas)]
+        for t in self._slots:
             t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            first = errors[0]
-            if isinstance(first, ValueError):
-                raise first
-            raise ReplicaFailed(f"could not start the replicas: {first}") from first
+        with self._changed:
+            while self._fatal is None and not any(self.replicas):
+                self._changed.wait(timeout=1.0)
+        if self._fatal is not None:
+            raise self._fatal
 
     def close(self) -> None:
         self.stop.set()
+        for t in self._slots:
+            t.join(timeout=15)
         for r in self.replicas:
             if r is not None:
                 r.kill()
-        self.replicas = []
+        self.replicas, self._slots = [], []
+        if self._requested:  # let the autoscaler scale down again
+            self._request_resources([])
         self.reporter.close()
         if self._owns_ray:
             import ray
@@ -139,33 +161,127 @@ class Driver:
             ray.shutdown()
             self._owns_ray = False
 
+    def _request_resources(self, bundles: list[dict]) -> None:
+        """Ask the autoscaler for every bundle at once (a no-op on clusters without one)."""
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+            self._requested = bool(bundles)
+        except Exception as e:  # noqa: BLE001 - the pending placement groups ask for the same, only slower
+            log.warning("could not ask the autoscaler for %s: %s", bundles, e)
+
+    # -- replica slots ------------------------------------------------------------------------------------------
+
+    def _slot(self, slot: int) -> None:
+        """One replica slot's thread: build the replica (again after a loss, with backoff), then serve jobs."""
+        rt = self.config.runtime
+        failures = 0
+        while not self.stop.is_set() and self._fatal is None:
+            replica = self.replicas[slot]
+            if replica is None:
+                if failures and self.stop.wait(min(rt.rebuild_backoff_s * 2 ** (failures - 1),
+                                                   rt.rebuild_backoff_max_s)):
+                    return
+                try:
+                    replica = Replica(slot, self.config, self.shape, self.stop).start()
+                except BaseException as e:  # noqa: BLE001 - judged by _build_failed
+                    if self.stop.is_set():
+                        return
+                    failures += 1
+                    self._build_failed(slot, e, failures)
+                    continue
+                failures = 0
+                if not self._replica_up(slot, replica):
+                    return
+            try:
+                run_id, job = self._jobs.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if run_id != self._run_id:
+                continue  # left over from a run that has returned
+            self._events.put((run_id, "start", job, slot))
+            try:
+                for event in replica.run(job.request):
+                    self._events.put((run_id, "event", job, event))
+            except RequestRejected as e:
+                self._events.put((run_id, "failed", job, (f"rejected: {e}", False)))
+            except RequestFailed as e:  # the prompt's own error: retrying would fail again
+                self._replica_lost(slot, replica)
+                self._events.put((run_id, "failed", job, (str(e), False)))
+            except BaseException as e:  # noqa: BLE001 - a death: the prompt deserves another replica
+                self._replica_lost(slot, replica)
+                self._events.put((run_id, "failed", job, (str(e), not self.stop.is_set())))
+
+    def _replica_up(self, slot: int, replica: Replica) -> bool:
+        with self._changed:
+            if self.stop.is_set():
+                replica.kill()
+                return False
+            self.replicas[slot] = replica
+            self.builds += 1
+            self._changed.notify_all()
+        return True
+
+    def _replica_lost(self, slot: int, replica: Replica) -> None:
+        replica.kill()
+        with self._changed:
+            self.replicas[slot] = None
+            if not any(self.replicas):
+                self._no_replica_since = time.monotonic()
+
+    def _build_failed(self, slot: int, error: BaseException, failures: int) -> None:
+        """Keep trying (the slot is never retired) unless no replica at all is up and either the scale-up timeout
+        has passed or the failure is the same deterministic one over and over: then the batch cannot run."""
+        rt = self.config.runtime
+        with self._changed:
+            alone = not any(self.replicas)
+            waited = time.monotonic() - self._no_replica_since
+            deterministic = isinstance(error, ValueError) or getattr(error, "deterministic", False)
+            if alone and (isinstance(error, ValueError) or waited >= rt.scale_up_timeout_s
+                          or (deterministic and failures > rt.max_retries)):
+                if self._fatal is None:
+                    self._fatal = (error if isinstance(error, ValueError) else
+                                   ReplicaFailed(f"no replica could be started in {waited:.0f} s: {error}"))
+                    self._events.put((None, "fatal", None, self._fatal))
+                self._changed.notify_all()
+                return
+        log.warning("replica %d could not be started (attempt %d): %s; trying again in %g s", slot, failures, error,
+                    min(rt.rebuild_backoff_s * 2 ** (failures - 1), rt.rebuild_backoff_max_s))
+
     # -- the batch ----------------------------------------------------------------------------------------------
 
     def run(self, jobs: Sequence[Job]) -> list[Outcome]:
         """Serve every job; returns one Outcome per job, in job order. Ctrl-C / SIGTERM stop cleanly: partial
         files are removed and the replicas are torn down by close()."""
-        pending: queue.Queue = queue.Queue()
-        events: queue.Queue = queue.Queue()
-        for job in jobs:
-            pending.put(job)
+        if self.stop.is_set():
+            raise RuntimeError("this Driver was closed or interrupted")
+        check_batch(jobs, self.config, self.manifest)  # one line, before anything is sent to a worker
+        self._run_id += 1
+        run_id = self._run_id
         outcomes: dict[int, Outcome] = {}
+        if self._fatal is not None:
+            self._fail_rest(jobs, outcomes, {}, f"no replica: {self._fatal}")
+        for job in jobs:
+            self._jobs.put((run_id, job))
         writers: dict[int, StreamingMP4] = {}
         marks: dict[int, dict] = {}  # per job: driver-side timestamps of the current attempt
         t_batch = time.perf_counter()
-        workers = [threading.Thread(target=self._serve, args=(slot, pending, events), daemon=True)
-                   for slot in range(len(self.replicas))]
-        alive = len(workers)
         previous_term = _raise_on_sigterm()
         try:
-            for w in workers:
-                w.start()
             while len(outcomes) < len(jobs):
                 try:
-                    kind, job, payload = events.get(timeout=1.0)
+                    rid, kind, job, payload = self._events.get(timeout=1.0)
                 except queue.Empty:
                     continue
+                if kind == "fatal":
+                    self._fail_rest(jobs, outcomes, writers, f"no replica: {payload}")
+                    break
+                if rid != run_id or job.index in outcomes:
+                    continue  # settled already (a Result arrived, or its video failed to write): never re-queued
                 if kind == "start":
-                    marks[job.index] = {"started": time.perf_counter(), "queued_s": time.perf_counter() - t_batch}
+                    marks[job.index] = {"started": time.perf_counter(), "queued_s": time.perf_counter() - t_batch,
+                                        "replica": payload}
                     self.reporter.start(job.index, job.name or job.request.prompt, payload, job.attempts)
                 elif kind == "event":
                     self._on_event(job, payload, writers, outcomes, marks[job.index])
@@ -174,61 +290,75 @@ class Driver:
                     if job.index in writers:
                         writers.pop(job.index).abort()
                     if retryable and job.attempts < self.config.runtime.max_retries:
-                        log.warning("prompt %d failed (%s); retrying on a rebuilt replica", job.index, message)
+                        log.warning("prompt %d failed (%s); retrying on another replica", job.index, message)
                         job.attempts += 1
-                        pending.put(job)
+                        self._jobs.put((run_id, job))
                     else:
                         outcomes[job.index] = Outcome(job, error=message)
                         self.reporter.finish(job.index, False, message)
-                elif kind == "lost":  # job is the replica's slot here
-                    alive -= 1
-                    log.error("replica %s is gone: %s", job, payload)
-                    if alive == 0:
-                        for j in jobs:
-                            if j.index not in outcomes:
-                                outcomes[j.index] = Outcome(j, error=f"no replica left: {payload}")
+        except BaseException:
+            self.stop.set()  # Ctrl-C / SIGTERM: streams and builds end; close() tears the replicas down
+            raise
         finally:
-            self.stop.set()
-            for _ in workers:
-                pending.put(None)
+            self._run_id += 1  # whatever is still queued for this run is left over
             for w in writers.values():
                 w.abort()
-            for w in workers:
-                w.join(timeout=5)
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
-            self.stop.clear()
         return [outcomes[j.index] for j in jobs]
+
+    def _fail_rest(self, jobs, outcomes, writers, message: str) -> None:
+        for j in jobs:
+            if j.index not in outcomes:
+                if j.index in writers:
+                    writers.pop(j.index).abort()
+                outcomes[j.index] = Outcome(j, error=message)
+                self.reporter.finish(j.index, False, message)
 
     def _on_event(self, job, event, writers, outcomes, mark) -> None:
         if self.on_event is not None:
             self.on_event(job, event)
         self.reporter.event(job.index, event)
-        if isinstance(event, Frame):
-            writer = writers.get(job.index)
-            if writer is None:
-                writer = writers[job.index] = StreamingMP4(job.output, job.request.fps)
-                mark["driver_first_frame_s"] = time.perf_counter() - mark["started"]
-            writer.append(event.image)
-            if event.index == event.total - 1:
-                mark["last_frame_latency_s"] = time.time() - event.created_at
-        elif isinstance(event, Result):
-            writer = writers.get(job.index)
-            if writer is None:
-                outcomes[job.index] = Outcome(job, error="the replica returned no frames")
-                self.reporter.finish(job.index, False, "no frames")
-                return
-            t0 = time.perf_counter()
-            with _signals_deferred():  # the file and its manifest line appear together, or neither does
-                path = writer.commit()
-                writers.pop(job.index)
-                timings = {**event.timings, "driver_first_frame_s": mark.get("driver_first_frame_s"),
-                           "last_frame_latency_s": mark.get("last_frame_latency_s"),
-                           "write_close_s": time.perf_counter() - t0,
-                           "driver_total_s": time.perf_counter() - mark["started"], "queued_s": mark["queued_s"]}
-                outcome = outcomes[job.index] = Outcome(job, path=path, result=event, timings=timings)
+        try:
+            if isinstance(event, Frame):
+                writer = writers.get(job.index)
+                if writer is None:
+                    writer = writers[job.index] = StreamingMP4(job.output, job.request.fps)
+                    mark["driver_first_frame_s"] = time.perf_counter() - mark["started"]
+                writer.append(event.image)
+                if event.index == event.total - 1:
+                    mark["last_frame_latency_s"] = time.time() - event.created_at
+            elif isinstance(event, Result):
+                self._commit(job, event, writers, outcomes, mark)
+        except Exception as e:  # noqa: BLE001 - ffmpeg crash, disk full, rename: this video fails, not the batch
+            if job.index in writers:
+                writers.pop(job.index).abort()
+            message = f"writing {job.output}: {type(e).__name__}: {e}"
+            outcomes[job.index] = Outcome(job, error=message, replica=mark.get("replica"))
+            self.reporter.finish(job.index, False, message)
+
+    def _commit(self, job, event, writers, outcomes, mark) -> None:
+        writer = writers.get(job.index)
+        if writer is None:
+            outcomes[job.index] = Outcome(job, error="the replica returned no frames", replica=mark.get("replica"))
+            self.reporter.finish(job.index, False, "no frames")
+            return
+        t0 = time.perf_counter()
+        with _signals_deferred():  # the file and its manifest line appear together, or neither does
+            path = writer.commit()
+            writers.pop(job.index)
+            timings = {**event.timings, "driver_first_frame_s": mark.get("driver_first_frame_s"),
+                       "last_frame_latency_s": mark.get("last_frame_latency_s"),
+                       "write_close_s": time.perf_counter() - t0,
+                       "driver_total_s": time.perf_counter() - mark["started"], "queued_s": mark["queued_s"]}
+            outcome = Outcome(job, path=path, result=event, timings=timings, replica=mark.get("replica"))
+            try:
                 self._write_manifest(outcome)
-            self.reporter.finish(job.index, True, str(path))
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            outcomes[job.index] = outcome
+        self.reporter.finish(job.index, True, str(path))
 
     def _write_manifest(self, outcome: Outcome) -> None:
         if self.manifest is None:
@@ -240,48 +370,38 @@ class Driver:
             "frames": outcome.result.num_frames, "attempts": job.attempts + 1,
             "request": dataclasses.asdict(job.request), "config": to_dict(self.config), "timings": outcome.timings,
         }
-        self.manifest.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.manifest, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-
-    def _serve(self, slot: int, pending: queue.Queue, events: queue.Queue) -> None:
-        """One replica's thread: take a job when idle, stream its events, rebuild the replica after a failure."""
-        while not self.stop.is_set():
-            job = pending.get()
-            if job is None:
-                return
-            replica = self.replicas[slot]
-            if replica is None:
-                try:
-                    replica = self.replicas[slot] = Replica(slot, self.config, self.shape, self.stop).start()
-                except BaseException as e:  # noqa: BLE001
-                    pending.put(job)
-                    events.put(("lost", slot, str(e)))
-                    return
-            events.put(("start", job, slot))
-            try:
-                for event in replica.run(job.request):
-                    events.put(("event", job, event))
-            except RequestRejected as e:
-                events.put(("failed", job, (f"rejected: {e}", False)))
-            except BaseException as e:  # noqa: BLE001 - any other failure loses the replica
-                replica.kill()
-                self.replicas[slot] = None
-                events.put(("failed", job, (str(e), not self.stop.is_set())))
+        del line["request"]["prompt"]  # once is enough: it can be 10,000 characters
+        append_manifest_line(self.manifest, line)
 
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT/SIGTERM until the block is done (main thread only; elsewhere a no-op)."""
+    """Hold SIGINT/SIGTERM until the block is done (main thread only; elsewhere a no-op).
+
+    Blocking the signals with pthread_sigmask is not enough: the kernel then delivers them to another thread
+    (Ray's, the replica slots'), and Python still runs the handler on the main thread, inside the block. So the
+    handlers themselves are swapped for ones that only take note, and the first signal noted is handed to the
+    previous handler once the block is done."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    held: list[int] = []
+
+    def hold(signum, frame):
+        held.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signum, handler = held[0], previous[held[0]]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _raise_on_sigterm():

@@ -1,5 +1,11 @@
 """What each worker reserves and how a replica's workers are packed, decided from the config and the cluster's
-nodes before anything starts; a job that can never be placed is refused with what is missing."""
+nodes before anything starts.
+
+A replica's placement group has one bundle per Ulysses group (a bundle always lives on one node, so the group's
+all-to-alls never cross nodes); with cfg_degree=2 the two halves may land on different nodes. On GPUs a job that
+the live nodes cannot hold is not refused: the driver asks the autoscaler for the rest and waits
+(runtime.scale_up_timeout_s). CPU-only jobs are sized to fit the CPUs there are, and refused when they cannot be.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from dataclasses import dataclass
 
 from configs import OdysseyConfig
 
-__all__ = ["PlacementError", "WorkerShape", "plan_placement", "cluster_nodes"]
+__all__ = ["PlacementError", "WorkerShape", "plan_placement", "cluster_nodes", "cluster_totals"]
 
 
 class PlacementError(ValueError):
@@ -19,16 +25,29 @@ class PlacementError(ValueError):
 class WorkerShape:
     """Resources of one SPWorker and the packing of one replica's workers."""
 
-    num_gpus: float
-    num_cpus: float
-    strategy: str  # "STRICT_PACK" (one node) or "PACK"
+    num_gpus: float  # per worker: 1 on GPUs, 0 on CPU-only clusters
+    num_cpus: float  # per worker
+    strategy: str  # across a replica's bundles: "STRICT_PACK" (one node) or "PACK"
     threads: int  # torch threads per worker
+    group_size: int = 1  # workers per bundle: one Ulysses group
+    groups: int = 1  # bundles per replica: cfg_degree
+    encoder_cpus: float = 0.0  # extra CPUs of rank 0 (bundle 0), which encodes prompts on CPU
 
-    def bundle(self) -> dict:
-        b = {"CPU": self.num_cpus}
-        if self.num_gpus:
-            b["GPU"] = self.num_gpus
-        return b
+    def bundles(self) -> list[dict]:
+        """One replica's placement-group bundles, one per Ulysses group; bundle 0 holds rank 0."""
+        out = []
+        for g in range(self.groups):
+            b = {"CPU": self.num_cpus * self.group_size + (self.encoder_cpus if g == 0 else 0.0)}
+            if self.num_gpus:
+                b["GPU"] = self.num_gpus * self.group_size
+            out.append({k: round(v, 4) for k, v in b.items() if v > 0})
+        return out
+
+    def worker_cpus(self, group: int, member: int) -> float:
+        return self.num_cpus + (self.encoder_cpus if group == 0 and member == 0 else 0.0)
+
+    def worker_threads(self, group: int, member: int) -> int:
+        return max(self.threads, int(self.worker_cpus(group, member))) if group == 0 and member == 0 else self.threads
 
 
 def cluster_nodes() -> list[dict]:
@@ -38,35 +57,77 @@ def cluster_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+def cluster_totals(nodes: list[dict]) -> dict:
+    return {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+
+
+def shortfall(shape: WorkerShape, replicas: int, nodes: list[dict]) -> str | None:
+    """What the live nodes lack to hold every replica at once ("needs 16 GPUs; the cluster has 8"), or None."""
+    have = cluster_totals(nodes)
+    bundles = shape.bundles() * replicas
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("GPU", "CPU")}
+    for k in ("GPU", "CPU"):
+        if need[k] > have[k] + 1e-9:
+            return f"needs {need[k]:g} {k}s; the cluster has {have[k]:g}"
+    # Enough in total, but each bundle (one Ulysses group) must fit one node: first fit, largest bundles first.
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b.get("CPU", 0.0))):
+        node = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in b.items())), None)
+        if node is None:
+            unit = "GPU" if "GPU" in b else "CPU"
+            return (f"needs a node with {b[unit]:g} {unit}s for each Ulysses group (a group never spans nodes); the "
+                    f"largest has {max((n.get(unit, 0.0) for n in nodes), default=0.0):g}")
+        for k, v in b.items():
+            node[k] -= v
+    return None
+
+
 def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
     par, rt = config.parallel, config.runtime
-    world, group = par.world_size, par.group_size
-    layout = f"{par.replicas} replica(s) x cfg {par.cfg_degree} x ulysses {par.ulysses_degree}"
+    world, u = par.world_size, par.ulysses_degree
+    layout = f"{par.replicas} replica(s) x cfg {par.cfg_degree} x ulysses {u}"
     gpus = [n.get("GPU", 0.0) for n in nodes]
     cpus = [n.get("CPU", 0.0) for n in nodes]
     use_gpu = rt.device == "cuda" or (rt.device == "auto" and sum(gpus) > 0)
-    if rt.device == "cuda" and sum(gpus) == 0:
-        raise PlacementError("runtime.device is cuda but the Ray cluster has no GPUs")
 
     if use_gpu:
-        need, per_node, have, unit = 1.0, gpus, sum(gpus), "GPU"
-        if have < world:
-            raise PlacementError(f"{layout} needs {world} GPUs; the Ray cluster has {have:g}")
-        num_cpus = min(1.0, sum(cpus) / world) if sum(cpus) else 0.0
+        # GPU presets never fall back to CPU ranks: too few GPUs now means "ask the autoscaler and wait".
+        gpu_nodes = [n for n in nodes if n.get("GPU", 0.0) >= 1]
+        need, per_node, unit = 1.0, gpus, "GPU"
+        # One CPU per GPU worker where nodes have it (typical GPU nodes have many), else an equal share.
+        num_cpus = min([1.0] + [math.floor(n.get("CPU", 0.0) / n["GPU"] * 100) / 100 for n in gpu_nodes])
+        encoder_cpus = 0.0
+        if config.model.text_encoder_device == "cpu":
+            encoder_cpus = rt.encoder_cpus if rt.encoder_cpus is not None else _spare_cpus(gpu_nodes, num_cpus,
+                                                                                           par.group_size)
+        threads = 1
     else:
         if rt.num_cpus_per_worker is not None:
             need = rt.num_cpus_per_worker
-        else:  # sized to fit: a 2-core laptop still runs 4 ranks, each a share of a core
-            need = min(1.0, math.floor(sum(cpus) / world * 100) / 100)
-        if need <= 0 or need * world > sum(cpus) + 1e-9:
-            raise PlacementError(f"{layout} needs {world} workers x {rt.num_cpus_per_worker or 0.01:g} CPUs; the Ray "
-                                 f"cluster has {sum(cpus):g} CPUs")
-        per_node, unit, num_cpus = cpus, "CPU", need
+        else:  # sized to fit: a 2-core laptop still runs 4 ranks, each a share of a core; a group fits a node
+            need = min(1.0, math.floor(sum(cpus) / world * 100) / 100,
+                       math.floor(max(cpus, default=0.0) / u * 100) / 100)
+        fit = sum(math.floor(c / (need * u) + 1e-9) for c in cpus) if need > 0 else 0
+        if need <= 0 or need * world > sum(cpus) + 1e-9 or fit < par.replicas * par.cfg_degree:
+            raise PlacementError(f"{layout} needs {world} workers x {rt.num_cpus_per_worker or 0.01:g} CPUs in "
+                                 f"groups of {u} per node; the Ray cluster has {sum(cpus):g} CPUs "
+                                 f"(largest node {max(cpus, default=0.0):g})")
+        per_node, unit, num_cpus, encoder_cpus, threads = cpus, "CPU", need, 0.0, max(1, int(need))
 
-    fits_one_node = max((math.floor(p / need + 1e-9) for p in per_node), default=0) >= group
-    if rt.placement == "STRICT_PACK" and not fits_one_node:
-        raise PlacementError(f"runtime.placement=STRICT_PACK needs {group} x {need:g} {unit} on one node for a replica; "
-                             f"the largest node has {max(per_node, default=0):g} (use runtime.placement=PACK or auto)")
+    fits_one_node = max((math.floor(p / need + 1e-9) for p in per_node), default=0) >= par.group_size
+    if rt.placement == "STRICT_PACK" and not fits_one_node and not use_gpu:  # GPU nodes may still arrive
+        raise PlacementError(f"runtime.placement=STRICT_PACK needs {par.group_size} x {need:g} {unit} on one node "
+                             f"for a replica; the largest node has {max(per_node, default=0):g} (use "
+                             f"runtime.placement=PACK or auto)")
     strategy = "STRICT_PACK" if rt.placement == "STRICT_PACK" or (rt.placement == "auto" and fits_one_node) else "PACK"
-    return WorkerShape(num_gpus=1.0 if use_gpu else 0.0, num_cpus=num_cpus, strategy=strategy,
-                       threads=max(1, int(num_cpus)))
+    return WorkerShape(num_gpus=1.0 if use_gpu else 0.0, num_cpus=num_cpus, strategy=strategy, threads=threads,
+                       group_size=u, groups=par.cfg_degree, encoder_cpus=encoder_cpus)
+
+
+def _spare_cpus(gpu_nodes: list[dict], cpus_per_gpu: float, replica_gpus: int) -> float:
+    """CPUs of the smallest GPU node beyond its GPU workers' share, split among the replicas it can hold."""
+    spare = []
+    for n in gpu_nodes:
+        replicas_here = max(1, int(n["GPU"] // replica_gpus))
+        spare.append(math.floor(max(0.0, n.get("CPU", 0.0) - n["GPU"] * cpus_per_gpu) / replicas_here))
+    return float(min(spare, default=0))

@@ -1,15 +1,26 @@
-"""One replica: a placement group, its SPWorkers with ranks assigned after placement, and the event stream of one
-request at a time. Any rank's death or error fails the replica as a whole."""
+"""One replica: a placement group with one bundle per Ulysses group, its SPWorkers with ranks assigned after
+placement, and the event stream of one request at a time.
+
+Failures are told apart, because they call for different cures:
+- ReplicaFailed: a worker or node died, or the replica could not be placed/started in time. The replica is gone;
+  its prompt is retried on a rebuilt one.
+- RequestFailed: a worker raised while serving (out of memory on an oversized prompt, a collective timeout). The
+  prompt fails with that message and is not retried (it would fail again); the replica is rebuilt because the
+  other ranks may be stuck in a collective.
+- RequestRejected: every rank refused the request before the first collective; the replica is intact.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
+import time
 from typing import Iterator
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (GetTimeoutError, NodeDiedError, ObjectLostError, OwnerDiedError, RayActorError,
+                            RayTaskError, WorkerCrashedError)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -17,18 +28,29 @@ from actors import SPWorker
 from configs import OdysseyConfig
 from pipeline.request import Event, GenerateRequest
 
-from .placement import WorkerShape
+from .placement import WorkerShape, cluster_nodes, cluster_totals
 
-__all__ = ["Replica", "ReplicaFailed", "RequestRejected"]
+__all__ = ["Replica", "ReplicaFailed", "RequestFailed", "RequestRejected", "DEATHS"]
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 POLL_S = 0.5  # how often a waiting driver thread looks up from ray.wait (stop requests, liveness)
+# A process or node is gone: the group is broken for good, but the same request may well succeed elsewhere.
+DEATHS = (RayActorError, NodeDiedError, WorkerCrashedError, OwnerDiedError, ObjectLostError)
 
 
 class ReplicaFailed(RuntimeError):
-    """A rank died, timed out or crashed: the replica is gone and the request may be retried elsewhere."""
+    """The replica is gone (a rank died, or it could not be placed or started in time); retry elsewhere.
+    deterministic: a worker raised while starting (not a death), so starting again will likely fail the same way."""
+
+    def __init__(self, message: str, deterministic: bool = False):
+        super().__init__(message)
+        self.deterministic = deterministic
+
+
+class RequestFailed(RuntimeError):
+    """A rank raised while serving this request: the request fails for good; the replica must be rebuilt."""
 
 
 class RequestRejected(ValueError):
@@ -38,6 +60,10 @@ class RequestRejected(ValueError):
 def _cause(err: Exception) -> Exception:
     """The worker-side exception inside a RayTaskError."""
     return getattr(err, "cause", None) or err
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".strip().rstrip(":")
 
 
 class Replica:
@@ -52,30 +78,37 @@ class Replica:
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> "Replica":
-        """Reserve, place, rank, rendezvous, load. Raises ReplicaFailed on any failure (and cleans up)."""
-        n, rt = self.config.parallel.group_size, self.config.runtime
+        """Reserve (waiting up to runtime.scale_up_timeout_s for the resources to exist), place, rank, rendezvous,
+        load. Raises ReplicaFailed on any failure, ValueError when the config can never work here (cleans up)."""
+        shape, rt = self.shape, self.config.runtime
+        n = shape.group_size * shape.groups
         try:
-            self.pg = placement_group([self.shape.bundle()] * n, strategy=self.shape.strategy, name=self.name)
-            self._wait(self.pg.ready(), rt.placement_timeout_s,
-                       f"placing {n} workers of {self.shape.bundle()} ({self.shape.strategy}) took over "
-                       f"{rt.placement_timeout_s:g} s: the cluster is busy or fragmented")
-            workers = [
-                SPWorker.options(
-                    num_gpus=self.shape.num_gpus, num_cpus=self.shape.num_cpus,
-                    name=f"{self.name}-w{i}",
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                ).remote(self.config, self.shape.threads)
-                for i in range(n)
-            ]
-            infos = self._wait([w.info.remote() for w in workers], rt.placement_timeout_s, "workers did not start")
-            # Ranks after placement: same-node ranks contiguous, GPUs in order within a node.
-            order = sorted(range(n), key=lambda i: (infos[i].ip, infos[i].node_id, infos[i].gpu_ids, i))
+            bundles = shape.bundles()
+            # PACK/STRICT_PACK across the bundles; a bundle (one Ulysses group) is always on one node.
+            self.pg = placement_group(bundles, strategy=shape.strategy, name=self.name)
+            self._wait(self.pg.ready(), rt.scale_up_timeout_s, lambda: (
+                f"waited {rt.scale_up_timeout_s:g} s (runtime.scale_up_timeout_s) for {bundles} ({shape.strategy}); "
+                f"the cluster has {_have()}"))
+            workers, where = [], []
+            for g in range(shape.groups):
+                for m in range(shape.group_size):
+                    workers.append(SPWorker.options(
+                        num_gpus=shape.num_gpus, num_cpus=shape.worker_cpus(g, m), name=f"{self.name}-w{len(where)}",
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=g),
+                    ).remote(self.config, shape.worker_threads(g, m)))
+                    where.append((g, m))
+            infos = self._wait([w.info.remote() for w in workers], rt.placement_timeout_s,
+                               lambda: f"workers did not start in {rt.placement_timeout_s:g} s")
+            # Ranks after placement: a Ulysses group is one bundle (one node) of contiguous ranks, in GPU order;
+            # rank 0 is the worker of bundle 0 that holds the encoder's extra CPUs.
+            order = sorted(range(n), key=lambda i: (where[i][0], where[i][1] != 0 or not shape.encoder_cpus,
+                                                    infos[i].gpu_ids, infos[i].pid))
             self.workers, self.infos = [workers[i] for i in order], [infos[i] for i in order]
-            address = self._wait(self.workers[0].reserve_address.remote(), 60, "rank 0 gave no address")
-            self._wait([w.rendezvous.remote(r, n, address) for r, w in enumerate(self.workers)],
-                       rt.collective_timeout_s + 30, f"rendezvous at {address} failed")
+            host, port = self._wait(self.workers[0].open_store.remote(), 60, lambda: "rank 0 could not open a store")
+            self._wait([w.rendezvous.remote(r, n, host, port) for r, w in enumerate(self.workers)],
+                       rt.collective_timeout_s + 30, lambda: f"rendezvous at {host}:{port} timed out")
             self.load_s = max(self._wait([w.load_models.remote() for w in self.workers], rt.load_timeout_s,
-                                         "loading the models failed"))
+                                         lambda: "loading the models timed out"))
             log.info("replica %d up: %d ranks on %s, models loaded in %.1f s", self.index, n,
                      sorted({i.ip for i in self.infos}), self.load_s)
             return self
@@ -83,16 +116,41 @@ class Replica:
             self.kill()
             raise
 
-    def _wait(self, refs, timeout_s: float, what: str):
+    def _wait(self, refs, timeout_s: float, what):
+        """ray.get with a deadline that still notices a stop request within POLL_S."""
+        deadline = time.monotonic() + timeout_s
+        pending = refs if isinstance(refs, list) else [refs]
+        while True:
+            if self.stop.is_set():
+                raise ReplicaFailed(f"replica {self.index}: stopped")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ReplicaFailed(f"replica {self.index}: {what()}")
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=min(POLL_S, left))
+            if len(ready) < len(pending):
+                # a failed ref is ready early: surface its error now instead of waiting for the slow ones
+                if not any(self._failed(r) for r in ready):
+                    continue
+            try:
+                values = ray.get(pending, timeout=max(1.0, left))
+            except GetTimeoutError:
+                raise ReplicaFailed(f"replica {self.index}: {what()}") from None
+            except DEATHS as e:
+                raise ReplicaFailed(f"replica {self.index}: a worker died while starting: {_describe(e)}") from None
+            except RayTaskError as e:
+                cause = _cause(e)
+                if isinstance(cause, ValueError):  # the config or the weights can never work: tell the user
+                    raise cause from None
+                raise ReplicaFailed(f"replica {self.index}: {_describe(cause)}", deterministic=True) from None
+            return values if isinstance(refs, list) else values[0]
+
+    @staticmethod
+    def _failed(ref) -> bool:
         try:
-            return ray.get(refs, timeout=timeout_s)
-        except GetTimeoutError:
-            raise ReplicaFailed(f"replica {self.index}: {what}") from None
-        except (RayActorError, RayTaskError) as e:
-            cause = _cause(e)
-            if isinstance(cause, ValueError):
-                raise cause from None
-            raise ReplicaFailed(f"replica {self.index}: {what}: {type(cause).__name__}: {cause}") from None
+            ray.get(ref, timeout=0)
+            return False
+        except Exception:  # noqa: BLE001 - any error will be raised by the ray.get in _wait
+            return True
 
     def kill(self) -> None:
         """Kill every worker (a rank stuck in a collective included) and free the placement group."""
@@ -119,10 +177,11 @@ class Replica:
 
     def run(self, request: GenerateRequest) -> Iterator[Event]:
         """Rank 0's events as they happen, while watching every other rank: a dead or failing rank anywhere ends
-        the stream with ReplicaFailed within about POLL_S (not after the collective timeout)."""
+        the stream within about POLL_S (not after the collective timeout), with ReplicaFailed when a rank died and
+        RequestFailed when one raised."""
         stream = self.workers[0].stream.remote(request)
         others = {w.run.remote(request): r for r, w in enumerate(self.workers) if r > 0}
-        streaming, rejected = True, None
+        streaming, failure = True, None
         while streaming or others:
             if self.stop.is_set():
                 raise ReplicaFailed(f"replica {self.index}: stopped")
@@ -135,23 +194,51 @@ class Replica:
                     except StopIteration:
                         streaming = False
                         continue
-                    except (RayActorError, RayTaskError) as e:
-                        streaming, rejected = False, self._failure(0, e)
+                    except (RayActorError, RayTaskError, *DEATHS) as e:
+                        streaming, failure = False, failure or self._failure(0, e)
                         continue
                     yield event
                 else:
                     rank = others.pop(ref)
                     try:
                         ray.get(ref)
-                    except (RayActorError, RayTaskError) as e:
-                        rejected = rejected or self._failure(rank, e)
-            if isinstance(rejected, ReplicaFailed):
-                raise rejected
-        if rejected is not None:  # every rank has returned: the replica is ready for the next request
-            raise rejected
+                    except (RayActorError, RayTaskError, *DEATHS) as e:
+                        failure = failure or self._failure(rank, e)
+            if isinstance(failure, (ReplicaFailed, RequestFailed)):
+                raise failure
+        if failure is not None:  # every rank has returned: the replica is ready for the next request
+            raise failure
 
-    def _failure(self, rank: int, err: Exception) -> ReplicaFailed | RequestRejected:
+    def _failure(self, rank: int, err: Exception) -> ReplicaFailed | RequestFailed | RequestRejected:
+        where = f"replica {self.index} rank {rank}"
+        if isinstance(err, DEATHS):
+            return ReplicaFailed(f"{where} died: {_describe(err)}")
         cause = _cause(err)
         if isinstance(cause, ValueError):
             return RequestRejected(str(cause))
-        return ReplicaFailed(f"replica {self.index} rank {rank}: {type(cause).__name__}: {cause}".strip())
+        # A rank's collective also fails when a peer died (gloo: "Connection closed by peer"): that is a death,
+        # and the prompt deserves a retry. Only when every rank is alive is the error the request's own.
+        dead = self._dead_ranks()
+        if dead:
+            return ReplicaFailed(f"replica {self.index} lost rank(s) {dead} ({where}: {_describe(cause)})")
+        return RequestFailed(f"{where}: {_describe(cause)}")
+
+    def _dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
+        """Ranks that are dead or do not answer a health ping (answered on the control thread, even mid-step)."""
+        refs = {w.health.remote(): r for r, w in enumerate(self.workers)}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        dead = [refs[ref] for ref in late]
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001 - any failure to answer means the rank is gone
+                dead.append(refs[ref])
+        return sorted(dead)
+
+
+def _have() -> str:
+    try:
+        t = cluster_totals(cluster_nodes())
+    except Exception:  # noqa: BLE001 - only for a message
+        return "unknown resources"
+    return f"{t['GPU']:g} GPUs and {t['CPU']:g} CPUs"

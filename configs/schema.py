@@ -129,19 +129,45 @@ class VideoConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """Where ranks compute: auto is CUDA when the rank sees a GPU, else CPU (gloo)."""
+    """Where ranks compute, and what the driver reserves: cuda places one GPU per rank (waiting for an autoscaler
+    to add GPU nodes when the cluster has too few); cpu places CPU shares; auto uses GPUs when the cluster has
+    some when the job starts, else CPU shares (gloo)."""
 
     collective_timeout_s: float = 300.0
     """Timeout of every torch.distributed collective; a stuck or dead rank fails its replica after this long."""
 
     placement_timeout_s: float = 120.0
-    """How long a replica may wait for its workers to be placed and started before it counts as failed."""
+    """How long a replica's workers may take to start once their resources are reserved."""
+
+    scale_up_timeout_s: float = 900.0
+    """How long a replica waits for its resources (GPUs, CPUs) to exist: an autoscaling cluster boots nodes
+    meanwhile (cloud GPU nodes take minutes). When no replica at all could be placed in this time, the batch fails
+    naming what is missing. Resources that are already there are taken at once."""
+
+    rebuild_backoff_s: float = 2.0
+    """First pause before rebuilding a lost replica; doubles after each failed rebuild, up to rebuild_backoff_max_s.
+    A replica slot is never given up while the batch has work."""
+
+    rebuild_backoff_max_s: float = 60.0
+    """Longest pause between two attempts to rebuild a replica."""
+
+    accelerator_check: bool = True
+    """Fail (with a clear message) when Ray gave a worker a GPU but torch in that worker sees none, instead of
+    silently computing on CPU. Only for clusters with fake GPU resources (tests) set false: such workers then
+    compute on CPU."""
+
+    encoder_cpus: float | None = None
+    """Extra CPUs reserved for rank 0, whose torch then uses that many more threads, when the text encoder runs on
+    CPU next to GPU ranks (model.text_encoder_device=cpu). null: the spare cores of the GPU nodes up when the job
+    starts (a node's CPUs beyond one per GPU, shared by the replicas it can hold); 0 when none is up yet, so set it
+    on autoscaling clusters."""
 
     load_timeout_s: float = 1800.0
     """How long loading the models on a replica may take."""
 
     max_retries: int = 2
-    """Times a prompt is retried on a rebuilt replica after its replica failed."""
+    """Times a prompt is retried on a rebuilt replica after a worker or node of its replica died. A prompt whose
+    worker raised (out of memory, bad input) fails at once with that error instead."""
 
     num_cpus_per_worker: float | None = None
     """CPUs Ray reserves per worker actor on CPU-only clusters (fractions allowed); null sizes workers to fit."""
@@ -153,6 +179,11 @@ class RuntimeConfig:
         _require(self.collective_timeout_s > 0, f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         _require(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
         _require(self.placement_timeout_s > 0 and self.load_timeout_s > 0, "timeouts must be > 0")
+        _require(self.scale_up_timeout_s > 0, f"scale_up_timeout_s must be > 0, got {self.scale_up_timeout_s}")
+        _require(0 < self.rebuild_backoff_s <= self.rebuild_backoff_max_s,
+                 "rebuild_backoff_s must be > 0 and <= rebuild_backoff_max_s")
+        _require(self.encoder_cpus is None or self.encoder_cpus >= 0,
+                 f"encoder_cpus must be >= 0, got {self.encoder_cpus}")
         _require(
             self.num_cpus_per_worker is None or self.num_cpus_per_worker > 0,
             f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}",

@@ -52,15 +52,22 @@ class Runner:
     """Joins the replica's process group, builds the (cfg, ulysses) mesh, loads the models once, then serves
     generate(request) as an iterator of events: Progress per step, Frame per decoded frame (rank 0), Result."""
 
-    def __init__(self, config: OdysseyConfig, rank: int, world_size: int, init_method: str, *, load: bool = True):
-        """Joins the group at init_method (collective: every rank at once) and, unless load=False, loads the models
-        (then call load_models() yourself: the Ray actors make the two steps separate calls)."""
+    def __init__(self, config: OdysseyConfig, rank: int, world_size: int, init_method: str | None = None, *,
+                 store: dist.Store | None = None, load: bool = True):
+        """Joins the group at init_method, or through an already connected store (rank 0 hosting it: no port race;
+        exactly one of the two), collectively: every rank at once. Unless load=False, loads the models (then call
+        load_models() yourself: the Ray actors make the two steps separate calls)."""
+        assert (init_method is None) != (store is None), "give init_method or store"
         par = config.parallel
         if world_size != par.group_size:
             raise ValueError(f"world_size {world_size} != cfg_degree {par.cfg_degree} x ulysses_degree "
                              f"{par.ulysses_degree}")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.device = pick_device(config.runtime.device, rank)
+        # accelerator_check=false (fake GPU resources in tests): a worker that sees no GPU computes on CPU
+        preference = config.runtime.device
+        if preference == "cuda" and not config.runtime.accelerator_check and not torch.cuda.is_available():
+            preference = "cpu"
+        self.device = pick_device(preference, rank)
         self.keep_latents_sharded = True  # False gathers the latents every step (benchmarked against)
         self.return_latents = False  # rank 0 puts the final latents in its Result (tests, comparisons)
         self.components: Components | None = None
@@ -69,8 +76,8 @@ class Runner:
         timeout = timedelta(seconds=config.runtime.collective_timeout_s)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         kwargs = {"device_id": self.device} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timeout, **kwargs)
+        rendezvous = {"store": store} if store is not None else {"init_method": init_method}
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **rendezvous, **kwargs)
         self._comm_device = self.device if backend == "nccl" else torch.device("cpu")
         self.mesh: Mesh = build_mesh(par.cfg_degree, par.ulysses_degree)
         if load:

@@ -14,7 +14,6 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from cluster.driver import Driver, Job  # noqa: E402
-from cluster.placement import PlacementError, plan_placement  # noqa: E402
 from cluster.video import read_mp4  # noqa: E402
 from pipeline.launcher import LocalLauncher  # noqa: E402
 from pipeline.request import Frame, GenerateRequest, Progress, Result  # noqa: E402
@@ -139,22 +138,3 @@ def test_rejected_request_is_reported_and_the_batch_goes_on(local_ray, wan_folde
     assert "rejected" in outcomes[1].error and "multiples of 16" in outcomes[1].error
     assert outcomes[1].job.attempts == 0 and not (tmp_path / "1.mp4").exists()
     assert_cluster_clean()
-
-
-def test_unplaceable_jobs_are_refused_with_what_is_missing(wan_folder):
-    nodes = [{"CPU": 4.0}]
-    with pytest.raises(PlacementError, match=r"2 replica\(s\) x cfg 1 x ulysses 4 needs 8 GPUs; the Ray cluster has 4"):
-        plan_placement(ray_config(wan_folder, "parallel.replicas=2", "parallel.ulysses_degree=4",
-                                  "runtime.device=auto"), [{"CPU": 4.0, "GPU": 4.0}])
-    with pytest.raises(PlacementError, match="runtime.device is cuda but the Ray cluster has no GPUs"):
-        plan_placement(ray_config(wan_folder, "runtime.device=cuda"), nodes)
-    with pytest.raises(PlacementError, match="needs 4 workers x 2 CPUs; the Ray cluster has 4 CPUs"):
-        plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "runtime.num_cpus_per_worker=2"), nodes)
-    shape = plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "parallel.cfg_degree=2"),
-                           [{"CPU": 2.0}])
-    assert shape.num_cpus == 0.25 and shape.strategy == "STRICT_PACK" and shape.num_gpus == 0  # sized to fit
-    with pytest.raises(PlacementError, match="STRICT_PACK needs 4 x 1 GPU on one node"):
-        plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "runtime.placement=STRICT_PACK",
-                                  "runtime.device=auto"), [{"CPU": 4.0, "GPU": 2.0}] * 2)
-    assert plan_placement(ray_config(wan_folder, "parallel.ulysses_degree=4", "runtime.device=auto"),
-                          [{"CPU": 4.0, "GPU": 2.0}] * 2).strategy == "PACK"

@@ -1,0 +1,75 @@
+"""Placement plans from the config and the nodes alive now (no Ray needed): GPU jobs never fall back to CPU ranks
+and are not refused for lack of GPUs (the driver asks the autoscaler and waits), one bundle per Ulysses group so
+a group never spans nodes, rank 0 gets the node's spare cores when it encodes on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.placement import PlacementError, plan_placement, shortfall
+from configs import load_config
+
+
+def config(*overrides):
+    return load_config("cpu-smoke", list(overrides))
+
+
+def test_gpu_jobs_wait_for_gpus_instead_of_failing_or_falling_back_to_cpu():
+    cfg = config("parallel.replicas=2", "parallel.ulysses_degree=8", "runtime.device=auto")
+    nodes = [{"CPU": 96.0, "GPU": 8.0}]
+    shape = plan_placement(cfg, nodes)
+    assert shape.num_gpus == 1 and shape.num_cpus == 1 and shape.strategy == "STRICT_PACK"
+    assert shortfall(shape, 2, nodes) == "needs 16 GPUs; the cluster has 8"
+    assert shortfall(shape, 1, nodes) is None
+    # Right after `cluster up`: only the CPU head. A GPU preset plans GPU ranks, never 16 CPU ranks.
+    head = [{"CPU": 8.0}]
+    for preset in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
+        gpu_cfg = load_config(preset, ["parallel.ulysses_degree=8", "parallel.replicas=2"])
+        shape = plan_placement(gpu_cfg, head)
+        assert shape.num_gpus == 1 and shape.bundles() == [{"CPU": 8.0, "GPU": 8.0}]
+        assert shortfall(shape, 2, head) == "needs 16 GPUs; the cluster has 0"
+
+
+def test_one_bundle_per_ulysses_group_so_a_group_never_spans_nodes():
+    cfg = config("parallel.ulysses_degree=8", "runtime.device=cuda")
+    nodes = [{"CPU": 16.0, "GPU": 6.0}, {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 8.0}]
+    shape = plan_placement(cfg, nodes)
+    assert shape.bundles() == [{"CPU": 8.0, "GPU": 8.0}]  # not eight 1-GPU bundles PACKed as 6+2
+    assert shortfall(shape, 1, nodes) is None
+    assert "a node with 8 GPUs for each Ulysses group" in shortfall(shape, 2, nodes[:2] + nodes[:2])
+    # cfg halves are separate groups: each on one node, the two may be on different nodes
+    cfg = config("parallel.ulysses_degree=4", "parallel.cfg_degree=2", "runtime.device=cuda")
+    nodes = [{"CPU": 8.0, "GPU": 4.0}] * 2
+    shape = plan_placement(cfg, nodes)
+    assert shape.bundles() == [{"CPU": 4.0, "GPU": 4.0}] * 2 and shape.strategy == "PACK"
+    assert shortfall(shape, 1, nodes) is None
+
+
+def test_cpu_only_jobs_are_sized_to_fit_or_refused_with_what_is_missing():
+    shape = plan_placement(config("parallel.ulysses_degree=4", "parallel.cfg_degree=2"), [{"CPU": 2.0}])
+    assert shape.num_cpus == 0.25 and shape.strategy == "STRICT_PACK" and shape.num_gpus == 0  # sized to fit
+    assert shape.bundles() == [{"CPU": 1.0}, {"CPU": 1.0}]
+    with pytest.raises(PlacementError, match="needs 4 workers x 2 CPUs in groups of 4 per node; the Ray cluster "
+                                             r"has 4 CPUs \(largest node 4\)"):
+        plan_placement(config("parallel.ulysses_degree=4", "runtime.num_cpus_per_worker=2"), [{"CPU": 4.0}])
+    with pytest.raises(PlacementError, match="STRICT_PACK needs 4 x 1 CPU on one node"):
+        plan_placement(config("parallel.ulysses_degree=2", "parallel.cfg_degree=2", "runtime.num_cpus_per_worker=1",
+                              "runtime.placement=STRICT_PACK"), [{"CPU": 2.0}] * 2)
+    shape = plan_placement(config("parallel.ulysses_degree=2", "parallel.cfg_degree=2",
+                                  "runtime.num_cpus_per_worker=1"), [{"CPU": 2.0}] * 2)
+    assert shape.strategy == "PACK" and shape.bundles() == [{"CPU": 2.0}] * 2
+
+
+def test_rank0_gets_the_spare_cores_when_it_encodes_on_cpu():
+    nodes = [{"CPU": 32.0, "GPU": 8.0}]
+    base = ["parallel.ulysses_degree=4", "parallel.replicas=2", "runtime.device=cuda"]
+    plain = plan_placement(config(*base), nodes)
+    assert plain.encoder_cpus == 0 and plain.worker_threads(0, 0) == 1
+    shape = plan_placement(config(*base, "model.text_encoder_device=cpu"), nodes)
+    # two replicas fit the node: each rank 0 gets half of the 24 cores beyond one per GPU
+    assert shape.encoder_cpus == 12 and shape.bundles() == [{"CPU": 16.0, "GPU": 4.0}]
+    assert shape.worker_cpus(0, 0) == 13 and shape.worker_threads(0, 0) == 13
+    assert shape.worker_cpus(0, 1) == 1 and shape.worker_threads(0, 1) == 1
+    assert shortfall(shape, 2, nodes) is None
+    explicit = plan_placement(config(*base, "model.text_encoder_device=cpu", "runtime.encoder_cpus=3"), nodes)
+    assert explicit.worker_threads(0, 0) == 4
