@@ -54,3 +54,93 @@ def test_long_prompts_are_truncated_with_a_warning(parts, caplog):
     assert "truncated" in caplog.text and "quick brown fox" in caplog.text
     assert (got - expected(model, tokenizer, [prompt], 8)).abs().max() < 1e-5
     assert (got[0].abs().sum(-1) > 0).all()  # all 8 rows are real tokens (the last one is EOS)
+
+
+# -- where the encoder lives and runs (model.text_encoder_device, model.offload_text_encoder) ----------------------
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)  # a device object only: no GPU is needed to decide
+
+
+@pytest.mark.parametrize("te_device, offload, device, home, run", [
+    ("cpu", False, GPU, CPU, CPU),
+    ("cpu", True, GPU, CPU, CPU),    # offloading a CPU encoder is moot: it never goes to the GPU
+    ("auto", True, GPU, CPU, GPU),   # parked in CPU memory, on the GPU only to encode
+    ("auto", False, GPU, GPU, GPU),
+    ("auto", True, CPU, CPU, CPU),   # a CPU rank has no GPU to move to
+])
+def test_encoder_placement(te_device, offload, device, home, run):
+    from pipeline.components import encoder_placement
+
+    place = encoder_placement(te_device, offload, device)
+    assert (place.home, place.run) == (home, run)
+    assert place.moves == (home != run)
+
+
+class RecordingEncoder:
+    """Pretends to move; records every move and the device each encode ran on."""
+
+    def __init__(self, device):
+        self.device, self.moves, self.ran_on = torch.device(device), [], []
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.moves.append(self.device)
+        return self
+
+    def encode(self, prompts):
+        self.ran_on.append(self.device)
+        return torch.zeros(len(prompts), 4, 3)
+
+
+@pytest.mark.parametrize("te_device, offload, moves", [
+    ("cpu", True, []),
+    ("auto", True, [GPU, CPU]),
+    ("auto", False, []),
+])
+def test_encode_text_runs_where_placed_and_returns_home(te_device, offload, moves):
+    from pipeline.components import Components, encoder_placement
+
+    place = encoder_placement(te_device, offload, GPU)
+    encoder = RecordingEncoder(place.home)
+    comp = Components(None, encoder, None, 16, 4, 8, place)
+    for _ in range(2):
+        assert comp.encode_text(["a", "b"]).shape == (2, 4, 3)
+    assert encoder.ran_on == [place.run] * 2 and encoder.device == place.home
+    assert encoder.moves == moves * 2
+
+
+def test_encoder_goes_home_when_encoding_fails():
+    from pipeline.components import Components, encoder_placement
+
+    encoder = RecordingEncoder(CPU)
+    encoder.encode = lambda prompts: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+    comp = Components(None, encoder, None, 16, 4, 8, encoder_placement("auto", True, GPU))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        comp.encode_text(["a"])
+    assert encoder.device == CPU
+
+
+def test_cpu_encoder_loads_in_bf16_and_keeps_the_granted_threads(tmp_path):
+    """On CPU: the encoder is loaded in bfloat16 on the CPU (half the fp32 bytes), encodes close to the fp32
+    reference, and nothing in loading or encoding changes the worker's torch thread count."""
+    from configs import ModelConfig
+    from pipeline.components import load_components
+    from tests.tiny_models import wan_pipeline_folder
+
+    folder = wan_pipeline_folder(tmp_path / "wan")
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        comp = load_components(ModelConfig(path=str(folder), text_encoder_device="cpu", offload_text_encoder=True),
+                               device=CPU, encode=True, decode=False)
+        encoder = comp.text_encoder
+        assert {p.dtype for p in encoder.model.parameters()} == {torch.bfloat16}
+        assert encoder.device == CPU and not comp.text_placement.moves
+        got = comp.encode_text(["a red circle moving right"])
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+    fp32 = WanTextEncoder.from_pretrained(folder, dtype=torch.float32, text_len=comp.text_len)
+    want = fp32.encode(["a red circle moving right"])
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert ((got - want).norm() / want.norm()) < 0.03
