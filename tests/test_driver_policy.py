@@ -1,0 +1,229 @@
+"""The driver's recovery policy, with scripted stand-in replicas (no Ray): which failures are retried, that a slot
+is rebuilt with backoff instead of retired, that a settled job is never re-queued, that one writer error fails one
+job only, and that a signal inside the file-and-manifest commit waits for the manifest line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import cluster.driver as driver_mod
+from cluster.driver import Driver, Job, _signals_deferred
+from cluster.replica import ReplicaFailed, RequestFailed
+from cluster.video import StreamingMP4, read_mp4
+from configs import load_config
+from pipeline.request import Frame, GenerateRequest, Progress, Result
+
+FRAMES = 3
+
+
+class Script:
+    """What the stand-in replicas do: per build attempt (by slot) and per request (by prompt)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.builds: list[int] = []  # slot of every successful build, in order
+        self.build_errors: dict[int, list] = {}  # slot -> exceptions raised by its next builds, in order
+        self.served: list[tuple[int, str]] = []  # (slot, prompt) of every attempt
+        self.fail: dict[str, list] = {}  # prompt -> exceptions raised by its next attempts (after its events)
+        self.fail_after_result: set[str] = set()  # prompts whose replica fails after sending the Result
+        self.node_lost_with: dict[str, list] = {}  # prompt -> build errors of its slot once its attempt has failed
+
+
+class FakeReplica:
+    script: Script
+
+    def __init__(self, index, config, shape, stop):
+        self.index, self.stop, self.workers, self.killed = index, stop, ["w"], False
+
+    def start(self):
+        s = self.script
+        with s.lock:
+            errors = s.build_errors.get(self.index)
+            if errors:
+                raise errors.pop(0)
+            s.builds.append(self.index)
+        return self
+
+    def kill(self):
+        self.killed = True
+
+    def run(self, request):
+        s = self.script
+        with s.lock:
+            s.served.append((self.index, request.prompt))
+            error = s.fail[request.prompt].pop(0) if s.fail.get(request.prompt) else None
+        yield Progress(request.request_id, "denoise", 1, 1)
+        if error is not None:
+            with s.lock:
+                s.build_errors[self.index] = s.node_lost_with.pop(request.prompt, [])
+            raise error
+        for i in range(FRAMES):
+            yield Frame(request.request_id, i, FRAMES, np.full((16, 16, 3), 40 * i, np.uint8), time.time())
+        yield Result(request.request_id, request.seed, FRAMES, {"total_s": 0.0})
+        if request.prompt in s.fail_after_result:
+            raise ReplicaFailed(f"replica {self.index} rank 1 died")
+
+
+@pytest.fixture
+def script(monkeypatch):
+    s = Script()
+    FakeReplica.script = s
+    monkeypatch.setattr(driver_mod, "Replica", FakeReplica)
+    monkeypatch.setattr(driver_mod, "connect_ray", lambda address: False)
+    monkeypatch.setattr(driver_mod, "cluster_nodes", lambda: [{"CPU": 4.0}])
+    return s
+
+
+def make_config(*overrides):
+    return load_config("cpu-smoke", ["runtime.rebuild_backoff_s=0.05", "runtime.rebuild_backoff_max_s=0.2",
+                                     *overrides])
+
+
+def make_jobs(config, out, prompts):
+    return [Job(i, GenerateRequest(p, seed=i).resolve(config), out / f"{i}.mp4", name=p) for i, p in enumerate(prompts)]
+
+
+def test_a_deterministic_error_fails_its_prompt_once_and_the_batch_goes_on(script, tmp_path):
+    config = make_config("runtime.max_retries=2")
+    script.fail["huge"] = [RequestFailed("replica 0 rank 0: OutOfMemoryError: CUDA out of memory")] * 3
+    with Driver(config, progress=False, manifest=tmp_path / "manifest.jsonl") as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["a", "huge", "b"]))
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert "OutOfMemoryError: CUDA out of memory" in outcomes[1].error and outcomes[1].job.attempts == 0
+    assert [p for _, p in script.served].count("huge") == 1  # not retried
+    assert len(script.builds) == 2  # rebuilt once (ranks may be stuck in a collective), not once per retry
+    assert not (tmp_path / "1.mp4").exists()
+    assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_death_is_retried_on_a_rebuilt_replica(script, tmp_path):
+    config = make_config("runtime.max_retries=2")
+    script.fail["x"] = [ReplicaFailed("replica 0 rank 1 died: ActorDiedError")]
+    with Driver(config, progress=False) as driver:
+        (outcome,) = driver.run(make_jobs(config, tmp_path, ["x"]))
+    assert outcome.ok and outcome.job.attempts == 1 and len(script.builds) == 2
+    assert read_mp4(outcome.path)[0].shape == (FRAMES, 16, 16, 3)
+
+
+def test_a_job_whose_result_arrived_is_never_requeued(script, tmp_path):
+    config = make_config()
+    script.fail_after_result.add("x")
+    with Driver(config, progress=False) as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["x", "y"]))
+    assert all(o.ok for o in outcomes) and outcomes[0].job.attempts == 0
+    assert [p for _, p in script.served].count("x") == 1
+
+
+def test_a_failed_rebuild_does_not_retire_the_slot(script, tmp_path):
+    """After a node loss the first rebuilds fail (no capacity yet); the slot keeps trying with backoff and serves
+    again once they succeed."""
+    config = make_config("parallel.replicas=1", "runtime.max_retries=3")
+    script.fail["x"] = [ReplicaFailed("replica 0 rank 0 died: NodeDiedError")]
+    # the node is gone: the next two builds fail (no capacity yet)
+    script.node_lost_with["x"] = [ReplicaFailed("replica 0: waited 1 s for [{'GPU': 2}]")] * 2
+    with Driver(config, progress=False) as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["x", "y", "z"]))
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert script.build_errors[0] == [] and len(script.builds) == 2
+    assert outcomes[0].job.attempts == 1
+
+
+def test_no_replica_for_the_whole_scale_up_timeout_fails_the_batch_clearly(script, tmp_path):
+    config = make_config("runtime.scale_up_timeout_s=0.5")
+    script.build_errors[0] = [ReplicaFailed("replica 0: waited 0.5 s (runtime.scale_up_timeout_s) for "
+                                            "[{'GPU': 8.0}]; the cluster has 0 GPUs")] * 1000
+    t0 = time.monotonic()
+    with pytest.raises(ReplicaFailed, match=r"no replica could be started in \d+ s: .*the cluster has 0 GPUs"):
+        with Driver(config, progress=False):
+            pass
+    assert time.monotonic() - t0 < 30
+
+
+def test_replicas_join_as_they_come_up_and_jobs_go_to_whichever_is_up(script, tmp_path):
+    config = make_config("parallel.replicas=2")
+    script.build_errors[1] = [ReplicaFailed("replica 1: no node yet")] * 3
+    with Driver(config, progress=False) as driver:
+        first = driver.run(make_jobs(config, tmp_path, ["a"]))
+        deadline = time.monotonic() + 20
+        while driver.replicas[1] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.replicas[1] is not None, "slot 1 was retired"
+    assert first[0].ok and first[0].replica == 0
+
+
+def test_a_writer_error_fails_that_job_only(script, tmp_path, monkeypatch):
+    config = make_config()
+    real_append = StreamingMP4.append
+
+    def append(self, frame):
+        if self.path.name == "1.mp4":
+            raise BrokenPipeError("ffmpeg exited: No space left on device")
+        real_append(self, frame)
+
+    monkeypatch.setattr(StreamingMP4, "append", append)
+    with Driver(config, progress=False, manifest=tmp_path / "manifest.jsonl") as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["a", "b", "c"]))
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert "No space left on device" in outcomes[1].error and outcomes[1].job.attempts == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.mp4", "2.mp4", "manifest.jsonl"]  # no partial left
+
+
+def test_a_failed_rename_fails_that_job_only(script, tmp_path, monkeypatch):
+    config = make_config()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("0.mp4"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(driver_mod.StreamingMP4.commit.__globals__["os"], "replace", replace)
+    with Driver(config, progress=False, manifest=tmp_path / "manifest.jsonl") as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["a", "b"]))
+    assert [o.ok for o in outcomes] == [False, True]
+    assert "No space left on device" in outcomes[0].error
+    lines = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in lines] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.mp4", "manifest.jsonl"]
+
+
+def test_a_signal_inside_the_commit_is_held_until_the_block_is_done():
+    """SIGINT sent to the process while other threads run (the replica slots, Ray's): the block still completes,
+    then the interrupt is raised."""
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, daemon=True)
+    busy.start()
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(50):  # the interpreter checks for pending signals between these
+                    time.sleep(0.01)
+                done.append("manifest line written")
+        assert done == ["manifest line written"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        stop.set()
+
+
+def test_sigterm_inside_the_commit_is_held_too():
+    previous = driver_mod._raise_on_sigterm()
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with _signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(50):
+                    time.sleep(0.01)
+                done.append(1)
+        assert done == [1]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
