@@ -144,6 +144,19 @@ class Driver:
         if self._fatal is not None:
             raise self._fatal
 
+    def wait_ready(self, count: int | None = None, timeout_s: float | None = None) -> int:
+        """Block until `count` replicas (default: all) are up, the timeout passes, or the driver fails; returns how
+        many are up. run() does not need this: it starts on whichever replicas are up."""
+        count = len(self.replicas) if count is None else count
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._changed:
+            while self._fatal is None and sum(r is not None for r in self.replicas) < count:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._changed.wait(timeout=1.0 if left is None else min(1.0, left))
+            return sum(r is not None for r in self.replicas)
+
     def close(self) -> None:
         self.stop.set()
         for t in self._slots:

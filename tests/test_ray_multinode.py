@@ -26,19 +26,38 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_two_replicas_on_two_nodes(two_nodes, tmp_path):
-    folder = wan_pipeline_folder(tmp_path / "wan")
-    config = ray_config(folder, "parallel.replicas=2", "parallel.ulysses_degree=2", "runtime.device=auto")
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return wan_pipeline_folder(tmp_path_factory.mktemp("wan") / "wan")
+
+
+def test_two_replicas_on_two_nodes(two_nodes, folder, tmp_path):
+    # Fake GPU resources: torch sees no CUDA, so the accelerator check (on by default) is turned off.
+    config = ray_config(folder, "parallel.replicas=2", "parallel.ulysses_degree=2", "runtime.device=auto",
+                        "runtime.accelerator_check=false")
     jobs = [Job(i, GenerateRequest(f"prompt {i}", seed=i).resolve(config), tmp_path / f"{i}.mp4") for i in range(4)]
     with Driver(config, progress=False) as driver:
         assert driver.shape.num_gpus == 1 and driver.shape.strategy == "STRICT_PACK"
+        assert driver.shape.bundles() == [{"CPU": 1.0, "GPU": 2.0}]  # one bundle per Ulysses group
+        assert driver.wait_ready(timeout_s=120) == 2
         nodes = [{info.node_id for info in r.infos} for r in driver.replicas]
         assert all(len(n) == 1 for n in nodes), "a replica spans nodes"
         assert nodes[0] != nodes[1], "both replicas on one node"
         assert all(info.gpu_ids for r in driver.replicas for info in r.infos)
+        assert [sorted(i.gpu_ids for i in r.infos) == [i.gpu_ids for i in r.infos] for r in driver.replicas] == [
+            True, True], "ranks not in GPU order"
         outcomes = driver.run(jobs)
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert {o.result is not None for o in outcomes} == {True}
     for o in outcomes:
         assert read_mp4(o.path)[0].shape == (9, 32, 48, 3)
+    assert_cluster_clean()
+
+
+def test_a_worker_given_a_gpu_that_torch_cannot_see_fails_clearly(two_nodes, folder, tmp_path):
+    config = ray_config(folder, "parallel.ulysses_degree=2", "runtime.device=auto")  # accelerator_check on
+    with pytest.raises(ValueError, match=r"Ray gave this worker GPU\(s\) \['\d'\] on .* but torch sees no CUDA "
+                                         r"device \(CUDA_VISIBLE_DEVICES="):
+        with Driver(config, progress=False):
+            pass
     assert_cluster_clean()
