@@ -1,4 +1,4 @@
-"""One command that checks every CUDA path of Odyssey on one GPU (issue #10), sized to fit a short device lease.
+r"""One command that checks every CUDA path of Odyssey on one GPU (issue #10), sized to fit a short device lease.
 
     PYTHONPATH=. python bench/gpu_check.py [--quick] [--device cuda|cpu] [--json FILE] [--checks a,b]
 
@@ -23,22 +23,28 @@ others. Checks:
 `--quick` shrinks the sizes (GPU: about 2-3 min; CPU: tiny shapes in well under a minute, run by the tests so the
 script cannot rot). `--device cpu` runs the same code with gloo instead of NCCL (flash skipped with its reason).
 
-How to run it on the lent GPU machine (Python 3.12, torch 2.11 + CUDA 13, no Ray, no diffusers, no network).
-Optionally bring diffusers and sentencepiece as wheels for the diffusers comparisons, once, here in the repo root:
+How to run it on the lent GPU machine (Python 3.12, torch 2.11 + CUDA 13, accelerate, transformers, tokenizers; no
+Ray, no diffusers, no flash-attn, no network). The diffusers comparisons need diffusers 0.42 as a wheel (6.4 MB, pure
+Python; its dependencies are all there); without it they are skipped with their reason and everything else runs.
+Once, here, in the repository root:
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl diffusers==0.42.1 sentencepiece==0.2.1
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1
 
-then one device call (run tool), carry [".whl"], timeout_s 540 (a full run is sized for about 5 minutes):
+Then one device call (the `run` tool) with carry [".whl"] and timeout_s 420 (a full run is sized for about 3-5
+minutes on an H100; the JSON is rewritten after every check, so a run stopped at the limit keeps its rows):
 
-    mkdir -p /tmp/site; ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps \
-      --no-compile --target /tmp/site .whl/*.whl; export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1;
-    nvidia-smi -L; python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
+    set -o pipefail; mkdir -p /tmp/site; if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q \
+      --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; fi; export PYTHONPATH=.:/tmp/site \
+      PYTHONUNBUFFERED=1; nvidia-smi -L; python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 \
+      | tee $OUT/gpu_check.log
 
-Without .whl the diffusers comparisons are skipped with their reason; everything else runs. If device time is short,
-run `--quick` first (about 3 minutes) and paste the printed table into docs/benchmarks.md's GPU section.
+If it stops at the limit, rerun only the missing rows with `--quick --checks name,...`; give the machine back
+(give_back) when done. Paste the printed markdown table into docs/benchmarks.md's GPU section with the card's name.
+The CPU rehearsal (what tests/test_gpu_check.py runs):
+
+    PYTHONPATH=. python bench/gpu_check.py --device cpu --quick
 """
 
 from __future__ import annotations
@@ -707,18 +713,25 @@ def main(argv: list[str] | None = None, checks: dict[str, Callable] = CHECKS) ->
             ctx = Ctx(device, args.quick, sizes_for(device, args.quick), workdir)
             rows.append(run_check(name, checks[name], ctx))
             r = rows[-1]
-            print(f"  {r.name}: {r.status}{' (' + r.note + ')' if r.note else ''} in {r.seconds} s", flush=True)
+            print(f"  {r.name}: {r.status}{' (' + r.note + ')' if r.note else ''} in {r.seconds} s; {r.figures}",
+                  flush=True)
+            if args.json:  # after every check: a run stopped at the lease's limit keeps what it measured
+                write_json(args.json, where, args.quick, time.perf_counter() - t0, rows)
     total = time.perf_counter() - t0
     count = {s: sum(r.status == s for r in rows) for s in ("ok", "FAIL", "skipped")}
     print()
     print(markdown(rows))
     print(f"\nsummary: {count['ok']} ok, {count['FAIL']} FAIL, {count['skipped']} skipped in {total:.0f} s on {where}")
     if args.json:
-        tmp_json = args.json.with_name(args.json.name + ".tmp")
-        tmp_json.write_text(json.dumps({"device": where, "quick": args.quick, "seconds": round(total, 1),
-                                        "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
-        tmp_json.replace(args.json)
+        write_json(args.json, where, args.quick, total, rows)
     return exit_code(rows)
+
+
+def write_json(path: Path, where: str, quick: bool, seconds: float, rows: list[Row]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"device": where, "quick": quick, "seconds": round(seconds, 1),
+                               "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
