@@ -17,6 +17,7 @@ import torch.distributed as dist
 from configs import OdysseyConfig
 
 from .components import Components, load_components
+from .memory import check_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
 from .request import Event, Frame, GenerateRequest, Progress, Result
 from .samplers import make_sampler
@@ -84,9 +85,14 @@ class Runner:
             self.load_models()
 
     def load_models(self) -> float:
-        """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took."""
+        """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took. On a GPU,
+        first checks that this rank's estimated memory fits what is free (ValueError naming settings that would),
+        before reading any weights and before any collective."""
         par = self.config.parallel
         t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            log.info("%s", check_fits(self.config, self.rank, free).summary())
         self.components = load_components(
             self.config.model, device=self.device, encode=self.rank == 0, decode=self.rank == 0,
             attention_backend=par.attention_backend)
@@ -128,13 +134,8 @@ class Runner:
         comp = self.components
         ctx = torch.empty((n, comp.text_len, comp.text_dim), dtype=torch.float32, device=self._comm_device)
         if self.rank == 0:
-            encoder = comp.text_encoder
-            if self.config.model.offload_text_encoder:
-                encoder.to(self.device)
             prompts = [request.prompt] + ([request.negative_prompt] if n == 2 else [])
-            ctx.copy_(encoder.encode(prompts))
-            if self.config.model.offload_text_encoder:
-                encoder.to("cpu")
+            ctx.copy_(comp.encode_text(prompts))  # where it runs: components.encoder_placement
         if self.world_size > 1:
             dist.broadcast(ctx, src=0)
         return ctx.to(self.device)

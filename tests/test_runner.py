@@ -88,3 +88,20 @@ def test_bad_request_fails_every_rank_and_the_group_lives_on(wan_folder):
         with pytest.raises(ValueError, match="multiples of 16"):
             list(group.generate(bad))
         assert isinstance(list(group.generate(REQUEST))[-1], Result)
+
+
+def test_load_models_refuses_a_gpu_too_small_before_loading(monkeypatch):
+    """On a GPU, load_models checks the estimate against free memory first: a 14B replica on a 24 GiB card fails
+    with the one-line estimate, and nothing is read (no GPU needed: the device is only a torch.device here)."""
+    import pipeline.runner as runner_module
+    from pipeline.runner import Runner
+
+    loaded = []
+    monkeypatch.setattr(runner_module, "load_components", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * 2**30, 24 * 2**30))
+    runner = Runner.__new__(Runner)
+    runner.config = load_config("wan2.1-t2v-14b", ["model.path=/nonexistent/Wan2.1-T2V-14B"])
+    runner.rank, runner.world_size, runner.device = 0, 1, torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"^rank 0 needs ~.* of 24\.0 GiB free: no setting here makes it fit"):
+        runner.load_models()
+    assert loaded == []

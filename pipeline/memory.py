@@ -1,0 +1,416 @@
+"""How much GPU memory one rank needs, known before anything is loaded, and a refusal naming what would fit.
+
+Nothing here reads weights: parameter bytes come from the real modules built on the meta device (WanDiT, the
+Wan2.1 VAE decoder, transformers' UMT5EncoderModel) from the folder's config.json / safetensors headers, or from
+the published shapes when the folder is not there. Activation peaks come from running the real code on meta
+tensors under LiveBytes, which adds up the bytes of every tensor alive at once (what a tracemalloc would see):
+    - DiT: one forward_tokens at the request's tokens per rank, L = ceil(S / ulysses_degree). Attention runs as
+      flash / memory-efficient kernels do (output and log-sum-exp only, no S x S scores) and the Ulysses
+      all-to-alls allocate the buffers attention/comm.py allocates (fused Q/K/V, native wire: send, receive and
+      the decoded [S, h, D] tensors). Measured this way, the peak is about L x (14 C + 4 F) bytes in bf16: the
+      fp32 residual stream and its normalised copy, the FFN's two [L, F] tensors and the attention buffers.
+    - VAE decode (rank 0): one 256 x 256-pixel tile of three streamed latent frames (the third is the steady
+      state: every causal cache holds its 2 frames), scaled by area: every conv activation and cache scales with
+      the pixels it covers. Tiled decoding keeps one cache per tile for the whole video (see WanVAEDecoder).
+Then the allocator's share: activation peaks x 1.1 (fragmentation) and RESERVE_BYTES (NCCL buffers, cuBLAS
+workspaces, the sampler's state, rope tables). The CUDA context is not counted: free memory is measured after it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from configs import OdysseyConfig
+
+from .components import TEXT_ENCODER_DTYPE, encoder_placement, resolve_dtype
+from .dit import WanDiT, WanDiTConfig
+
+__all__ = ["MemoryEstimate", "estimate_rank_memory", "check_fits", "LiveBytes", "dit_activation_bytes",
+           "vae_decode_bytes", "tiled_cache_factor", "WAN21_1_3B", "WAN21_14B", "GiB"]
+
+GiB = 2**30
+RESERVE_BYTES = 1 * GiB
+FRAGMENTATION = 1.1
+
+WAN21_1_3B = WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+WAN21_14B = WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
+
+
+# -- measuring on meta tensors ----------------------------------------------------------------------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors created inside it while they are alive (storages shared by views count
+    once); .peak is the most alive at once. Works on real and meta tensors alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, int] = {}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._refs[key] -= 1
+        if not self._refs[key]:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage._cdata, storage.nbytes()
+                if key not in self._refs:
+                    self._refs[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self._refs[key] += 1
+                weakref.finalize(t, self._release, key, nbytes)
+        return out
+
+
+class _FusedAttention(TorchFunctionMode):
+    """scaled_dot_product_attention as flash / memory-efficient kernels allocate it: the output and an fp32
+    log-sum-exp, never the [S, T] scores (which meta tensors would otherwise materialise)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            q, _, v = args[:3]
+            torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # log-sum-exp, freed on return
+            return q.new_empty((*q.shape[:-1], v.shape[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+class _UlyssesBuffers:
+    """A TokenLayout for rank 0 of P that allocates what UlyssesLayout + attention/comm.py allocate (fused Q/K/V
+    on a native wire), with no communication: shapes and lifetimes only."""
+
+    def __init__(self, world: int, heads: int):
+        self.world, self.heads = world, heads
+        self.mine = heads // world + (1 if heads % world else 0)  # rank 0 owns the most heads
+
+    def shard(self, x_BS: torch.Tensor) -> torch.Tensor:
+        L = -(-x_BS.shape[1] // self.world)
+        return x_BS.new_empty((x_BS.shape[0], L, *x_BS.shape[2:]))
+
+    def gather(self, x_BL: torch.Tensor, seq_len: int) -> torch.Tensor:
+        return x_BL.new_empty((x_BL.shape[0], seq_len, *x_BL.shape[2:]))
+
+    def attend(self, q_BLHD, k_BLHD, v_BLHD, seq_len: int, layer: int) -> torch.Tensor:
+        if self.world == 1:
+            return F.scaled_dot_product_attention(q_BLHD, k_BLHD, v_BLHD)
+        B, L, H, D = q_BLHD.shape
+        S, h = L * self.world, self.mine
+        send = q_BLHD.new_empty((3 * B * L * H, D))
+        recv = q_BLHD.new_empty((3 * B * S * h, D))
+        q, k, v = (q_BLHD.new_empty((B, S, h, D)) for _ in range(3))  # decoded contiguous copies
+        del send, recv
+        out = F.scaled_dot_product_attention(q, k, v)
+        del q, k, v
+        send = out.new_empty((B * S * h, D))
+        del out
+        result = q_BLHD.new_empty((B, L, H, D))
+        del send
+        return result
+
+
+@functools.lru_cache(maxsize=32)
+@torch.no_grad()
+def dit_activation_bytes(cfg: WanDiTConfig, grid: tuple[int, int, int], ulysses_degree: int,
+                         dtype: torch.dtype) -> int:
+    """Peak bytes alive during one forward_tokens of rank 0 (the rank with the most heads) at this token grid."""
+    # Blocks are identical and hand on only the residual stream: two of them peak like forty.
+    with torch.device("meta"):
+        dit = WanDiT(replace(cfg, num_layers=min(cfg.num_layers, 2))).to_compute_dtype(dtype)
+    dit.layout = _UlyssesBuffers(ulysses_degree, cfg.num_heads)
+    S = math.prod(grid)
+    x_BLP = torch.empty((1, -(-S // ulysses_degree), cfg.patch_dim), device="meta")
+    ctx = torch.empty((1, cfg.text_len, cfg.text_dim), device="meta")
+    with _FusedAttention(), LiveBytes() as live:
+        dit.forward_tokens(x_BLP, grid, torch.ones(1, device="meta"), ctx)
+    return live.peak
+
+
+def tiled_cache_factor(h: int, w: int, tile: int = 32, stride: int = 24) -> float:
+    """Tiled / untiled causal-cache bytes for h x w latents: the tiles' areas (overlaps counted once per tile)
+    over the frame's area. 720p (90 x 160 latents): 1.65; 480p (60 x 104): 1.46."""
+    def covered(n: int) -> int:
+        return sum(min(tile, n - i) for i in range(0, n, stride))
+
+    return covered(h) * covered(w) / (h * w)
+
+
+@functools.lru_cache(maxsize=8)
+@torch.no_grad()
+def _vae_per_pixel(spec) -> tuple[float, float]:
+    """(cache bytes, peak bytes including the caches) per latent pixel of the fp32 streaming decoder, from three
+    chunks of a 32 x 32 latent (after two chunks every cache holds its frames: the third is the steady state)."""
+    from .vae import Cache, WanVAEDecoder
+
+    with torch.device("meta"):
+        decoder = WanVAEDecoder(spec)
+    side = 32
+    z = torch.empty((1, spec.z_dim, 1, side, side), device="meta")
+    cache = Cache()
+    with _FusedAttention(), LiveBytes() as live:
+        for _ in range(3):
+            decoder._decode_chunk(z, cache)
+    cache_bytes = sum(v.numel() * v.element_size() for v in cache.values() if isinstance(v, torch.Tensor))
+    return cache_bytes / side**2, live.peak / side**2
+
+
+def vae_decode_bytes(spec, h: int, w: int, tiling: bool, tile_min: int = 256, tile_stride: int = 192) -> int:
+    """Peak bytes of decode_stream for h x w latents beyond the decoder's weights: caches + one chunk's peak."""
+    cache_px, peak_px = _vae_per_pixel(spec)
+    s = spec.spatial_stride
+    tile, stride = tile_min // s, tile_stride // s
+    if not tiling or (h * s <= tile_min and w * s <= tile_min):
+        return int(peak_px * h * w)
+    tiles = len(range(0, h, stride)) * len(range(0, w, stride))
+    outputs = tiles * 3 * 4 * tile_min**2 * 4  # every tile's 4 fp32 RGB frames of the chunk, kept for blending
+    caches = cache_px * h * w * tiled_cache_factor(h, w, tile, stride)
+    return int(caches + (peak_px - cache_px) * tile * tile + outputs)
+
+
+# -- what the model folder says ---------------------------------------------------------------------------------
+
+
+def _meta_bytes(module: torch.nn.Module, dtype_of) -> int:
+    return sum(p.numel() * dtype_of(name).itemsize for name, p in module.named_parameters())
+
+
+@functools.lru_cache(maxsize=8)
+def _dit_param_bytes(cfg: WanDiTConfig, dtype: torch.dtype) -> int:
+    """As load_dit keeps them: matmul weights in the compute dtype, WanDiT.FP32_PARAMS in float32."""
+    with torch.device("meta"):
+        dit = WanDiT(cfg)
+    return _meta_bytes(dit, lambda name: torch.float32 if WanDiT.keeps_fp32(name) else dtype)
+
+
+def _dit_config(path: Path | None) -> WanDiTConfig:
+    if path is None:
+        return _tiny_spec().dit_config()
+    if not path.exists():
+        return _known_by_name(path)
+    from safetensors import safe_open
+
+    from .weights import _dit_folder, _our_name, dit_weight_files, read_dit_config
+
+    folder = _dit_folder(path)
+    raw = json.loads((folder / "config.json").read_text())
+    shapes = {}
+    for file in dit_weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+            diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in keys) or (
+                "_diffusers_version" in raw)
+            shapes.update({_our_name(k, diffusers): tuple(f.get_slice(k).get_shape()) for k in keys})
+    return read_dit_config(raw, shapes)
+
+
+def _known_by_name(path: Path) -> WanDiTConfig:
+    name = path.name.lower()
+    for tag, cfg in (("14b", WAN21_14B), ("1.3b", WAN21_1_3B)):
+        if tag in name:
+            return cfg
+    raise ValueError(f"cannot estimate memory: model.path {path} does not exist and its name names no Wan2.1 size "
+                     f"(1.3B or 14B)")
+
+
+def _tiny_spec():
+    from safetensors import safe_open
+
+    from .tiny import WEIGHTS
+    from .tiny.model import TinySpec
+
+    with safe_open(str(WEIGHTS), framework="pt") as f:
+        return TinySpec.from_json(f.metadata()["spec"])
+
+
+def _text_encoder_params(path: Path | None) -> int:
+    """Parameter count of the text encoder (tied embeddings once)."""
+    if path is None:
+        from safetensors import safe_open
+
+        from .tiny import WEIGHTS
+
+        with safe_open(str(WEIGHTS), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("text."))
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .text_encoder import ORIGINAL_T5_FILE
+
+    if (path / "text_encoder" / "config.json").is_file():
+        cfg = UMT5Config.from_json_file(path / "text_encoder" / "config.json")
+    elif (path / ORIGINAL_T5_FILE).is_file():  # memory-mapped: only the pickle's metadata is read
+        state = torch.load(path / ORIGINAL_T5_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return sum(t.numel() for t in state.values())
+    else:
+        cfg = UMT5Config(**UMT5_XXL)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _vae_spec(path: Path | None):
+    from .vae import DecoderSpec
+
+    if path is None or not path.exists():
+        return DecoderSpec()
+    from .vae_weights import read_vae_spec
+
+    return read_vae_spec(path)
+
+
+# -- the estimate -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs on its GPU. Rank 0 goes through three phases (encode, denoise, decode); the weights
+    it keeps are there in all three, the rest only in its own phase."""
+
+    rank: int
+    dit_params: int
+    text_encoder: int  # the encoder's weights on this GPU (0 when it lives and runs on the CPU)
+    text_encoder_resident: bool  # True: on the GPU all the time; False: only while encoding (offload)
+    vae_params: int
+    dit_activations: int
+    vae_decode: int  # caches + the peak of one latent chunk
+    reserve: int = RESERVE_BYTES
+
+    @property
+    def total(self) -> int:
+        resident = self.dit_params + self.vae_params + self.reserve
+        resident += self.text_encoder if self.text_encoder_resident else 0
+        transient = 0 if self.text_encoder_resident else self.text_encoder
+        return resident + max(transient, self.dit_activations, self.vae_decode)
+
+    def summary(self) -> str:
+        parts = [("DiT", self.dit_params), ("T5" + ("" if self.text_encoder_resident else " while encoding"),
+                                                  self.text_encoder),
+                 ("VAE", self.vae_params), ("DiT activations", self.dit_activations),
+                 ("VAE decode", self.vae_decode), ("reserve", self.reserve)]
+        shown = " + ".join(f"{name} {b / GiB:.1f}" for name, b in parts if b)
+        return f"rank {self.rank} needs ~{self.total / GiB:.1f} GiB ({shown}; the largest phase counts)"
+
+
+def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: str = "cuda",
+                         dit_config: WanDiTConfig | None = None) -> MemoryEstimate:
+    """GPU bytes `rank` of a replica needs to generate config.video with config.model and config.parallel.
+    dit_config: the DiT's shapes when known (else read from model.path's headers, or taken from the published
+    1.3B / 14B shapes when the folder is not there and its name says which)."""
+    model, par, video = config.model, config.parallel, config.video
+    if not 0 <= rank < par.group_size:
+        raise ValueError(f"rank {rank} is not in a replica of {par.group_size} ranks")
+    path = None if model.path is None else Path(model.path).expanduser()
+    device = torch.device(device_type)
+    dtype = resolve_dtype(model.dtype, device)
+    cfg = dit_config or _dit_config(path)
+    dit_params = _dit_param_bytes(cfg, dtype)
+
+    spec = _vae_spec(path)
+    ts, ss = spec.temporal_stride, spec.spatial_stride
+    pt, ph, pw = cfg.patch_size
+    h, w = video.height // ss, video.width // ss
+    grid = (((video.frames - 1) // ts + 1) // pt, h // ph, w // pw)
+    acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype) * FRAGMENTATION)
+
+    text = vae = decode = 0
+    resident = True
+    if rank == 0:
+        place = encoder_placement(model.text_encoder_device, model.offload_text_encoder, device)
+        if place.run.type != "cpu":
+            n = _text_encoder_params(path)
+            width = 4 if path is None else TEXT_ENCODER_DTYPE.itemsize
+            text = n * width + _text_encoder_activations(path)
+            resident = place.home.type != "cpu"
+        if path is not None:
+            from .vae import WanVAEDecoder
+
+            with torch.device("meta"):
+                vae = _meta_bytes(WanVAEDecoder(spec), lambda name: torch.float32)
+            decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
+        else:  # the embedded model's 32 x 32 frames: its decoder is a few MB
+            vae = _tiny_decoder_bytes()
+    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode)
+
+
+def _text_encoder_activations(path: Path | None) -> int:
+    """Encoding two prompts of 512 tokens (transformers' eager attention): scores, fp32 position bias, FFN."""
+    if path is None:
+        return 0
+    N, T, heads, d, d_ff = 2, 512, UMT5_XXL["num_heads"], UMT5_XXL["d_model"], UMT5_XXL["d_ff"]
+    return N * heads * T * T * (4 + 2 * 2) + N * T * (3 * d_ff + 6 * d) * 2
+
+
+def _tiny_decoder_bytes() -> int:
+    from safetensors import safe_open
+
+    from .tiny import WEIGHTS
+
+    with safe_open(str(WEIGHTS), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in f.keys() if k.startswith("decoder."))
+
+
+def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, *, device_type: str = "cuda",
+               dit_config: WanDiTConfig | None = None) -> MemoryEstimate:
+    """The estimate when it fits in free_bytes; else ValueError, one line: what is needed, what is free, and the
+    settings that would fit (each alone, else together), or that none does."""
+    est = estimate_rank_memory(config, rank, device_type=device_type, dit_config=dit_config)
+    if est.total <= free_bytes:
+        return est
+    cfg = dit_config or _dit_config(None if config.model.path is None else Path(config.model.path).expanduser())
+
+    def fits(changes: dict) -> bool:
+        sections = {}
+        for key, value in changes.items():
+            section, name = key.split(".")
+            sections.setdefault(section, {})[name] = value
+        changed = replace(config, **{s: replace(getattr(config, s), **kv) for s, kv in sections.items()})
+        return estimate_rank_memory(changed, rank, device_type=device_type, dit_config=cfg).total <= free_bytes
+
+    options = []
+    if est.text_encoder:
+        options.append({"model.text_encoder_device": "cpu"})
+        if est.text_encoder_resident:
+            options.append({"model.offload_text_encoder": True})
+    if rank == 0 and not config.model.vae_tiling and config.model.path is not None:
+        options.append({"model.vae_tiling": True})
+    # The fewest changes that fit: each alone, then pairs, ...; Ulysses (which shards activations, not weights)
+    # with the smallest degree that fits.
+    degrees = [None] + [d for d in (2, 4, 8, 16) if d > config.parallel.ulysses_degree]
+    working = []
+    for size in range(0, len(options) + 1):
+        for combo in itertools.combinations(options, size):
+            changes = {k: v for o in combo for k, v in o.items()}
+            if size and "model.text_encoder_device" in changes and "model.offload_text_encoder" in changes:
+                continue  # offloading a CPU encoder is moot
+            d = next((d for d in degrees if (size or d) and fits(
+                changes if d is None else {**changes, "parallel.ulysses_degree": d})), False)
+            if d is not False:
+                working.append(changes if d is None else {**changes, "parallel.ulysses_degree": d})
+        if working:
+            break
+
+    def show(o: dict) -> str:
+        return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items())
+
+    advice = ("use " + ", or ".join(show(o) for o in working) if working else
+              "no setting here makes it fit: use a GPU with more memory or a smaller video")
+    raise ValueError(f"{est.summary()} of {free_bytes / GiB:.1f} GiB free: {advice}")
