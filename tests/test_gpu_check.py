@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import gpu_check  # noqa: E402
+from bench.gpu_attention_checks import check_local_attention, reference_fp32  # noqa: E402
 
 EXPECTED = ["local_attention", "wan_dit", "ulysses_nccl", "vae_stream", "runner", "runner_embedded", "ray_generate"]
 
@@ -85,7 +86,7 @@ def test_a_crashing_check_fails_alone(tmp_path, keep_threads):
     def boom(ctx, row):
         raise RuntimeError("kaboom")
 
-    checks = {"boom": boom, "local_attention": gpu_check.check_local_attention}
+    checks = {"boom": boom, "local_attention": check_local_attention}
     out = tmp_path / "rows.json"
     assert gpu_check.main(["--device", "cpu", "--quick", "--json", str(out)], checks=checks) == 1
     rows = _rows(out)
@@ -115,8 +116,8 @@ def test_usage_errors_exit_2(capsys):
 def test_chunked_fp32_reference_is_exact():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 50, 3, 16, generator=g).to(torch.bfloat16) for _ in range(3))
-    whole = gpu_check.reference_fp32(q, k, v)
-    chunked = gpu_check.reference_fp32(q, k, v, chunk_scores=3 * 50 * 7)  # 7 query rows per chunk
+    whole = reference_fp32(q, k, v)
+    chunked = reference_fp32(q, k, v, chunk_scores=3 * 50 * 7)  # 7 query rows per chunk
     assert whole.dtype == torch.float32
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)  # chunked GEMMs may round differently
     want = torch.softmax(torch.einsum("bshd,bthd->bhst", q.float(), k.float()) / 4.0, -1)

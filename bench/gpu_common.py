@@ -1,0 +1,139 @@
+"""What the checks of bench/gpu_check.py share: rows, sizes, timing, peak memory, a one-rank process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BF16 = torch.bfloat16
+
+class Skip(Exception):
+    """Raised by a check that cannot run here; the message is the reason."""
+
+
+class CheckFailed(Exception):
+    """Raised by a check whose figures are out of bounds; the message says which."""
+
+
+@dataclass
+class Row:
+    name: str
+    status: str = "ok"  # ok | FAIL | skipped
+    note: str = ""  # the reason for a skip or a failure
+    figures: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    attn_tokens: int
+    attn_heads: int
+    attn_dim: int
+    dit_layers: int
+    dit_dims: dict  # WanDiTConfig overrides (the 1.3B shape unless cut down for the CPU)
+    dit_latent: tuple
+    vae_latent: tuple  # (T, h, w) latent frames and grid
+    reps: int
+    embedded_prompts: int  # of the 40 canonical ones (every k-th)
+
+
+def sizes_for(device: torch.device, quick: bool) -> Sizes:
+    if device.type == "cuda":
+        return Sizes(attn_tokens=8192 if quick else 32760, attn_heads=12, attn_dim=128, dit_layers=30, dit_dims={},
+                     dit_latent=(21, 60, 104), vae_latent=(6 if quick else 21, 60, 104), reps=2 if quick else 5,
+                     embedded_prompts=40)
+    # CPU: the same code at small sizes (full 1.3B layer widths, few tokens)
+    small = dict(dim=1536, ffn_dim=8960, num_heads=12)
+    if quick:
+        return Sizes(attn_tokens=512, attn_heads=12, attn_dim=128, dit_layers=1, dit_dims=small,
+                     dit_latent=(2, 8, 8), vae_latent=(2, 4, 4), reps=1, embedded_prompts=4)
+    return Sizes(attn_tokens=2048, attn_heads=12, attn_dim=128, dit_layers=2, dit_dims=small,
+                 dit_latent=(3, 16, 16), vae_latent=(2, 8, 16), reps=2, embedded_prompts=40)
+
+
+@dataclass
+class Ctx:
+    device: torch.device
+    quick: bool
+    sizes: Sizes
+    tmp: Path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable, reps: int, device: torch.device) -> float:
+    """Median seconds per call after one warm-up call; synchronised around every call."""
+    fn()
+    sync(device)
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since reset_peak; None on CPU (no per-check figure there)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def store_url() -> str:
+    """init_method for a one-rank group: a fresh file store, so no port is picked (and raced for) on a shared host."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="gpu_check-store-")
+    os.close(fd)
+    os.unlink(path)  # FileStore creates it; a stale file would hold another group's keys
+    return f"file://{path}"
+
+
+def optional(module: str):
+    """The module, or Skip with why it cannot be imported."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except Exception as e:  # ImportError, or a broken install (diffusers with a missing dependency)
+        raise Skip(f"{module} does not import ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device, timeout_s: float = 120.0):
+    """A one-rank process group: NCCL on CUDA, gloo on CPU; destroyed on exit."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=store_url(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
