@@ -138,7 +138,11 @@ def generate(prompt, output, manifest, config_source, overrides, seed, negative_
 
     from .driver import Job
     from .prompts import slugify
+    from .submit import check_job_output
 
+    check_job_output(output or Path("outputs"), "-o")  # a Ray Job's relative paths land in Ray's cache
+    if manifest is not None:
+        check_job_output(manifest, "--manifest")
     config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
                             negative_prompt=negative_prompt)
     if not prompt.strip():
@@ -169,8 +173,10 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
 
     from .driver import Job
     from .prompts import output_path, read_prompt_file
+    from .submit import check_job_output
     from .video import PARTIAL_SUFFIX
 
+    check_job_output(output_dir, "-o")  # a Ray Job's relative paths land in Ray's cache
     config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
                             negative_prompt=negative_prompt)
     specs = read_prompt_file(prompts_file)

@@ -10,9 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["submit_job", "enable_token_auth", "validate_cluster_yaml", "cluster_command"]
+__all__ = ["submit_job", "enable_token_auth", "check_job_output", "in_ray_job", "validate_cluster_yaml",
+           "check_file_mounts", "node_command", "cluster_command"]
 
-EXCLUDES = [".git", ".venv", "venv", "outputs", "__pycache__", "*.mp4", "*.safetensors", "*.pth", ".whl", ".gl"]
+# gitignore-style patterns (Ray's working_dir excludes): a bare name matches that file or folder at any depth.
+EXCLUDES = [".git", ".venv", "venv", "outputs", "__pycache__", "*.mp4", "*.safetensors", "*.pth", "*.pt", "*.bin",
+            "*.ckpt", "*.gguf", "*.whl"]
+
+# Every node of cluster/launch/*.yaml runs Ray from this venv with token auth on; a command sent to a node needs
+# both (without the venv there is no `ray`; without RAY_AUTH_MODE Ray's clients do not send the token).
+NODE_ENV = "source ~/odyssey-env/bin/activate && export RAY_AUTH_MODE=token"
+
+# Ray's job supervisor sets this in every job entrypoint's environment (ray.dashboard.modules.job).
+_RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def enable_token_auth(token_file: str | None = None) -> None:
@@ -24,6 +34,21 @@ def enable_token_auth(token_file: str | None = None) -> None:
                  or (Path.home() / ".ray" / "auth_token").is_file())
     if has_token:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def in_ray_job() -> bool:
+    """True inside a Ray Job's entrypoint (`odyssey submit`, `ray job submit`, a KubeRay RayJob)."""
+    return _RAY_JOB_ENV in os.environ
+
+
+def check_job_output(path: Path, option: str = "-o") -> None:
+    """Inside a Ray Job, refuse a relative output path: the job's working directory is Ray's runtime_env cache
+    (with --working-dir) or wherever Ray was started, so outputs would be garbage-collected, lost on `ray down`,
+    and invisible to --resume of the next job."""
+    if in_ray_job() and not Path(path).is_absolute():
+        raise ValueError(f"inside a Ray Job {option} must be an absolute path on the head's disk or shared storage "
+                         f"(e.g. {option} /home/ubuntu/outputs), not {str(path)!r}: relative paths land in Ray's "
+                         f"job working directory, which Ray deletes")
 
 
 def submit_job(address: str, odyssey_args: list[str], working_dir: str | None, wait: bool) -> int:
@@ -79,13 +104,30 @@ def validate_cluster_yaml(path: str | Path) -> dict:
     return config
 
 
+def check_file_mounts(config: dict, yaml_path: str | Path) -> None:
+    """Every local source of file_mounts must exist before `ray up` (it would fail halfway through otherwise);
+    the cluster's auth token is the one users forget."""
+    for remote, local in (config.get("file_mounts") or {}).items():
+        if not Path(os.path.expanduser(local)).exists():
+            hint = (" (the cluster's auth token: create it with `ray get-auth-token --generate && chmod 600 "
+                    "~/.ray/auth_token`)" if Path(local).name == "auth_token" else "")
+            raise ValueError(f"{yaml_path}: file_mounts {remote}: {local} does not exist here{hint}")
+
+
+def node_command(command: str) -> str:
+    """A shell command for a cluster node, run inside the node's Ray environment."""
+    return f"{NODE_ENV} && {command}"
+
+
 def cluster_command(action: str, yaml_path: str) -> int:
     """ray up / ray down / ray exec 'ray status' on a validated cluster YAML."""
-    validate_cluster_yaml(yaml_path)
+    config = validate_cluster_yaml(yaml_path)
+    if action == "up":
+        check_file_mounts(config, yaml_path)
     ray_cli = str(Path(sys.executable).with_name("ray"))
     commands = {
         "up": [ray_cli, "up", "--yes", yaml_path],
         "down": [ray_cli, "down", "--yes", yaml_path],
-        "status": [ray_cli, "exec", yaml_path, "ray status"],
+        "status": [ray_cli, "exec", yaml_path, node_command("ray status")],
     }
     return subprocess.call(commands[action])

@@ -1,12 +1,10 @@
 """The odyssey CLI: options and errors (CliRunner and real subprocesses), prompt files, hostile names, resume
-after an interruption, cluster YAMLs, and submission to a real `ray start --head` on loopback."""
+after an interruption, cluster YAMLs (submission to a real head: tests/test_launch.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -225,57 +223,3 @@ def test_kuberay_rayjob_manifest():
     args = shlex.split(job["spec"]["entrypoint"])[1:]
     result = CliRunner().invoke(_cli, [args[0], "--help"])
     assert result.exit_code == 0
-
-
-# -- Ray Jobs --------------------------------------------------------------------------------------------------
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    port, dash = _free_port(), _free_port()
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--block",
-                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", dash), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("ray start --head did not come up")
-    yield address
-    # The head and everything it started live in their own session: stop exactly that (`ray stop` would stop
-    # every Ray on the machine).
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=8)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-def test_submit_runs_odyssey_as_a_ray_job(ray_head, wan_folder, tmp_path):
-    out = tmp_path / "job.mp4"
-    result = odyssey("submit", "--address", ray_head, "--", "generate", "a green square moving up", "-o", out,
-                     *smoke(wan_folder), timeout=300)
-    assert result.returncode == 0, result.stderr + result.stdout
-    assert "submitted raysubmit_" in result.stderr and str(out) in result.stdout
-    assert read_mp4(out)[0].shape == (9, 32, 48, 3)
-    failing = odyssey("submit", "--address", ray_head, "--", "generate", " ", timeout=300)
-    assert failing.returncode == 1 and "failed" in failing.stderr

@@ -1,0 +1,558 @@
+"""Launching a cluster the way a user does: local.yaml's own node commands start a token-protected head on
+loopback, `odyssey submit` runs generate and batch jobs on it from another HOME, outputs inside Ray Jobs must be
+absolute, the Jobs API refuses callers without the token; the cloud YAMLs install every executable they call, pin
+the versions every node installs and install the SDK their autoscaler imports; the KubeRay manifests mount
+volumes where Kubernetes can attach them."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from packaging.requirements import Requirement
+
+from cluster.video import read_mp4
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "cluster" / "launch"
+ODYSSEY = [sys.executable, "-m", "cluster.cli"]
+RAY = str(Path(sys.executable).with_name("ray"))
+# What an SSH login shell starts with: nothing of this test's venv on PATH.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _yaml(name: str) -> dict:
+    return yaml.safe_load((LAUNCH / name).read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _login_env(home: Path) -> dict:
+    """The environment the cluster launcher's `ssh ... bash --login -c` gives a command: a HOME, a system PATH."""
+    return {"HOME": str(home), "PATH": SYSTEM_PATH, "USER": os.environ.get("USER", "root"), "LANG": "C.UTF-8"}
+
+
+def odyssey(*args, home: Path, timeout=300, cwd=None):
+    return subprocess.run([*ODYSSEY, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=_login_env(home), cwd=cwd or home)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 8), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _http_status(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# -- the local.yaml head, started by the YAML's own commands -----------------------------------------------------
+
+
+def _mount(config: dict, laptop: Path, node: Path) -> None:
+    """file_mounts as `ray up` applies them: local paths (~ is the laptop's HOME, relative ones the repo root,
+    where users run `odyssey cluster up`) copied to the node's HOME, file modes kept (rsync -a)."""
+    for remote, local in config["file_mounts"].items():
+        source = Path(local.replace("~", str(laptop), 1)) if local.startswith("~") else ROOT / local
+        target = node / remote.removeprefix("~/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            target.symlink_to(source)  # the repository: a link instead of a copy of the whole tree
+        else:
+            shutil.copy2(source, target)
+
+
+def _node_shell(line: str, node: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-lc", line], env=_login_env(node), cwd=node, capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 120), **kw)
+
+
+def _prepare_node(config: dict, role: str, laptop: Path, node: Path) -> None:
+    """file_mounts, then the node's setup commands verbatim but for the venv creation and pip lines (the venv is
+    a link to this test's, which has Odyssey installed: installing torch and Ray from scratch does not fit a test)."""
+    _mount(config, laptop, node)
+    (node / "odyssey-env").symlink_to(sys.prefix)
+    for line in config["setup_commands"] + config[f"{role}_setup_commands"]:
+        if re.search(r"-m venv|pip install", line):
+            continue
+        done = _node_shell(line, node)
+        assert done.returncode == 0, f"{line}: {done.stderr}"
+    assert (node / ".ray" / "auth_token").stat().st_mode & 0o077 == 0, "the token must be private on the node"
+
+
+def _start_line(config: dict, role: str) -> str:
+    start = [c for c in config[f"{role}_start_ray_commands"] if "ray start" in c]
+    assert len(start) == 1 and all("ray stop" in c for c in config[f"{role}_start_ray_commands"] if c not in start)
+    return start[0]
+
+
+class LocalHead:
+    def __init__(self, address: str, gcs: str, laptop: Path, node: Path, token: str, config: dict):
+        self.address, self.gcs, self.laptop, self.node, self.token = address, gcs, laptop, node, token
+        self.config = config
+
+
+@pytest.fixture(scope="module")
+def local_head(tmp_path_factory):
+    """The head of local.yaml on this machine. Run verbatim: the YAML's file_mounts, every setup command and the
+    head's `ray start` line, each in a login shell with a fresh HOME and cwd=HOME like the launcher's SSH.
+    Substituted, and only these:
+    - `python3 -m venv ~/odyssey-env` and its `pip install` lines: ~/odyssey-env is a link to this test's venv,
+      which has Odyssey installed (installing torch and Ray from scratch does not fit a test);
+    - `ray stop`: skipped, it stops every Ray process on the machine (other tests' clusters too);
+    - in `ray start --head`: --port=6379 becomes a free port, --autoscaling-config is dropped (the local provider's
+      autoscaler would SSH to the YAML's worker IPs), and --node-ip-address=127.0.0.1, a free --dashboard-port,
+      --num-cpus=2 and --block are appended (so the head lives in this fixture's process group, which the fixture
+      ends; `ray start` without --block daemonizes)."""
+    config = _yaml("local.yaml")
+    laptop, node = tmp_path_factory.mktemp("laptop"), tmp_path_factory.mktemp("head")
+    # The user's one-time step (README, YAML header): the cluster token on the machine that runs `ray up`.
+    made = subprocess.run(["bash", "-lc", f"{RAY} get-auth-token --generate && chmod 600 ~/.ray/auth_token"],
+                          env=_login_env(laptop), capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    token = (laptop / ".ray" / "auth_token").read_text().strip()
+    _prepare_node(config, "head", laptop, node)
+
+    port, dash = _free_port(), _free_port()
+    line = re.sub(r"\s--autoscaling-config=\S+", "", _start_line(config, "head").replace("--port=6379", f"--port={port}"))
+    line += (f" --node-ip-address=127.0.0.1 --dashboard-port={dash} --num-cpus=2 --disable-usage-stats --block")
+    log = open(node / "head.log", "w")
+    proc = subprocess.Popen(["bash", "-lc", line], env=_login_env(node), cwd=node, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while not _accepts_jobs(address, token):  # the dashboard answers before its job agent registers
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the head of local.yaml did not come up:\n{(node / 'head.log').read_text()}")
+            time.sleep(0.5)
+        yield LocalHead(address, f"127.0.0.1:{port}", laptop, node, token, config)
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+def _accepts_jobs(address: str, token: str) -> bool:
+    request = urllib.request.Request(f"{address}/api/jobs/", data=json.dumps({"entrypoint": "true"}).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status == 200
+    except OSError:  # not listening yet, or 500 "No available agent to submit job"
+        return False
+
+
+def test_local_yaml_head_runs_submitted_jobs_and_keeps_outputs_absolute(local_head, tmp_path):
+    from tests.tiny_models import wan_pipeline_folder
+
+    wan = wan_pipeline_folder(tmp_path / "wan")
+    smoke = ["--config", "cpu-smoke", "--set", f"model.path={wan}", "--progress", "lines"]
+    # generate: from the laptop's HOME, token from ~/.ray/auth_token as the README says; the head found `odyssey`.
+    out = tmp_path / "video.mp4"
+    result = odyssey("submit", "--address", local_head.address, "--", "generate", "a green square moving up",
+                     "-o", out, *smoke, home=local_head.laptop)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "submitted raysubmit_" in result.stderr and str(out) in result.stdout
+    assert read_mp4(out)[0].shape == (9, 32, 48, 3)
+
+    # batch with --working-dir: the prompt file comes from the uploaded folder, outputs go to the absolute path.
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "prompts.txt").write_text("a red circle moving right\n")
+    outputs = tmp_path / "outputs"
+    result = odyssey("submit", "--address", local_head.address, "--working-dir", jobs, "--", "batch", "prompts.txt",
+                     "-o", outputs, *smoke, home=local_head.laptop)
+    assert result.returncode == 0, result.stderr + result.stdout
+    videos = list(outputs.glob("*.mp4"))
+    record = json.loads((outputs / "manifest.jsonl").read_text().splitlines()[0])
+    assert len(videos) == 1 and record["output"] == str(videos[0]) and record["prompt"] == "a red circle moving right"
+    assert read_mp4(videos[0])[0].shape == (9, 32, 48, 3)
+
+    # A relative output folder inside a Ray Job would land in Ray's working-dir cache: refused in one line.
+    result = odyssey("submit", "--address", local_head.address, "--working-dir", jobs, "--", "batch", "prompts.txt",
+                     "-o", "outputs", *smoke, home=local_head.laptop)
+    assert result.returncode == 1 and "failed" in result.stderr, result.stderr + result.stdout
+    assert "must be an absolute path" in result.stdout, result.stdout
+    assert not list(jobs.rglob("*.mp4"))
+
+
+def test_jobs_api_refuses_callers_without_the_token(local_head, tmp_path):
+    assert _http_status(f"{local_head.address}/api/version") == 401
+    assert _http_status(f"{local_head.address}/api/version", "0" * 64) in (401, 403)
+    stranger = tmp_path / "stranger"  # a HOME without the cluster's token
+    stranger.mkdir()
+    result = odyssey("submit", "--address", local_head.address, "--", "config", "presets", home=stranger, timeout=120)
+    assert result.returncode != 0 and "submitted" not in result.stderr
+    assert "auth" in result.stderr.lower(), result.stderr
+
+
+def test_cluster_status_runs_inside_the_node_environment(local_head):
+    from cluster.submit import node_command
+
+    # `odyssey cluster status` sends node_command("ray status") through `ray exec`; here the same line runs in the
+    # head's login shell (with the test head's address: other Ray clusters may live on this machine).
+    status = f"ray status --address={local_head.gcs}"
+    done = _node_shell(node_command(status), local_head.node)
+    assert done.returncode == 0, done.stderr
+    assert "status" in done.stdout.lower(), done.stdout
+    bare = _node_shell(status, local_head.node)  # what a login shell alone has: no `ray`
+    assert bare.returncode == 127, bare.stderr
+    tokenless = _node_shell(f"source ~/odyssey-env/bin/activate && {status}", local_head.node)
+    assert tokenless.returncode != 0 and "AuthenticationError" in tokenless.stderr
+
+
+def _alive_nodes(head: LocalHead) -> int:
+    request = urllib.request.Request(f"{head.address}/api/v0/nodes", headers={"Authorization": f"Bearer {head.token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        nodes = json.load(r)["data"]["result"]["result"]
+    return sum(n["state"] == "ALIVE" for n in nodes)
+
+
+def test_workers_join_with_the_mounted_token_and_not_without(local_head, tmp_path):
+    """local.yaml's worker start line, run like the head's (ray stop skipped; RAY_HEAD_IP set as the launcher
+    sets it, 6379 -> the head's port, --node-ip-address=127.0.0.1 --num-cpus=1 --block appended)."""
+    port = local_head.gcs.rpartition(":")[2]
+    line = _start_line(local_head.config, "worker").replace(":6379", f":{port}")
+    line += " --node-ip-address=127.0.0.1 --num-cpus=1 --block"
+    env = {"RAY_HEAD_IP": "127.0.0.1"}
+
+    stranger = tmp_path / "stranger"  # no file_mounts, no token: it must not start at all
+    stranger.mkdir()
+    (stranger / "odyssey-env").symlink_to(sys.prefix)
+    refused = subprocess.Popen(["bash", "-lc", line], env={**_login_env(stranger), **env}, cwd=stranger,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        said = refused.communicate(timeout=60)[0]
+    finally:
+        _kill_group(refused)
+    assert refused.returncode != 0 and "AuthenticationError" in said, said
+
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    _prepare_node(local_head.config, "worker", local_head.laptop, worker)
+    before = _alive_nodes(local_head)
+    log = open(worker / "worker.log", "w")
+    proc = subprocess.Popen(["bash", "-lc", line], env={**_login_env(worker), **env}, cwd=worker, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while _alive_nodes(local_head) != before + 1:
+            assert proc.poll() is None and time.time() < deadline, (worker / "worker.log").read_text()
+            time.sleep(0.5)
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+# -- outputs inside Ray Jobs, without a cluster ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["generate", "a red circle moving right"],
+                                  ["generate", "a red circle moving right", "-o", "/abs/x.mp4", "--manifest", "m.jsonl"],
+                                  ["batch", "prompts.txt", "-o", "out"]])
+def test_relative_outputs_are_refused_only_inside_a_ray_job(args, monkeypatch, tmp_path):
+    from cluster.cli import cli
+    from cluster.submit import check_job_output
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for an entrypoint
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, ValueError) and "must be an absolute path" in str(result.exception)
+    assert not list(tmp_path.iterdir()), "nothing may be written before the refusal"
+    check_job_output(Path("/data/outputs"))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    check_job_output(Path("outputs"))  # outside a job a relative path is the user's cwd: fine
+
+
+def test_working_dir_excludes_mean_what_they_say(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+
+    from cluster.submit import EXCLUDES
+
+    wd = tmp_path / "jobs"
+    keep = ["prompts.txt", "sub/more.jsonl", "notes.md"]
+    drop = ["wheel-1.0-py3-none-any.whl", "sub/dep.whl", "model.safetensors", "sub/ckpt.pth", "clip.mp4",
+            "outputs/0-a.mp4", ".git/HEAD", ".venv/bin/python", "sub/__pycache__/x.pyc", "w.bin", "w.gguf"]
+    for name in keep + drop:
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text("x")
+    create_package(str(wd), tmp_path / "pkg.zip", include_gitignore=True, excludes=EXCLUDES)
+    uploaded = {n for n in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not n.endswith("/")}
+    assert uploaded == set(keep)
+
+
+def test_cluster_up_without_the_token_is_a_usage_error(tmp_path):
+    result = odyssey("cluster", "up", LAUNCH / "local.yaml", home=tmp_path, cwd=ROOT, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "auth_token" in result.stderr and "ray get-auth-token --generate" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- what the cloud YAMLs install and call ----------------------------------------------------------------------------
+
+# Present on the images the YAMLs boot (Ubuntu 22.04 DLAMI / Deep Learning VM): shell builtins, coreutils, apt,
+# the system python3 and, on GPU images, nvidia-smi. Everything else must be installed by an earlier line.
+SYSTEM_TOOLS = {"source", ".", "export", "ulimit", "test", "[", "cd", "echo", "true", "exit", "set", "chmod", "mkdir",
+                "cp", "mv", "ln", "cat", "sudo", "apt-get", "python3", "nvidia-smi"}
+VENV_TOOLS = {"python", "python3", "pip", "pip3"}
+OPERATORS = {"&&", "||", ";", "|", "(", ")", ";;", "&"}
+
+
+def _simple_commands(line: str) -> list[list[str]]:
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        if token in OPERATORS:
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    commands.append(current)
+    out = []
+    for words in commands:
+        words = [w for w in words if not re.fullmatch(r"\d*[<>]+&?\d*", w)]  # redirections (2>/dev/null ...)
+        while words and (words[0] == "sudo" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0])):
+            words = words[1:]  # VAR=value prefixes and sudo: the command is what follows
+        if words:
+            out.append(words)
+    return out
+
+
+def _closure(names: list[str]) -> set[str]:
+    """Distributions a pip install of NAMES brings, as resolved in this environment (extras included)."""
+    seen, todo = set(), [Requirement(n) for n in names]
+    while todo:
+        req = todo.pop()
+        key = req.name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue  # not installed here (a cloud SDK): it brings no executable the YAMLs call
+        for spec in dist.requires or []:
+            dep = Requirement(spec)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in req.extras or [""]):
+                todo.append(dep)
+    return seen
+
+
+def _console_scripts(dists: set[str]) -> set[str]:
+    scripts = set()
+    for d in metadata.distributions():
+        if d.metadata["Name"].lower().replace("_", "-") in dists:
+            scripts |= {e.name for e in d.entry_points if e.group == "console_scripts"}
+    return scripts
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (LAUNCH / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            assert str(req.specifier).startswith("=="), f"constraints.txt must pin exact versions: {line}"
+            pins[req.name.lower().replace("_", "-")] = str(req.specifier)[2:]
+    return pins
+
+
+def _node_path(path: str) -> Path | None:
+    """A path on a node that file_mounts maps from this repository (~/odyssey: .)."""
+    return ROOT / path.removeprefix("~/odyssey/") if path.startswith("~/odyssey/") else \
+        (ROOT if path == "~/odyssey" else None)
+
+
+def walk_node(config: dict, role: str) -> dict:
+    """Follow a node's setup and start commands in launcher order; fail on any executable no earlier line
+    installed. Returns what got pip-installed in which venv."""
+    lines = config["setup_commands"] + config.get(f"{role}_setup_commands", []) + \
+        config[f"{role}_start_ray_commands"]
+    venvs: dict[str, set[str]] = {}
+    installed: dict[str, list[str]] = {}
+    for line in lines:
+        active = None  # each command line runs in its own shell: activation does not carry over
+        for words in _simple_commands(line):
+            exe = words[0]
+            if exe in ("source", ".") and words[1].endswith("/bin/activate"):
+                active = words[1].removesuffix("/bin/activate")
+                assert active in venvs, f"{line}: activates {active} before creating it"
+                continue
+            if "/" in exe:
+                venv, _, name = exe.rpartition("/bin/")
+                assert venv in venvs and name in venvs[venv], f"{line}: {exe} is installed by no earlier line"
+            else:
+                assert (active and exe in venvs[active]) or exe in SYSTEM_TOOLS, \
+                    f"{line}: `{exe}` is installed by no earlier line (and is not on the image)"
+                venv, name = (active, exe) if active and exe in venvs[active] else (None, exe)
+            if name.startswith("python") and words[1:3] and words[1] == "-m" and words[2] == "venv":
+                venvs[words[3]] = set(VENV_TOOLS)
+            elif venv and name in ("pip", "pip3") and words[1] == "install":
+                constraints, requested = None, []
+                args = iter(words[2:])
+                for a in args:
+                    if a in ("-c", "--constraint"):
+                        constraints = _node_path(next(args))
+                    elif a in ("-e", "--editable"):
+                        project = _node_path(next(args))
+                        assert project == ROOT, f"{line}: installs an unknown project"
+                        requested.append("odyssey")
+                    elif not a.startswith("-"):
+                        requested.append(a)
+                assert constraints == LAUNCH / "constraints.txt", f"{line}: installs without the pinned versions"
+                pins = _constraints()
+                for r in requested:
+                    if r != "odyssey":
+                        assert Requirement(r).name.lower() in pins, f"{line}: {r} is not pinned in constraints.txt"
+                installed.setdefault(venv, []).extend(requested)
+                venvs[venv] |= _console_scripts(_closure(requested))
+    return installed
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "aws.yaml", "gcp.yaml"])
+def test_cluster_yaml_installs_every_executable_it_calls(name):
+    config = _yaml(name)
+    for role in ("head", "worker"):
+        installed = walk_node(config, role)
+        assert "odyssey" in installed.get("~/odyssey-env", []), f"{role}: Odyssey is not installed"
+    pins = _constraints()
+    assert pins["ray"] == metadata.version("ray"), "nodes must run the Ray this release is tested with"
+    assert pins["torch"].split("+")[0] == metadata.version("torch").split("+")[0]
+    # Every node: the token from file_mounts, Ray started in the venv with token auth forced on.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "source ~/odyssey-env/bin/activate" in start
+
+
+# Modules Ray's cloud node providers import that `ray[default]` does not bring, and the distribution that has each.
+SDK_DISTRIBUTIONS = {"boto3": "boto3", "botocore": "boto3", "googleapiclient": "google-api-python-client",
+                     "google_auth_httplib2": "google-api-python-client", "httplib2": "google-api-python-client",
+                     "google.oauth2": "google-auth"}
+
+
+def _autoscaler_imports(provider: str) -> set[str]:
+    import ray.autoscaler._private as private
+
+    modules = set()
+    for path in (Path(private.__file__).parent / provider).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module)
+    third_party = set()
+    for m in modules:
+        top = m.split(".")[0]
+        if top in sys.stdlib_module_names or top == "ray":
+            continue
+        third_party.add(".".join(m.split(".")[:2]) if top == "google" else top)
+    return third_party
+
+
+@pytest.mark.parametrize("name,provider", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
+def test_head_installs_the_sdk_its_autoscaler_imports(name, provider):
+    ray_brings = _closure(["ray[default]"])
+    needed = set()
+    for module in _autoscaler_imports(provider):
+        owners = {d.lower() for d in metadata.packages_distributions().get(module.split(".")[0], [])}
+        if module in SDK_DISTRIBUTIONS:
+            needed.add(SDK_DISTRIBUTIONS[module])
+        else:
+            assert owners & ray_brings, f"Ray's {provider} provider imports {module}: which distribution has it?"
+    assert needed, f"found no SDK import in Ray's {provider} provider"
+    installed = walk_node(_yaml(name), "head")["~/odyssey-env"]
+    assert needed <= {Requirement(r).name for r in installed}, f"{name}: the head's autoscaler needs {needed}"
+
+
+# 14B on 8 GPUs: rank 0 holds the DiT (27 GiB) and umt5-xxl (10.6 GiB) and decodes; 40 GB cards run out of memory.
+GPU_MEMORY_GB = {"p4d.24xlarge": 40, "p4de.24xlarge": 80, "p5.48xlarge": 80, "a2-highgpu-8g": 40,
+                 "a2-ultragpu-8g": 80, "nvidia-tesla-a100": 40, "nvidia-a100-80gb": 80}
+
+
+def test_gpu_nodes_have_80_gb_cards_and_drivers():
+    aws = _yaml("aws.yaml")["available_node_types"]
+    for node in aws.values():
+        assert "latest_dlami" not in node["node_config"]["ImageId"]
+        assert "ubuntu-22.04" in node["node_config"]["ImageId"] or node["node_config"]["ImageId"].startswith("ami-")
+    assert GPU_MEMORY_GB[aws["gpu_8x"]["node_config"]["InstanceType"]] >= 80
+    gcp = _yaml("gcp.yaml")["available_node_types"]["gpu_8x"]["node_config"]
+    assert GPU_MEMORY_GB[gcp["machineType"]] >= 80
+    assert GPU_MEMORY_GB[gcp["guestAccelerators"][0]["acceleratorType"]] >= 80
+    assert {"key": "install-nvidia-driver", "value": "True"} in gcp["metadata"]["items"]
+    assert gcp["scheduling"]["onHostMaintenance"] == "TERMINATE"
+
+
+# -- KubeRay ----------------------------------------------------------------------------------------------------------
+
+
+def test_kuberay_mounts_volumes_where_kubernetes_can_attach_them():
+    job = _yaml("kuberay-rayjob.yaml")
+    claims = {c["metadata"]["name"]: c["spec"] for c in yaml.safe_load_all((LAUNCH / "kuberay-volumes.yaml").read_text())}
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["rayVersion"] == _constraints()["ray"]
+
+    def pod_claims(template):
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        mounted = {}
+        for container in template["spec"]["containers"]:
+            for m in container.get("volumeMounts", []):
+                pvc = volumes[m["name"]].get("persistentVolumeClaim")
+                if pvc:
+                    mounted[pvc["claimName"]] = (m, pvc)
+        return mounted
+
+    head = pod_claims(spec["headGroupSpec"]["template"])
+    workers = [pod_claims(g["template"]) for g in spec["workerGroupSpecs"]]
+    for name, claim in claims.items():
+        pods = ([head] if name in head else []) + [w for w in workers if name in w]
+        pod_count = sum(1 for _ in pods) if name in head else sum(g["maxReplicas"] for g, w in
+                                                                   zip(spec["workerGroupSpecs"], workers) if name in w)
+        if "ReadWriteOnce" in claim["accessModes"]:
+            assert pods == [head], f"{name} is ReadWriteOnce: only the head may mount it (Multi-Attach)"
+        if pod_count > 1:
+            assert claim["accessModes"] in (["ReadOnlyMany"], ["ReadWriteMany"]), f"{name} is shared by {pod_count}"
+            for w in workers:
+                mount, pvc = w[name]
+                assert mount.get("readOnly") and pvc.get("readOnly"), f"{name} must be mounted read-only"
+    # The job writes to the head's claim, with an absolute path.
+    args = shlex.split(job["spec"]["entrypoint"])
+    out = Path(args[args.index("-o") + 1])
+    assert out.is_absolute() and any(str(out).startswith(m["mountPath"])
+                                     for m, _ in head.values())
