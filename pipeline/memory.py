@@ -7,11 +7,17 @@ tensors under LiveBytes, which adds up the bytes of every tensor alive at once (
     - DiT: one forward_tokens at the request's tokens per rank, L = ceil(S / ulysses_degree). Attention runs as
       flash / memory-efficient kernels do (output and log-sum-exp only, no S x S scores) and the Ulysses
       all-to-alls allocate the buffers attention/comm.py allocates (fused Q/K/V, native wire: send, receive and
-      the decoded [S, h, D] tensors). Measured this way, the peak is about L x (14 C + 4 F) bytes in bf16: the
-      fp32 residual stream and its normalised copy, the FFN's two [L, F] tensors and the attention buffers.
-    - VAE decode (rank 0): one 256 x 256-pixel tile of three streamed latent frames (the third is the steady
-      state: every causal cache holds its 2 frames), scaled by area: every conv activation and cache scales with
-      the pixels it covers. Tiled decoding keeps one cache per tile for the whole video (see WanVAEDecoder).
+      the decoded [S, h, D] tensors). Blocks are identical, so two are traced for forty. Measured this way in
+      bf16, per token of a rank: 14B (C 5120, F 13824) 134 kB alone, 155 kB under Ulysses (the all-to-all
+      buffers); 1.3B (C 1536, F 8960) 52 kB: the fp32 residual stream and its fp32 normalised / modulated
+      copies, the FFN's [L, F] input and GELU output, q / k / v and the rope's fp32 temporaries. 14B at 480p
+      (32,760 tokens): 4.1 GiB on one GPU, 0.59 GiB per rank on eight.
+    - VAE decode (rank 0): a 32 x 32 latent (one 256-pixel tile) through three streamed chunks (from the third
+      on every causal cache holds its 2 frames), scaled by area: every conv activation and cache scales with the
+      pixels it covers. Untiled: the whole frame; tiled: every tile's cache (tile_cache_factor x the untiled
+      cache) plus one tile's activations. fp32 at 720p: 19.4 GiB untiled, 14.4 tiled; 480p: 8.4, 6.7.
+Assumptions: batch 1, the request's size is config.video, attention kernels never hold an S x S matrix (flash or
+memory-efficient SDPA on CUDA), the text encoder encodes two prompts of 512 tokens.
 Then the allocator's share: activation peaks x 1.1 (fragmentation) and RESERVE_BYTES (NCCL buffers, cuBLAS
 workspaces, the sampler's state, rope tables). The CUDA context is not counted: free memory is measured after it.
 """
@@ -36,9 +42,10 @@ from configs import OdysseyConfig
 
 from .components import TEXT_ENCODER_DTYPE, encoder_placement, resolve_dtype
 from .dit import WanDiT, WanDiTConfig
+from .vae import tile_cache_factor
 
 __all__ = ["MemoryEstimate", "estimate_rank_memory", "check_fits", "LiveBytes", "dit_activation_bytes",
-           "vae_decode_bytes", "tiled_cache_factor", "WAN21_1_3B", "WAN21_14B", "GiB"]
+           "vae_decode_bytes", "WAN21_1_3B", "WAN21_14B", "GiB"]
 
 GiB = 2**30
 RESERVE_BYTES = 1 * GiB
@@ -146,15 +153,6 @@ def dit_activation_bytes(cfg: WanDiTConfig, grid: tuple[int, int, int], ulysses_
     return live.peak
 
 
-def tiled_cache_factor(h: int, w: int, tile: int = 32, stride: int = 24) -> float:
-    """Tiled / untiled causal-cache bytes for h x w latents: the tiles' areas (overlaps counted once per tile)
-    over the frame's area. 720p (90 x 160 latents): 1.65; 480p (60 x 104): 1.46."""
-    def covered(n: int) -> int:
-        return sum(min(tile, n - i) for i in range(0, n, stride))
-
-    return covered(h) * covered(w) / (h * w)
-
-
 @functools.lru_cache(maxsize=8)
 @torch.no_grad()
 def _vae_per_pixel(spec) -> tuple[float, float]:
@@ -183,7 +181,7 @@ def vae_decode_bytes(spec, h: int, w: int, tiling: bool, tile_min: int = 256, ti
         return int(peak_px * h * w)
     tiles = len(range(0, h, stride)) * len(range(0, w, stride))
     outputs = tiles * 3 * 4 * tile_min**2 * 4  # every tile's 4 fp32 RGB frames of the chunk, kept for blending
-    caches = cache_px * h * w * tiled_cache_factor(h, w, tile, stride)
+    caches = cache_px * h * w * tile_cache_factor(h, w, tile, stride)
     return int(caches + (peak_px - cache_px) * tile * tile + outputs)
 
 
@@ -242,15 +240,15 @@ def _tiny_spec():
         return TinySpec.from_json(f.metadata()["spec"])
 
 
-def _text_encoder_params(path: Path | None) -> int:
-    """Parameter count of the text encoder (tied embeddings once)."""
+def _text_encoder_shape(path: Path | None) -> tuple[int, dict]:
+    """(parameter count with tied embeddings once, UMT5 dims for the activations; {} for the embedded model)."""
     if path is None:
         from safetensors import safe_open
 
         from .tiny import WEIGHTS
 
         with safe_open(str(WEIGHTS), framework="pt") as f:
-            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("text."))
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("text.")), {}
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .text_encoder import ORIGINAL_T5_FILE
@@ -259,12 +257,23 @@ def _text_encoder_params(path: Path | None) -> int:
         cfg = UMT5Config.from_json_file(path / "text_encoder" / "config.json")
     elif (path / ORIGINAL_T5_FILE).is_file():  # memory-mapped: only the pickle's metadata is read
         state = torch.load(path / ORIGINAL_T5_FILE, map_location="cpu", weights_only=True, mmap=True)
-        return sum(t.numel() for t in state.values())
+        dims = {"d_model": state["token_embedding.weight"].shape[1], "d_ff": state["blocks.0.ffn.fc1.weight"].shape[0],
+                "num_heads": state["blocks.0.pos_embedding.embedding.weight"].shape[1]}
+        return sum(t.numel() for t in state.values()), dims
     else:
         cfg = UMT5Config(**UMT5_XXL)
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), {k: getattr(cfg, k) for k in ("d_model", "d_ff", "num_heads")}
+
+
+def _text_encode_activations(dims: dict, text_len: int) -> int:
+    """Two prompts through transformers' eager UMT5 attention: bf16 scores and probabilities plus the fp32
+    position bias per head, and the gated FFN's three [T, d_ff] tensors."""
+    if not dims:
+        return 0
+    N, T = 2, text_len
+    return N * dims["num_heads"] * T * T * (4 + 2 * 2) + N * T * (3 * dims["d_ff"] + 6 * dims["d_model"]) * 2
 
 
 def _vae_spec(path: Path | None):
@@ -292,19 +301,21 @@ class MemoryEstimate:
     vae_params: int
     dit_activations: int
     vae_decode: int  # caches + the peak of one latent chunk
+    text_activations: int = 0  # encoding on this GPU
     reserve: int = RESERVE_BYTES
 
     @property
     def total(self) -> int:
         resident = self.dit_params + self.vae_params + self.reserve
         resident += self.text_encoder if self.text_encoder_resident else 0
-        transient = 0 if self.text_encoder_resident else self.text_encoder
-        return resident + max(transient, self.dit_activations, self.vae_decode)
+        encode = (0 if self.text_encoder_resident else self.text_encoder) + self.text_activations
+        return resident + max(encode, self.dit_activations, self.vae_decode)
 
     def summary(self) -> str:
         parts = [("DiT", self.dit_params), ("T5" + ("" if self.text_encoder_resident else " while encoding"),
                                                   self.text_encoder),
-                 ("VAE", self.vae_params), ("DiT activations", self.dit_activations),
+                 ("VAE", self.vae_params), ("T5 activations", self.text_activations),
+                 ("DiT activations", self.dit_activations),
                  ("VAE decode", self.vae_decode), ("reserve", self.reserve)]
         shown = " + ".join(f"{name} {b / GiB:.1f}" for name, b in parts if b)
         return f"rank {self.rank} needs ~{self.total / GiB:.1f} GiB ({shown}; the largest phase counts)"
@@ -331,14 +342,14 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     grid = (((video.frames - 1) // ts + 1) // pt, h // ph, w // pw)
     acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype) * FRAGMENTATION)
 
-    text = vae = decode = 0
+    text = text_acts = vae = decode = 0
     resident = True
     if rank == 0:
         place = encoder_placement(model.text_encoder_device, model.offload_text_encoder, device)
         if place.run.type != "cpu":
-            n = _text_encoder_params(path)
-            width = 4 if path is None else TEXT_ENCODER_DTYPE.itemsize
-            text = n * width + _text_encoder_activations(path)
+            n, dims = _text_encoder_shape(path)
+            text = n * (4 if path is None else TEXT_ENCODER_DTYPE.itemsize)
+            text_acts = _text_encode_activations(dims, cfg.text_len)
             resident = place.home.type != "cpu"
         if path is not None:
             from .vae import WanVAEDecoder
@@ -348,15 +359,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
             decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
         else:  # the embedded model's 32 x 32 frames: its decoder is a few MB
             vae = _tiny_decoder_bytes()
-    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode)
-
-
-def _text_encoder_activations(path: Path | None) -> int:
-    """Encoding two prompts of 512 tokens (transformers' eager attention): scores, fp32 position bias, FFN."""
-    if path is None:
-        return 0
-    N, T, heads, d, d_ff = 2, 512, UMT5_XXL["num_heads"], UMT5_XXL["d_model"], UMT5_XXL["d_ff"]
-    return N * heads * T * T * (4 + 2 * 2) + N * T * (3 * d_ff + 6 * d) * 2
+    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts)
 
 
 def _tiny_decoder_bytes() -> int:
