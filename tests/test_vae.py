@@ -103,3 +103,37 @@ def test_bad_vae_folders(folders, tmp_path):
                 "conv2.bias": torch.zeros(16)}, tmp_path / "Wan2.1_VAE.pth")
     with pytest.raises(WeightsError, match="no decoder.upsamples"):
         WanVAEDecoder.from_pretrained(tmp_path)
+
+
+def _cache_bytes_after(decoder, latents) -> list[int]:
+    """Bytes of every causal cache alive after each streamed chunk (all tiles' caches when tiling)."""
+    caches, sizes = {}, []
+    original = decoder._decode_chunk
+
+    def spy(z, cache):
+        caches[id(cache)] = cache
+        return original(z, cache)
+
+    decoder._decode_chunk = spy
+    for _ in decoder.decode_chunks(latents):
+        sizes.append(sum(v.numel() * v.element_size() for c in caches.values() for v in c.values()
+                         if isinstance(v, torch.Tensor)))
+    return sizes
+
+
+def test_tiled_caches_cover_the_overlapped_area(folders):
+    """What tiling does not bound, stated exactly: one cache per tile for the whole decode, together the tiles'
+    areas (overlaps once per tile) over the frame's times the untiled cache; constant over time either way."""
+    from pipeline.vae import tile_cache_factor
+
+    decoder = WanVAEDecoder.from_pretrained(folders["diffusers"])
+    decoder.tile_sample_min, decoder.tile_sample_stride = 32, 24  # 4-latent-pixel tiles every 3
+    latents = torch.randn(1, 16, 5, 7, 9, generator=torch.Generator().manual_seed(3))
+    untiled = _cache_bytes_after(decoder, latents)
+    decoder.tiling = True
+    tiled = _cache_bytes_after(decoder, latents)
+    assert untiled[2] == untiled[-1] and tiled[2] == tiled[-1], (untiled, tiled)  # no growth with length
+    # tiles at 0, 3, 6: rows 4 + 4 + 1 of 7, columns 4 + 4 + 3 of 9
+    assert tile_cache_factor(7, 9, 4, 3) == pytest.approx(9 * 11 / 63)
+    assert tiled[-1] / untiled[-1] == pytest.approx(tile_cache_factor(7, 9, 4, 3), rel=1e-9)
+    assert tile_cache_factor(90, 160) == pytest.approx(1.65, abs=0.005)  # 720p with the default 256 / 192 px
