@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 __all__ = ["submit_job", "enable_token_auth", "check_job_output", "in_ray_job", "validate_cluster_yaml",
-           "check_file_mounts", "node_command", "cluster_command"]
+           "check_file_mounts", "node_command", "pin_ssm_images", "cluster_command"]
 
 # gitignore-style patterns (Ray's working_dir excludes): a bare name matches that file or folder at any depth.
 EXCLUDES = [".git", ".venv", "venv", "outputs", "__pycache__", "*.mp4", "*.safetensors", "*.pth", "*.pt", "*.bin",
@@ -85,11 +89,8 @@ def submit_job(address: str, odyssey_args: list[str], working_dir: str | None, w
 
 def validate_cluster_yaml(path: str | Path) -> dict:
     """Load a cluster-launcher YAML and check it against Ray's own schema (ValueError if it does not fit)."""
-    import json
-
     import jsonschema
     import ray.autoscaler
-    import yaml
 
     try:
         config = yaml.safe_load(Path(path).read_text())
@@ -119,15 +120,67 @@ def node_command(command: str) -> str:
     return f"{NODE_ENV} && {command}"
 
 
-def cluster_command(action: str, yaml_path: str) -> int:
-    """ray up / ray down / ray exec 'ray status' on a validated cluster YAML."""
+SSM_PREFIX = "resolve:ssm:"
+
+
+def pin_ssm_images(config: dict, pins_file: Path, resolve) -> dict:
+    """Replace `resolve:ssm:NAME` ImageIds by the AMI id NAME points to, resolved once per cluster and kept in
+    pins_file. EC2 resolves such aliases itself, but only for callers allowed ssm:GetParameters (Ray's default head
+    role is not, so it could launch no worker), and again at every launch (a worker added after an AMI release would
+    boot another image than the head). resolve(name) -> AMI id. Returns a new config."""
+    pins = json.loads(pins_file.read_text()) if pins_file.is_file() else {}
+    pinned = copy.deepcopy(config)
+    for node_type in pinned.get("available_node_types", {}).values():
+        image = node_type.get("node_config", {}).get("ImageId", "")
+        if image.startswith(SSM_PREFIX):
+            name = image.removeprefix(SSM_PREFIX)
+            if name not in pins:
+                pins[name] = resolve(name)
+            node_type["node_config"]["ImageId"] = pins[name]
+    if pins:
+        pins_file.parent.mkdir(parents=True, exist_ok=True)
+        pins_file.write_text(json.dumps(pins, indent=1) + "\n")
+    return pinned
+
+
+def _ssm_resolver(region: str):
+    try:
+        import boto3
+    except ImportError:
+        raise ValueError("AWS clusters need boto3 here (for `ray up` too): pip install boto3") from None
+
+    def resolve(name: str) -> str:
+        try:
+            return boto3.client("ssm", region_name=region).get_parameter(Name=name)["Parameter"]["Value"]
+        except Exception as e:  # noqa: BLE001 - botocore's errors: credentials, permissions, a wrong name
+            raise ValueError(f"cannot resolve the image {SSM_PREFIX}{name} in {region}: {e}") from None
+
+    return resolve
+
+
+def cluster_command(action: str, yaml_path: str, state_dir: Path | None = None) -> int:
+    """ray up / ray down / ray exec 'ray status' on a validated cluster YAML. For `up`, SSM image aliases are pinned
+    to AMI ids first (see pin_ssm_images), in a copy of the YAML under state_dir (~/.odyssey/clusters)."""
     config = validate_cluster_yaml(yaml_path)
+    state_dir = state_dir or Path.home() / ".odyssey" / "clusters"
+    pins_file = state_dir / f"{config['cluster_name']}-images.json"
+    ray_cli = str(Path(sys.executable).with_name("ray"))
     if action == "up":
         check_file_mounts(config, yaml_path)
-    ray_cli = str(Path(sys.executable).with_name("ray"))
+        if config["provider"]["type"] == "aws":
+            pinned = pin_ssm_images(config, pins_file, _ssm_resolver(config["provider"]["region"]))
+            if pinned != config:
+                yaml_path = str(state_dir / f"{config['cluster_name']}.yaml")
+                Path(yaml_path).write_text(yaml.safe_dump(pinned, sort_keys=False))
+                print(f"odyssey: images pinned for {config['cluster_name']} in {pins_file} (delete it to take "
+                      f"the newest on the next up)", file=sys.stderr)
     commands = {
         "up": [ray_cli, "up", "--yes", yaml_path],
         "down": [ray_cli, "down", "--yes", yaml_path],
         "status": [ray_cli, "exec", yaml_path, node_command("ray status")],
     }
-    return subprocess.call(commands[action])
+    code = subprocess.call(commands[action])
+    if action == "down" and code == 0:  # the next cluster of this name takes the newest images
+        pins_file.unlink(missing_ok=True)
+        (state_dir / f"{config['cluster_name']}.yaml").unlink(missing_ok=True)
+    return code

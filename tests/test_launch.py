@@ -500,6 +500,52 @@ def test_head_installs_the_sdk_its_autoscaler_imports(name, provider):
     assert needed <= {Requirement(r).name for r in installed}, f"{name}: the head's autoscaler needs {needed}"
 
 
+def test_aws_images_are_pinned_once_per_cluster(tmp_path):
+    from cluster.submit import SSM_PREFIX, pin_ssm_images
+
+    config = _yaml("aws.yaml")
+    aliases = {n["node_config"]["ImageId"] for n in config["available_node_types"].values()}
+    assert len(aliases) == 1 and aliases.pop().startswith(SSM_PREFIX), "head and workers: one image"
+    asked = []
+
+    def release(ami):
+        return lambda name: asked.append(name) or ami
+
+    pins = tmp_path / "odyssey-aws-images.json"
+    first = pin_ssm_images(config, pins, release("ami-0aaaaaaaaaaaaaaa1"))
+    assert {n["node_config"]["ImageId"] for n in first["available_node_types"].values()} == {"ami-0aaaaaaaaaaaaaaa1"}
+    assert len(asked) == 1 and config["available_node_types"]["head"]["node_config"]["ImageId"].startswith(SSM_PREFIX)
+    # A later `up` (after AWS published a new image) keeps the cluster on the image its head booted.
+    again = pin_ssm_images(config, pins, release("ami-0bbbbbbbbbbbbbbb2"))
+    assert again == first and len(asked) == 1
+    pins.unlink()
+    fresh = pin_ssm_images(config, pins, release("ami-0bbbbbbbbbbbbbbb2"))
+    assert fresh["available_node_types"]["gpu_8x"]["node_config"]["ImageId"] == "ami-0bbbbbbbbbbbbbbb2"
+
+
+def test_cluster_up_hands_ray_the_pinned_images_and_down_forgets_them(tmp_path, monkeypatch):
+    import cluster.submit as submit
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t" * 64)
+    monkeypatch.chdir(ROOT)
+    calls = []
+    monkeypatch.setattr(submit.subprocess, "call", lambda args: calls.append(args) or 0)
+    monkeypatch.setattr(submit, "_ssm_resolver", lambda region: lambda name: "ami-0ccccccccccccccc3")
+    state, source = tmp_path / "state", tmp_path / "aws.yaml"
+    shutil.copy(LAUNCH / "aws.yaml", source)
+    assert submit.cluster_command("up", str(source), state) == 0
+    assert calls[-1][1:3] == ["up", "--yes"] and Path(calls[-1][-1]) != source
+    handed = yaml.safe_load(Path(calls[-1][-1]).read_text())
+    assert {n["node_config"]["ImageId"] for n in handed["available_node_types"].values()} == {"ami-0ccccccccccccccc3"}
+    assert source.read_text() == (LAUNCH / "aws.yaml").read_text(), "the user's YAML is never rewritten"
+    assert submit.cluster_command("status", str(source), state) == 0
+    assert calls[-1][-1] == submit.node_command("ray status")
+    assert submit.cluster_command("down", str(source), state) == 0
+    assert not list(state.iterdir())
+
+
 # 14B on 8 GPUs: rank 0 holds the DiT (27 GiB) and umt5-xxl (10.6 GiB) and decodes; 40 GB cards run out of memory.
 GPU_MEMORY_GB = {"p4d.24xlarge": 40, "p4de.24xlarge": 80, "p5.48xlarge": 80, "a2-highgpu-8g": 40,
                  "a2-ultragpu-8g": 80, "nvidia-tesla-a100": 40, "nvidia-a100-80gb": 80}
