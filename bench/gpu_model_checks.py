@@ -89,7 +89,8 @@ def check_wan_dit(ctx: Ctx, row: Row) -> None:
         want = ref(x, t, text, return_dict=False)[0]
         sec_ref = median_time(lambda: ref(x, t, text, return_dict=False), s.reps, dev)
     err = rel_l2(out, want)
-    row.figures.update(diffusers_s=round(sec_ref, 3), diffusers_peak_GiB=peak_gib(dev), ratio=round(sec / sec_ref, 2), rel_err=f"{err:.1e}")
+    row.figures.update(diffusers_s=round(sec_ref, 3), diffusers_peak_GiB=peak_gib(dev), ratio=round(sec / sec_ref, 2),
+                       rel_err=f"{err:.1e}")
     if not err < 3e-2:  # two bf16 implementations of the same math; a wrong one is O(1)
         raise CheckFailed(f"WanDiT vs diffusers rel err {err:.2e}")
 
@@ -100,7 +101,8 @@ def check_wan_dit(ctx: Ctx, row: Row) -> None:
 
 def to_levels(video_BCTHW: torch.Tensor) -> np.ndarray:
     """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3], the rounding decode_stream uses."""
-    return ((video_BCTHW[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    levels = ((video_BCTHW[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return levels.permute(1, 2, 3, 0).cpu().numpy()
 
 
 def check_vae(ctx: Ctx, row: Row) -> None:
@@ -121,6 +123,9 @@ def check_vae(ctx: Ctx, row: Row) -> None:
             vae = WanVAEDecoder().eval().requires_grad_(False)
     latents = torch.randn((1, 16, T, h, w), generator=torch.Generator().manual_seed(0))
     row.figures["video"] = f"{(T - 1) * 4 + 1}x{h * 8}x{w * 8}"
+    warm = dev.type == "cuda"  # CUDA's one-time kernel setup is not the decoder's latency: two frames first
+    if warm:
+        list(vae.decode_stream(latents[:, :, :2]))
     reset_peak(dev)
     frames, first = [], None
     t0 = time.perf_counter()
@@ -139,10 +144,13 @@ def check_vae(ctx: Ctx, row: Row) -> None:
     mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
     del vae
-    reset_peak(dev)
-    t0 = time.perf_counter()
+    z = (latents * std + mean).to(dev)
     with torch.no_grad():
-        want = to_levels(ref.decode((latents * std + mean).to(dev)).sample)
+        if warm:
+            ref.decode(z[:, :, :2])
+        reset_peak(dev)
+        t0 = time.perf_counter()
+        want = to_levels(ref.decode(z).sample)
     row.figures.update(diffusers_s=round(time.perf_counter() - t0, 2), diffusers_peak_GiB=peak_gib(dev))
     diff = int(np.abs(np.stack(frames).astype(np.int16) - want.astype(np.int16)).max())
     row.figures["max_level_diff"] = diff
@@ -257,11 +265,18 @@ def check_runner_embedded(ctx: Ctx, row: Row) -> None:
     acc = {key: sum(getattr(v, key) == getattr(s, key) for v, s in zip(verdicts, specs)) / len(specs)
            for key in ("color", "shape", "direction")}
     row.figures.update({k: f"{a:.0%}" for k, a in acc.items()})
-    # Documented on CPU fp32 for all 40 at this seed: colour 100%, shape 87.5%, direction 100%. bf16 may flip a
-    # borderline shape, not a colour or a direction; shape is judged on all 40 only (a few prompts say little).
+    # On CPU fp32 through the Runner, all 40 at this seed: colour 100%, shape 78%, direction 100% (87.5% shape read
+    # back from MP4s in bench/tiny_accuracy.py). A broken path loses colour and direction; bf16 may flip a
+    # borderline shape, so shape only fails far below that, and only on all 40 (a few prompts say little).
     low = [k for k in ("color", "direction") if acc[k] < 0.9]
-    if len(specs) == len(all_specs()) and acc["shape"] < 0.75:
+    if len(specs) == len(all_specs()) and acc["shape"] < 0.6:
         low.append("shape")
+    if ctx.device.type == "cuda":  # the same requests on the CPU in fp32: how far bf16 on CUDA moves the videos
+        on_cpu = run_runner(["runtime.device=cpu", "model.dtype=float32"], requests, preset="tiny")
+        same = sum((v.color, v.shape, v.direction) == (w.color, w.shape, w.direction)
+                   for v, w in zip(verdicts, map(analyze_frames, on_cpu)))
+        row.figures["same_verdict_as_cpu_fp32"] = f"{same}/{len(specs)}"
+        row.figures["median_psnr_vs_cpu_dB"] = round(float(np.median([psnr(a, b) for a, b in zip(videos, on_cpu)])), 1)
     if low:
         raise CheckFailed("analyzer agrees too rarely: " + ", ".join(f"{k} {acc[k]:.0%}" for k in low))
 
