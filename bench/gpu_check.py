@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -106,6 +107,7 @@ def run_check(name: str, fn: Callable[[Ctx, Row], None], ctx: Ctx) -> Row:
         if dist.is_available() and dist.is_initialized():  # a check that died inside its group
             dist.destroy_process_group()
         if ctx.device.type == "cuda":
+            gc.collect()  # a failed check's models may sit in reference cycles until collected
             torch.cuda.empty_cache()
     row.seconds = round(time.perf_counter() - t0, 1)
     return row

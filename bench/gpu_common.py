@@ -128,11 +128,16 @@ def one_rank_group(device: torch.device, timeout_s: float = 120.0):
     """A one-rank process group: NCCL on CUDA, gloo on CPU; destroyed on exit."""
     import torch.distributed as dist
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, init_method=store_url(), rank=0, world_size=1,
-                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    before = os.environ.get("GLOO_SOCKET_IFNAME")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one rank: loopback, whatever the host's name resolves to
+    try:
+        dist.init_process_group(backend, init_method=store_url(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    finally:
+        if before is None:
+            del os.environ["GLOO_SOCKET_IFNAME"]
     try:
         yield dist.group.WORLD
     finally:
