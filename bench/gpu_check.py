@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None, checks: dict[str, Callable] = CHECKS) ->
     if unknown:
         print(f"gpu_check: unknown check(s) {', '.join(unknown)}; known: {', '.join(checks)}", file=sys.stderr)
         return 2
+    if args.json and not args.json.resolve().parent.is_dir():
+        print(f"gpu_check: --json {args.json}: folder {args.json.resolve().parent} does not exist", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: --device cuda but torch sees no GPU (use --device cpu for the CPU rehearsal)",
               file=sys.stderr)

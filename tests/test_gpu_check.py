@@ -109,6 +109,8 @@ def test_without_diffusers_the_comparisons_skip_with_reason(tmp_path, monkeypatc
 def test_usage_errors_exit_2(capsys):
     assert gpu_check.main(["--device", "cpu", "--checks", "local_attention,nope"]) == 2
     assert "unknown check(s) nope" in capsys.readouterr().err
+    assert gpu_check.main(["--device", "cpu", "--json", "/nonexistent-dir/rows.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert gpu_check.main(["--device", "cuda"]) == 2
 
