@@ -148,7 +148,8 @@ def local_head(tmp_path_factory):
     _prepare_node(config, "head", laptop, node)
 
     port, dash = _free_port(), _free_port()
-    line = re.sub(r"\s--autoscaling-config=\S+", "", _start_line(config, "head").replace("--port=6379", f"--port={port}"))
+    line = _start_line(config, "head").replace("--port=6379", f"--port={port}")
+    line = re.sub(r"\s--autoscaling-config=\S+", "", line)
     line += (f" --node-ip-address=127.0.0.1 --dashboard-port={dash} --num-cpus=2 --disable-usage-stats --block")
     log = open(node / "head.log", "w")
     proc = subprocess.Popen(["bash", "-lc", line], env=_login_env(node), cwd=node, stdout=log,
@@ -282,7 +283,7 @@ def test_workers_join_with_the_mounted_token_and_not_without(local_head, tmp_pat
 
 
 @pytest.mark.parametrize("args", [["generate", "a red circle moving right"],
-                                  ["generate", "a red circle moving right", "-o", "/abs/x.mp4", "--manifest", "m.jsonl"],
+                                  ["generate", "a red circle", "-o", "/abs/x.mp4", "--manifest", "m.jsonl"],
                                   ["batch", "prompts.txt", "-o", "out"]])
 def test_relative_outputs_are_refused_only_inside_a_ray_job(args, monkeypatch, tmp_path):
     from cluster.cli import cli
@@ -569,7 +570,8 @@ def test_gpu_nodes_have_80_gb_cards_and_drivers():
 
 def test_kuberay_mounts_volumes_where_kubernetes_can_attach_them():
     job = _yaml("kuberay-rayjob.yaml")
-    claims = {c["metadata"]["name"]: c["spec"] for c in yaml.safe_load_all((LAUNCH / "kuberay-volumes.yaml").read_text())}
+    volumes = yaml.safe_load_all((LAUNCH / "kuberay-volumes.yaml").read_text())
+    claims = {c["metadata"]["name"]: c["spec"] for c in volumes}
     spec = job["spec"]["rayClusterSpec"]
     assert spec["authOptions"] == {"mode": "token"}
     assert spec["rayVersion"] == _constraints()["ray"]
@@ -585,16 +587,15 @@ def test_kuberay_mounts_volumes_where_kubernetes_can_attach_them():
         return mounted
 
     head = pod_claims(spec["headGroupSpec"]["template"])
-    workers = [pod_claims(g["template"]) for g in spec["workerGroupSpecs"]]
+    groups = [(g["maxReplicas"], pod_claims(g["template"])) for g in spec["workerGroupSpecs"]]
+    assert set(head) | {c for _, w in groups for c in w} <= set(claims), "every mounted claim is defined"
     for name, claim in claims.items():
-        pods = ([head] if name in head else []) + [w for w in workers if name in w]
-        pod_count = sum(1 for _ in pods) if name in head else sum(g["maxReplicas"] for g, w in
-                                                                   zip(spec["workerGroupSpecs"], workers) if name in w)
+        worker_pods = sum(n for n, w in groups if name in w)
         if "ReadWriteOnce" in claim["accessModes"]:
-            assert pods == [head], f"{name} is ReadWriteOnce: only the head may mount it (Multi-Attach)"
-        if pod_count > 1:
-            assert claim["accessModes"] in (["ReadOnlyMany"], ["ReadWriteMany"]), f"{name} is shared by {pod_count}"
-            for w in workers:
+            assert name in head and not worker_pods, f"{name} is ReadWriteOnce: only the head may mount it"
+        if worker_pods + (name in head) > 1:
+            assert claim["accessModes"] in (["ReadOnlyMany"], ["ReadWriteMany"]), f"{name}: one pod at a time"
+            for _, w in groups:
                 mount, pvc = w[name]
                 assert mount.get("readOnly") and pvc.get("readOnly"), f"{name} must be mounted read-only"
     # The job writes to the head's claim, with an absolute path.
