@@ -1,5 +1,7 @@
-"""`odyssey submit`: the same CLI as a Ray Job, logs streamed back, exit code from the job's outcome; and
-`odyssey cluster`: thin wrappers over Ray's cluster launcher."""
+"""`odyssey submit`: the same CLI as a Ray Job, logs streamed back, exit code from the job's outcome; the rule for
+outputs inside a Ray Job (absolute paths only); and `odyssey cluster`: Ray's cluster launcher on the YAMLs of
+cluster/launch/, with their file mounts checked, AWS image aliases pinned per cluster, and node commands run inside
+the nodes' Ray environment."""
 
 from __future__ import annotations
 
