@@ -128,13 +128,40 @@ def test_sigkilled_worker_costs_a_retry_not_the_batch(local_ray, wan_folder, tmp
     assert_cluster_clean()
 
 
-def test_rejected_request_is_reported_and_the_batch_goes_on(local_ray, wan_folder, tmp_path):
+def test_rejected_request_is_reported_and_the_batch_goes_on(local_ray, wan_folder, tmp_path, monkeypatch):
+    """The workers' own check (before their first collective), behind the driver's: with the driver's check skipped,
+    an invalid request fails alone, is not retried, and the replica serves the next one."""
+    import cluster.driver
+
+    monkeypatch.setattr(cluster.driver, "check_batch", lambda *args: None)
     config = ray_config(wan_folder)
     jobs = jobs_for(config, tmp_path, ["fine", "too wide", "also fine"])
     jobs[1].request = dataclasses.replace(jobs[1].request, width=40)  # invalid for the model, bypassing resolve
     with Driver(config, progress=False) as driver:
         outcomes = driver.run(jobs)
+        builds = driver.builds
     assert [o.ok for o in outcomes] == [True, False, True]
+    assert builds == 1  # the replica stayed up
     assert "rejected" in outcomes[1].error and "multiples of 16" in outcomes[1].error
     assert outcomes[1].job.attempts == 0 and not (tmp_path / "1.mp4").exists()
+    assert_cluster_clean()
+
+
+def test_an_out_of_memory_prompt_fails_alone_and_is_not_retried(local_ray, wan_folder, tmp_path):
+    """A worker exception that is not a death (here a real allocation failure: a prompt asking for a 256 TB latent)
+    fails that prompt with its message; the replica is rebuilt once (ranks may be stuck mid-collective), the prompt
+    is not retried, and the batch goes on."""
+    # limits raised on purpose, as a user would for a huge video: the driver lets it through to the workers
+    config = ray_config(wan_folder, "parallel.ulysses_degree=2", "runtime.max_retries=2", "limits.max_frames=20000",
+                        f"limits.max_pixels={2**36}")
+    jobs = jobs_for(config, tmp_path, ["fine", "oversized", "also fine"])
+    jobs[1].request = GenerateRequest("oversized", seed=1, height=2**18, width=2**18, frames=4 * 4095 + 1).resolve(
+        config)
+    with Driver(config, progress=False) as driver:
+        outcomes = driver.run(jobs)
+        builds = driver.builds
+    assert [o.ok for o in outcomes] == [True, False, True], [o.error for o in outcomes]
+    assert "RuntimeError" in outcomes[1].error and "allocate" in outcomes[1].error
+    assert outcomes[1].job.attempts == 0 and builds == 2  # one rebuild, not one load per retry
+    assert not (tmp_path / "1.mp4").exists()
     assert_cluster_clean()
