@@ -92,17 +92,18 @@ def resolve_config(config_source, overrides, *, ulysses=None, cfg_parallel=False
 
 def _run(config, jobs, address, manifest, progress):
     from .driver import Driver
+    from .prompts import printable
 
     with Driver(config, address=address, manifest=manifest, progress=None if progress == "none" else progress) as d:
         outcomes = d.run(jobs)
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:
         if o.ok:
-            click.echo(str(o.path))
+            click.echo(printable(o.path))
     if failed:
         for o in failed:
-            click.echo(f"odyssey: prompt {o.job.index} ({o.job.name or o.job.request.prompt[:40]!r}) failed: "
-                       f"{o.error}", err=True)
+            click.echo(f"odyssey: prompt {o.job.index} ({printable(o.job.name or o.job.request.prompt, 40)}) failed: "
+                       f"{printable(o.error, 2000)}", err=True)
         raise RunFailed(f"{len(failed)} of {len(outcomes)} prompts failed")
 
 
@@ -137,6 +138,7 @@ def generate(prompt, output, manifest, config_source, overrides, seed, negative_
     from pipeline.request import GenerateRequest
 
     from .driver import Job
+    from .manifest import check_manifest
     from .prompts import slugify
     from .submit import check_job_output
 
@@ -153,6 +155,8 @@ def generate(prompt, output, manifest, config_source, overrides, seed, negative_
         raise InputError(f"--output must end in .mp4, got {output}")
     try:
         request = GenerateRequest(prompt, seed=seed).resolve(config)
+        if manifest is not None:
+            check_manifest(manifest)  # the user chose the path; still never through a link
     except ValueError as e:
         raise InputError(str(e)) from None
     _run(config, [Job(0, request, output, name=prompt)], address, manifest, progress)
@@ -172,14 +176,15 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
     from pipeline.request import GenerateRequest
 
     from .driver import Job
+    from .manifest import check_manifest
     from .prompts import output_path, read_prompt_file
     from .submit import check_job_output
-    from .video import PARTIAL_SUFFIX
+    from .video import clean_stale_partials
 
     check_job_output(output_dir, "-o")  # a Ray Job's relative paths land in Ray's cache
     config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
                             negative_prompt=negative_prompt)
-    specs = read_prompt_file(prompts_file)
+    specs = read_prompt_file(prompts_file, config.limits)
     jobs, skipped = [], 0
     for i, spec in enumerate(specs):  # every line is checked before anything runs
         path = output_path(output_dir, i, len(specs), spec)
@@ -197,10 +202,11 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
         click.echo(f"odyssey: {skipped} of {len(specs)} outputs already complete in {output_dir}, skipped", err=True)
     if not jobs:
         return
+    manifest = output_dir / "manifest.jsonl"
+    check_manifest(manifest, inside=output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed run
-        stale.unlink(missing_ok=True)
-    _run(config, jobs, address, output_dir / "manifest.jsonl", progress)
+    clean_stale_partials(output_dir)  # killed runs' only: another batch may be writing into this folder too
+    _run(config, jobs, address, manifest, progress)
 
 
 # -- submit / cluster -----------------------------------------------------------------------------------------------
@@ -208,7 +214,9 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--address", default=None,
-              help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS or http://127.0.0.1:8265).")
+              help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265). The auth token travels "
+                   "with every request: reach a remote head through an SSH tunnel (`ray dashboard cluster.yaml`, "
+                   "then http://127.0.0.1:8265) or https://, never plain http:// across a network.")
 @click.option("--working-dir", type=click.Path(exists=True, file_okay=False),
               help="Folder uploaded as the job's working directory (e.g. with your prompt files).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
@@ -282,6 +290,14 @@ def config_presets():
 # -- entry point ----------------------------------------------------------------------------------------------------
 
 
+def _printable(text) -> str:
+    """Error lines may quote prompts, names and paths: never raw control characters (terminal escapes, forged
+    log lines), never more than a few lines' worth."""
+    from .prompts import printable
+
+    return printable(text, 2000)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -301,17 +317,17 @@ def main(argv=None) -> None:
     except click.ClickException as e:
         if debug:
             raise
-        click.echo(f"odyssey: error: {e.format_message()}", err=True)
+        click.echo(f"odyssey: error: {_printable(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except ValueError as e:  # config, input, weights and placement problems
         if debug:
             raise
-        click.echo(f"odyssey: error: {e}", err=True)
+        click.echo(f"odyssey: error: {_printable(e)}", err=True)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         if debug:
             raise
-        click.echo(f"odyssey: error: {type(e).__name__}: {e}", err=True)
+        click.echo(f"odyssey: error: {type(e).__name__}: {_printable(e)}", err=True)
         sys.exit(1)
 
 

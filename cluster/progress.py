@@ -1,4 +1,6 @@
-"""What the user sees while a batch runs: a progress bar per running prompt on a terminal, plain lines otherwise."""
+"""What the user sees while a batch runs: a progress bar per running prompt on a terminal, plain lines otherwise.
+Names and messages (prompts, errors quoting them) are shown through printable(): a prompt holding ESC [2J or a
+newline cannot clear the terminal or forge a line of the log."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import sys
 import time
 
 from pipeline.request import Frame, Progress
+
+from .prompts import printable
 
 __all__ = ["ProgressReporter", "make_reporter"]
 
@@ -34,6 +38,7 @@ class LineReporter(ProgressReporter):
         print(text, file=self.stream, flush=True)
 
     def start(self, index, name, replica, attempt):
+        name = printable(name, 80)
         self.started[index], self.names[index] = time.perf_counter(), name
         retry = f" (attempt {attempt + 1})" if attempt else ""
         self._say(f"[{index}] {name}: started on replica {replica}{retry}")
@@ -44,7 +49,7 @@ class LineReporter(ProgressReporter):
 
     def finish(self, index, ok, message):
         took = time.perf_counter() - self.started.get(index, time.perf_counter())
-        self._say(f"[{index}] {'done' if ok else 'FAILED'} in {took:.1f} s: {message}")
+        self._say(f"[{index}] {'done' if ok else 'FAILED'} in {took:.1f} s: {printable(message, 2000)}")
 
 
 class BarReporter(ProgressReporter):
@@ -63,7 +68,7 @@ class BarReporter(ProgressReporter):
         self.names[index] = name
         free = min(set(range(len(self.slots) + 1)) - set(self.slots.values()))
         self.slots[index] = free
-        label = f"[{index}] {name[:40]}" + (f" (retry {attempt})" if attempt else "")
+        label = f"[{index}] {printable(name, 40)}" + (f" (retry {attempt})" if attempt else "")
         self.bars[index] = self._tqdm(total=1, desc=label, position=free, leave=False, unit="step", dynamic_ncols=True)
 
     def event(self, index, event):
@@ -92,7 +97,7 @@ class BarReporter(ProgressReporter):
 
     def finish(self, index, ok, message):
         self.finish_bar(index)
-        self._tqdm.write(f"[{index}] {'done' if ok else 'FAILED'}: {message}", file=sys.stderr)
+        self._tqdm.write(f"[{index}] {'done' if ok else 'FAILED'}: {printable(message, 2000)}", file=sys.stderr)
 
     def close(self):
         for index in list(self.bars):

@@ -1,24 +1,121 @@
 """MP4 files written as frames arrive: H.264 yuv420p under a temporary name, renamed only when complete, so an
-interrupted or failed video never leaves a file that looks finished."""
+interrupted or failed video never leaves a file that looks finished.
+
+Partial files belong to the run (process) that writes them: `.<stem>.<run id>.<nonce>.partial.mp4`, next to a lock
+file `.odyssey-run-<run id>.lock` the run holds (flock) while any of its partials exist. Several runs can share an
+output folder: clean_stale_partials removes only the partials of runs whose lock nobody holds (killed runs).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["StreamingMP4", "read_mp4", "PARTIAL_SUFFIX"]
+__all__ = ["StreamingMP4", "read_mp4", "clean_stale_partials", "PARTIAL_SUFFIX", "RUN_ID"]
 
 PARTIAL_SUFFIX = ".partial.mp4"
+RUN_ID = uuid.uuid4().hex[:12]
+"""This process's run id, in its partial files' and its lock file's names."""
+
+_RUN_ID_RE = re.compile(r"[0-9a-f]{12}")
+_LOCK_RE = re.compile(r"\.odyssey-run-([0-9a-f]{12})\.lock")
+
+
+def _lock_path(folder: Path, run_id: str) -> Path:
+    return folder / f".odyssey-run-{run_id}.lock"
+
+
+class _RunLocks:
+    """This run's lock file per output folder, held while the run has partial files there (counted)."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._held: dict[Path, list] = {}  # folder -> [fd, count]
+
+    def acquire(self, folder: Path) -> None:
+        folder = folder.resolve()  # one lock per folder however it is spelled: a second flock would deadlock
+        with self._mutex:
+            held = self._held.get(folder)
+            if held is not None:
+                held[1] += 1
+                return
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(_lock_path(folder, RUN_ID), flags, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the name is ours alone: never contended
+            self._held[folder] = [fd, 1]
+
+    def release(self, folder: Path) -> None:
+        folder = folder.resolve()
+        with self._mutex:
+            held = self._held[folder]
+            held[1] -= 1
+            if held[1] == 0:
+                del self._held[folder]
+                _lock_path(folder, RUN_ID).unlink(missing_ok=True)  # before unlocking: no window where it looks dead
+                os.close(held[0])
+
+
+_LOCKS = _RunLocks()
+
+
+def _run_alive(folder: Path, run_id: str) -> bool:
+    """Whether run `run_id` still holds its lock in `folder`; a dead run's lock file is removed."""
+    path = _lock_path(folder, run_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: keep its files
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        try:  # remove the dead run's lock, unless the name now belongs to a new file
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        return False
+    finally:
+        os.close(fd)
+
+
+def clean_stale_partials(folder: Path) -> list[Path]:
+    """Remove the partial files of runs that are gone (killed before they could clean up) and their lock files;
+    partials of live runs, this one included, are left alone. Returns the files removed."""
+    folder = Path(folder)
+    removed, alive = [], {RUN_ID: True}
+    for partial in sorted(folder.glob(f".*{PARTIAL_SUFFIX}")):
+        parts = partial.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 2)
+        run_id = parts[1] if len(parts) == 3 and _RUN_ID_RE.fullmatch(parts[1]) else None
+        if run_id is not None:
+            if run_id not in alive:
+                alive[run_id] = _run_alive(folder, run_id)
+            if alive[run_id]:
+                continue
+        partial.unlink(missing_ok=True)  # a dead run's, or not named by any run (an older Odyssey's)
+        removed.append(partial)
+    for lock in folder.glob(".odyssey-run-*.lock"):  # dead runs that left no partials
+        m = _LOCK_RE.fullmatch(lock.name)
+        if m and m.group(1) not in alive:
+            _run_alive(folder, m.group(1))
+    return removed
 
 
 class StreamingMP4:
     def __init__(self, path: Path, fps: int, crf: int = 18):
         self.path, self.fps, self.crf = Path(path), fps, crf
-        self.tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+        self.tmp = self.path.with_name(f".{self.path.stem}.{RUN_ID}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
         self._writer = None
+        self._locked: Path | None = None  # the folder whose run lock this file holds
         self.frames = 0
 
     def append(self, frame: np.ndarray) -> None:
@@ -28,6 +125,9 @@ class StreamingMP4:
 
             h, w = frame.shape[:2]
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._locked is None:  # before the partial exists, so no other run ever sees it unowned
+                _LOCKS.acquire(self.path.parent)
+                self._locked = self.path.parent
             self._writer = imageio_ffmpeg.write_frames(
                 str(self.tmp), (w, h), fps=self.fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
                 macro_block_size=2, quality=None, ffmpeg_log_level="error",
@@ -44,6 +144,7 @@ class StreamingMP4:
         self._writer.close()
         self._writer = None
         os.replace(self.tmp, self.path)
+        self._unlock()
         return self.path
 
     def abort(self) -> None:
@@ -55,6 +156,12 @@ class StreamingMP4:
                 pass
             self._writer = None
         self.tmp.unlink(missing_ok=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._locked is not None:
+            _LOCKS.release(self._locked)
+            self._locked = None
 
 
 def read_mp4(path: Path) -> tuple[np.ndarray, float]:

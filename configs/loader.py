@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -18,6 +19,11 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file larger than this is refused unread (the presets are under 1 KiB)."""
+
+_MAX_YAML_DEPTH = 32
 
 
 class ConfigError(ValueError):
@@ -38,6 +44,15 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _show(value: Any, limit: int = 40) -> str:
+    """A value for an error message: repr (which escapes control characters), cut to `limit` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({type(value).__name__} of {len(value)})" if hasattr(value, "__len__") else ""
+    return f"{text[:limit]}...{size}"
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """value (as YAML gives it) checked against and converted to the annotation tp."""
     origin = typing.get_origin(tp)
@@ -45,7 +60,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} settings, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} settings, got {_show(value)}")
         return from_dict(tp, value, path)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -53,16 +68,16 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         # bool is an int in Python: True must not match a Literal[1] or the reverse.
         for choice in typing.get_args(tp):
             if value == choice and type(value) is type(choice):
                 return value
-        raise ConfigError(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected one of {_type_name(tp)}, got {_show(value)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
         item = typing.get_args(tp)[0]
         return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is type(None):
@@ -82,7 +97,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config annotation {tp!r} at {path}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
 
 
 @functools.cache
@@ -94,7 +109,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from a nested mapping: unknown keys and wrong types are errors naming their path;
     missing keys take the field's default. Validation errors from __post_init__ are prefixed with the path."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -119,6 +134,52 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with a nesting limit. An alias makes the composed tree a graph, and every deep
+    copy (ours, the dataclasses') expands it: nine nested aliases in 641 bytes become 10^9 nodes. No config needs
+    an alias, so refusing them is simpler and safer than keeping them shared."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _YamlRefused("aliases (*name) are not allowed", self.peek_event().start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > _MAX_YAML_DEPTH:
+                raise _YamlRefused(f"nested more than {_MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _YamlRefused(Exception):
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+def _yaml_problem(e: Exception) -> str:
+    """Where and what, never the offending text: a YAMLError's str() quotes the lines around the error, and a
+    mistaken --config path (a credentials file) would be echoed. Quoted fragments of the problem are elided."""
+    problem = re.sub(r"'[^']*'|\x22[^\x22]*\x22", "'...'", str(getattr(e, "problem", None) or "cannot parse"))
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def safe_yaml_load(text: str):
+    """yaml.safe_load without aliases, deeper than 32 levels nesting, or error messages quoting the text.
+    Raises ConfigError('not valid YAML (line L, column C: problem)')."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except (yaml.YAMLError, _YamlRefused) as e:
+        raise ConfigError(f"not valid YAML ({_yaml_problem(e)})") from None
+    except ValueError as e:  # a constructor's: an integer of more than 4300 digits
+        raise ConfigError(f"not valid YAML ({e})") from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'sampling.steps=20' -> (['sampling', 'steps'], 20); the value is read as YAML ('true', '1e-3', '[1, 2]')."""
     key, sep, raw = text.partition("=")
@@ -126,9 +187,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot read value {raw!r}: {e}") from None
+        value = safe_yaml_load(raw) if raw.strip() else ""
+    except ConfigError as e:
+        raise ConfigError(f"{key}: cannot read the value: {e}") from None
     return key.split("."), value
 
 
@@ -164,15 +225,24 @@ def _deep_copy(data: Mapping[str, Any]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file as a dict: at most MAX_CONFIG_BYTES, UTF-8, YAML without aliases. Errors name the file and
+    the line, never its contents."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded even for /dev/zero or a growing file
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: a config file may be at most {MAX_CONFIG_BYTES // 1024} KiB")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    try:
+        data = safe_yaml_load(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -5,6 +5,7 @@ Checks that one section can make alone live in its __post_init__; checks across 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,6 +13,13 @@ from typing import Literal
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _finite(owner: object, *names: str) -> None:
+    """YAML reads `.inf` and `.nan` as floats: no numeric setting may be either."""
+    for name in names:
+        value = getattr(owner, name)
+        _require(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,7 @@ class SamplingConfig:
     """Seed of the initial noise; null draws one per prompt (recorded in the manifest)."""
 
     def __post_init__(self) -> None:
+        _finite(self, "guidance_scale", "shift")
         _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _require(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
         _require(self.shift > 0, f"shift must be > 0, got {self.shift}")
@@ -182,6 +191,7 @@ class RuntimeConfig:
     """Placement group strategy per replica: auto is STRICT_PACK (one node) when a replica fits a node, else PACK."""
 
     def __post_init__(self) -> None:
+        _finite(self, "collective_timeout_s", "placement_timeout_s", "load_timeout_s", "num_cpus_per_worker")
         _require(self.collective_timeout_s > 0, f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         _require(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
         _require(self.placement_timeout_s > 0 and self.load_timeout_s > 0, "timeouts must be > 0")
@@ -194,6 +204,65 @@ class RuntimeConfig:
             self.num_cpus_per_worker is None or self.num_cpus_per_worker > 0,
             f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}",
         )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Upper bounds on what one request or prompt file may ask for. Every request is checked against them before
+    anything is sent to a worker, so a hostile or mistaken request fails with one line instead of exhausting a
+    worker's memory. Raise them deliberately for long or large videos; the defaults cover Wan2.1's 720p."""
+
+    max_steps: int = 1000
+    """Most denoising steps a request may ask for (the schedule alone grows with the step count)."""
+
+    max_frames: int = 1025
+    """Most frames per video (Wan2.1 is trained on 81; memory and time grow at least linearly)."""
+
+    max_pixels: int = 1280 * 1280
+    """Most pixels per frame, height x width (720p is 1280 x 720)."""
+
+    max_fps: int = 120
+    """Highest frame rate of a written MP4."""
+
+    max_guidance_scale: float = 50.0
+    """Largest classifier-free guidance weight (useful values are 1 to 15)."""
+
+    max_shift: float = 100.0
+    """Largest flow shift of the sigma schedule (useful values are 1 to 20)."""
+
+    max_prompt_chars: int = 10_000
+    """Longest prompt or negative prompt in characters (the text encoder reads 512 tokens, ~2,000 characters)."""
+
+    max_prompt_file_bytes: int = 64 * 1024 * 1024
+    """Largest prompt file a batch reads."""
+
+    max_prompt_lines: int = 100_000
+    """Most lines in a prompt file (blank and comment lines count)."""
+
+    def __post_init__(self) -> None:
+        _finite(self, "max_guidance_scale", "max_shift")
+        for f in ("max_steps", "max_frames", "max_pixels", "max_fps", "max_prompt_chars", "max_prompt_file_bytes",
+                  "max_prompt_lines"):
+            _require(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
+        _require(self.max_guidance_scale >= 0 and self.max_shift > 0,
+                 "max_guidance_scale must be >= 0 and max_shift > 0")
+
+    def check(self, sampling: SamplingConfig, video: VideoConfig, prompts: tuple[str, ...] = ()) -> None:
+        """ValueError naming the first setting over its limit."""
+        bounds = [
+            ("steps", sampling.steps, self.max_steps, "max_steps"),
+            ("frames", video.frames, self.max_frames, "max_frames"),
+            ("height x width", video.height * video.width, self.max_pixels, "max_pixels"),
+            ("fps", video.fps, self.max_fps, "max_fps"),
+            ("guidance_scale", sampling.guidance_scale, self.max_guidance_scale, "max_guidance_scale"),
+            ("shift", sampling.shift, self.max_shift, "max_shift"),
+        ]
+        for name, value, limit, key in bounds:
+            shown = value if not isinstance(value, int) or value.bit_length() <= 64 else "beyond 2^64"
+            _require(value <= limit, f"{name} {shown} is over the limit {limit} (limits.{key})")
+        for text in (sampling.negative_prompt, *prompts):
+            _require(len(text) <= self.max_prompt_chars, f"a prompt of {len(text)} characters is over the limit "
+                     f"{self.max_prompt_chars} (limits.max_prompt_chars)")
 
 
 @dataclass(frozen=True)
@@ -213,7 +282,11 @@ class OdysseyConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Devices, timeouts, retries and placement."""
 
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Upper bounds on what a request or prompt file may ask for."""
+
     def __post_init__(self) -> None:
+        self.limits.check(self.sampling, self.video)
         _require(
             self.parallel.cfg_degree == 1 or self.sampling.guidance_scale != 1.0,
             "parallel.cfg_degree=2 needs classifier-free guidance, but sampling.guidance_scale is 1.0 (off)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import secrets
 from dataclasses import dataclass, field
 
@@ -33,9 +34,9 @@ class GenerateRequest:
     sampler: str | None = None
 
     def resolve(self, config: OdysseyConfig) -> "GenerateRequest":
-        """Every field concrete and validated (ValueError); seed drawn if unset."""
-        if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        """Every field concrete and validated (ValueError): types, ranges, and config.limits (so a request can never
+        ask a worker for more than the operator allows); seed drawn if unset."""
+        self._check_types()
         s, v = config.sampling, config.video
         sampling = SamplingConfig(
             sampler=self.sampler or s.sampler, steps=_pick(self.steps, s.steps),
@@ -48,6 +49,7 @@ class GenerateRequest:
                             frames=_pick(self.frames, v.frames), fps=_pick(self.fps, v.fps))
         if config.parallel.cfg_degree == 2 and sampling.guidance_scale == 1.0:
             raise ValueError("this replica runs CFG in parallel (cfg_degree=2) but the request turns guidance off")
+        config.limits.check(sampling, video, (self.prompt,))
         seed = sampling.seed if sampling.seed is not None else secrets.randbelow(2**63)
         return GenerateRequest(
             prompt=self.prompt, request_id=self.request_id or f"req-{seed:x}", seed=seed,
@@ -55,6 +57,33 @@ class GenerateRequest:
             fps=video.fps, steps=sampling.steps, guidance_scale=sampling.guidance_scale, shift=sampling.shift,
             sampler=sampling.sampler,
         )
+
+    def validate(self, config: OdysseyConfig) -> None:
+        """ValueError unless this request is resolved and resolving it again under `config` changes nothing: what
+        the driver checks before a job goes to any worker."""
+        if not self.is_resolved:
+            raise ValueError("the request is not resolved (seed and sizes must be set)")
+        if self.resolve(config) != self:
+            raise ValueError("the request does not match the config (was it resolved under another one?)")
+
+    def _check_types(self) -> None:
+        """Requests can come from JSON or code, where any type can appear: no bool for an int, no NaN or inf."""
+        for name in ("prompt", "request_id", "negative_prompt", "sampler"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+        if len(self.request_id) > 128:
+            raise ValueError(f"request_id must be at most 128 characters, got {len(self.request_id)}")
+        for name in ("seed", "height", "width", "frames", "fps", "steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an integer, got {value!r:.40}")
+        for name in ("guidance_scale", "shift"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r:.40}")
 
     @property
     def is_resolved(self) -> bool:
@@ -64,6 +93,13 @@ class GenerateRequest:
         """63-bit digest of every field: ranks compare it before the first collective."""
         text = repr(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _pick(value, default):

@@ -76,9 +76,13 @@ def dit_weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a DiT folder: one file, or the shards an index names."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            names = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise WeightsError(f"{indexes[0]} is not a safetensors index (a JSON object with a weight_map)") from None
+        files = sorted(_shard_inside(folder, name, indexes[0]) for name in names)
+        missing = [str(f.relative_to(folder.resolve())) for f in files if not f.is_file()]
         if missing:
             raise WeightsError(f"{indexes[0]} names shards that are not there: {', '.join(missing)}")
         return files
@@ -88,6 +92,17 @@ def dit_weight_files(folder: Path) -> list[Path]:
         hint = f" (found {', '.join(others)}: only safetensors are loaded, for safety)" if others else ""
         raise WeightsError(f"no .safetensors weights in {folder}{hint}")
     return files
+
+
+def _shard_inside(folder: Path, name: object, index: Path) -> Path:
+    """folder/name, resolved, when it lies inside the folder (links followed). An index is data from whoever made the
+    checkpoint: an absolute name, '..' or a link out of the folder would read any file, and 'not there' would tell
+    which exist. Decided before anything outside is touched, with one message whatever is there."""
+    root = folder.resolve()
+    path = (root / name).resolve() if isinstance(name, str) and name and "\x00" not in name else None
+    if path is None or path == root or not path.is_relative_to(root) or not path.name.endswith(".safetensors"):
+        raise WeightsError(f"{index} names a shard outside its folder or not a .safetensors file: {name!r:.80}")
+    return path
 
 
 def rename_first(key: str, table: list[tuple[str, str]]) -> str | None:

@@ -88,3 +88,57 @@ def test_every_field_has_a_docstring():
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("parallel", "ulysses_degree", 0, r"ulysses_degree must be >= 1, got 0"),
+    ("parallel", "replicas", 0, r"replicas must be >= 1, got 0"),
+    ("parallel", "head_chunks", 0, r"head_chunks must be >= 1, got 0"),
+    ("parallel", "head_chunks", -2, r"head_chunks must be >= 1, got -2"),
+    ("sampling", "steps", -1, r"steps must be >= 1"),
+    ("sampling", "guidance_scale", -0.5, r"guidance_scale must be >= 0"),
+    ("sampling", "guidance_scale", float("inf"), r"guidance_scale must be a finite number, got inf"),
+    ("sampling", "shift", 0, r"shift must be > 0, got 0"),
+    ("sampling", "shift", float("nan"), r"shift must be a finite number, got nan"),
+    ("sampling", "seed", -1, r"seed must be in 0\.\.2\^63-1"),
+    ("sampling", "seed", 2**63, r"seed must be in 0\.\.2\^63-1"),
+    ("video", "height", 0, r"height must be a positive multiple of 16, got 0"),
+    ("video", "height", 24, r"height must be a positive multiple of 16, got 24"),
+    ("video", "width", -16, r"width must be a positive multiple of 16"),
+    ("video", "frames", 0, r"frames must be 4n\+1"),
+    ("video", "fps", 0, r"fps must be >= 1, got 0"),
+    ("runtime", "collective_timeout_s", 0, r"collective_timeout_s must be > 0"),
+    ("runtime", "collective_timeout_s", float("inf"), r"collective_timeout_s must be a finite number"),
+    ("runtime", "max_retries", -1, r"max_retries must be >= 0, got -1"),
+    ("runtime", "placement_timeout_s", 0, r"timeouts must be > 0"),
+    ("runtime", "placement_timeout_s", float("inf"), r"placement_timeout_s must be a finite number"),
+    ("runtime", "load_timeout_s", -1, r"timeouts must be > 0"),
+    ("runtime", "load_timeout_s", float("nan"), r"load_timeout_s must be a finite number"),
+    ("runtime", "num_cpus_per_worker", 0, r"num_cpus_per_worker must be > 0, got 0"),
+    ("runtime", "num_cpus_per_worker", float("inf"), r"num_cpus_per_worker must be a finite number"),
+    ("limits", "max_steps", 0, r"max_steps must be >= 1, got 0"),
+    ("limits", "max_pixels", 0, r"max_pixels must be >= 1"),
+    ("limits", "max_prompt_chars", 0, r"max_prompt_chars must be >= 1"),
+    ("limits", "max_prompt_lines", 0, r"max_prompt_lines must be >= 1"),
+    ("limits", "max_prompt_file_bytes", 0, r"max_prompt_file_bytes must be >= 1"),
+    ("limits", "max_shift", 0, r"max_guidance_scale must be >= 0 and max_shift > 0"),
+    ("limits", "max_guidance_scale", float("inf"), r"max_guidance_scale must be a finite number"),
+    ("limits", "max_frames", 9, r"^frames 81 is over the limit 9 \(limits\.max_frames\)"),
+    ("limits", "max_fps", 15, r"^fps 16 is over the limit 15 \(limits\.max_fps\)"),
+    ("limits", "max_guidance_scale", 4.0, r"^guidance_scale 5\.0 is over the limit 4\.0"),
+    ("limits", "max_shift", 2.0, r"^shift 5\.0 is over the limit 2\.0"),
+])
+def test_every_range_check_rejects(section, key, value, message):
+    """Each range check of the schema, with the section it belongs to in the message; the value just inside the
+    range (the defaults) is accepted, so each case fails only for its own reason."""
+    with pytest.raises(ConfigError, match=(message if message.startswith("^") else f"^{section}: {message}")):
+        from_dict(OdysseyConfig, {section: {key: value}})
+    if section != "limits":
+        from_dict(OdysseyConfig, {section: {key: getattr(getattr(OdysseyConfig(), section), key)}})
+
+
+@pytest.mark.parametrize("key, value", [("ulysses_degree", 1), ("replicas", 1), ("head_chunks", 1)])
+def test_range_boundaries_are_accepted(key, value):
+    assert getattr(from_dict(OdysseyConfig, {"parallel": {key: value}}).parallel, key) == value
+    assert from_dict(OdysseyConfig, {"runtime": {"max_retries": 0}}).runtime.max_retries == 0
+    assert from_dict(OdysseyConfig, {"sampling": {"seed": 2**63 - 1, "guidance_scale": 0}}).sampling.seed == 2**63 - 1

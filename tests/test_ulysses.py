@@ -235,3 +235,24 @@ def test_local_validation_messages():
         ulysses_attention(q, q, q, backend="nope")
     with pytest.raises(ValueError, match="float dtype"):
         ulysses_attention(q.int(), q.int(), q.int())
+
+
+@pytest.mark.parametrize("D", [1, 2, 6, 10, 18, 35])
+def test_fp8_wire_layout_at_head_dims_not_multiples_of_4(D):
+    """Every row holds D e4m3 bytes, then the fp32 scale amax/448 at a 4-byte boundary: checked byte by byte against
+    torch's own float8 cast, so a scale written over the payload's last bytes cannot hide in the error bound."""
+    from attention.comm import FP8Codec
+
+    codec = FP8Codec()
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(D)) * torch.logspace(-3, 3, 64).unsqueeze(1)
+    wire_dtype, W = codec.wire(torch.float32, D)
+    rows = torch.full((64, W), 0xA5, dtype=wire_dtype)
+    codec.encode_into(rows, x)
+    scale = x.abs().amax(-1, keepdim=True) / 448.0
+    payload = (x / scale).to(torch.float8_e4m3fn)
+    at = W - 4
+    assert wire_dtype == torch.uint8 and at >= D and at % 4 == 0 and W - D <= 7
+    assert torch.equal(rows[:, :D], payload.view(torch.uint8)), "payload bytes overwritten or misplaced"
+    assert torch.equal(rows[:, at:].contiguous().view(torch.float32), scale)
+    back = codec.decode(rows, D, torch.float32)
+    assert torch.equal(back, payload.float() * scale)

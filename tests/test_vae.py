@@ -105,6 +105,16 @@ def test_bad_vae_folders(folders, tmp_path):
         WanVAEDecoder.from_pretrained(tmp_path)
 
 
+def test_rounding_to_uint8_is_unbiased(reference, folders):
+    """The 2-level tolerance above hides a systematic half-level bias (floor or truncation instead of rounding):
+    over many pixels the signed differences must average out."""
+    decoder = WanVAEDecoder.from_pretrained(folders["diffusers"])
+    latents = torch.randn(1, 16, 3, 6, 8, generator=torch.Generator().manual_seed(5))
+    frames = np.stack(list(decoder.decode_stream(latents))).astype(float)
+    signed = frames - reference_frames(reference, latents).astype(float)
+    assert np.abs(signed).max() <= 2 and abs(signed.mean()) < 0.1, signed.mean()
+
+
 def _cache_bytes_after(decoder, latents) -> list[int]:
     """Bytes of every causal cache alive after each streamed chunk (all tiles' caches when tiling)."""
     caches, sizes = {}, []
