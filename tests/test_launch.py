@@ -140,8 +140,9 @@ def local_head(tmp_path_factory):
       ends; `ray start` without --block daemonizes)."""
     config = _yaml("local.yaml")
     laptop, node = tmp_path_factory.mktemp("laptop"), tmp_path_factory.mktemp("head")
-    # The user's one-time step (README, YAML header): the cluster token on the machine that runs `ray up`.
-    made = subprocess.run(["bash", "-lc", f"{RAY} get-auth-token --generate && chmod 600 ~/.ray/auth_token"],
+    # The user's one-time step (README, YAML header): the cluster token on the machine that runs `ray up`; without
+    # the README's chmod, as Ray writes it (0644), so the nodes' own chmod is what makes their copies private.
+    made = subprocess.run(["bash", "-lc", f"{RAY} get-auth-token --generate"],
                           env=_login_env(laptop), capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     token = (laptop / ".ray" / "auth_token").read_text().strip()
