@@ -165,3 +165,21 @@ def test_an_out_of_memory_prompt_fails_alone_and_is_not_retried(local_ray, wan_f
     assert outcomes[1].job.attempts == 0 and builds == 2  # one rebuild, not one load per retry
     assert not (tmp_path / "1.mp4").exists()
     assert_cluster_clean()
+
+
+def test_rank0_publishes_a_port_its_store_already_holds(local_ray, wan_folder):
+    """No pick-a-free-port-then-close race: the port rank 0 publishes is bound by its store from the moment it is
+    chosen, so nothing else can take it before the other ranks connect."""
+    import errno
+    import socket
+
+    from actors import SPWorker
+
+    worker = SPWorker.options(num_cpus=0.1).remote(ray_config(wan_folder), 1)
+    try:
+        host, port = ray.get(worker.open_store.remote(), timeout=60)
+        with socket.socket() as s, pytest.raises(OSError) as err:
+            s.bind((host, port))
+        assert err.value.errno == errno.EADDRINUSE
+    finally:
+        ray.kill(worker)
