@@ -44,7 +44,7 @@ from .components import TEXT_ENCODER_DTYPE, encoder_placement, resolve_dtype
 from .dit import WanDiT, WanDiTConfig
 from .vae import tile_cache_factor
 
-__all__ = ["MemoryEstimate", "estimate_rank_memory", "check_fits", "LiveBytes", "dit_activation_bytes",
+__all__ = ["MemoryEstimate", "estimate_rank_memory", "replica_estimates", "check_fits", "LiveBytes", "dit_activation_bytes",
            "vae_decode_bytes", "WAN21_1_3B", "WAN21_14B", "GiB"]
 
 GiB = 2**30
@@ -360,6 +360,13 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
         else:  # the embedded model's 32 x 32 frames: its decoder is a few MB
             vae = _tiny_decoder_bytes()
     return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts)
+
+
+def replica_estimates(config: OdysseyConfig, *, device_type: str = "cuda") -> list[MemoryEstimate]:
+    """One estimate per kind of rank in a replica: rank 0 (encodes and decodes), then rank 1 standing for every
+    other rank (they only run the DiT), when the replica has more than one. For `odyssey config` style reports."""
+    ranks = [0, 1] if config.parallel.group_size > 1 else [0]
+    return [estimate_rank_memory(config, r, device_type=device_type) for r in ranks]
 
 
 def _tiny_decoder_bytes() -> int:
