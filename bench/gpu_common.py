@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from bench.dit_vs_diffusers import _median_time as median_time  # noqa: F401 (one warm-up, synced)
+from bench.dit_vs_diffusers import _sync as sync
+
 BF16 = torch.bfloat16
+
 
 class Skip(Exception):
     """Raised by a check that cannot run here; the message is the reason."""
@@ -65,24 +66,6 @@ class Ctx:
     quick: bool
     sizes: Sizes
     tmp: Path
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable, reps: int, device: torch.device) -> float:
-    """Median seconds per call after one warm-up call; synchronised around every call."""
-    fn()
-    sync(device)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def reset_peak(device: torch.device) -> None:
