@@ -183,3 +183,19 @@ def test_rank0_publishes_a_port_its_store_already_holds(local_ray, wan_folder):
         assert err.value.errno == errno.EADDRINUSE
     finally:
         ray.kill(worker)
+
+
+def test_gpus_that_never_arrive_fail_after_the_scale_up_timeout(local_ray, wan_folder):
+    """runtime.device=cuda on a cluster without GPUs (and no autoscaler to add any): the driver asks, waits
+    runtime.scale_up_timeout_s, then fails with one line naming what is missing; never CPU ranks instead."""
+    from cluster.replica import ReplicaFailed
+
+    config = ray_config(wan_folder, "runtime.device=cuda", "runtime.scale_up_timeout_s=3")
+    t0 = time.time()
+    with pytest.raises(ReplicaFailed, match=r"no replica could be started in \d+ s: replica 0: waited 3 s "
+                                            r"\(runtime.scale_up_timeout_s\) for \[\{'CPU': 1.0, 'GPU': 1.0\}\] "
+                                            r"\(PACK\); the cluster has 0 GPUs and 4 CPUs"):
+        with Driver(config, progress=False):
+            pass
+    assert 3 <= time.time() - t0 < 60
+    assert_cluster_clean()
