@@ -68,7 +68,7 @@ def shortfall(shape: WorkerShape, replicas: int, nodes: list[dict]) -> str | Non
     need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("GPU", "CPU")}
     for k in ("GPU", "CPU"):
         if need[k] > have[k] + 1e-9:
-            return f"needs {need[k]:g} {k}s; the cluster has {have[k]:g}"
+            return f"needs {need[k]:g} {k}{'s' * (need[k] != 1)}; the cluster has {have[k]:g}"
     # Enough in total, but each bundle (one Ulysses group) must fit one node: first fit, largest bundles first.
     free = [dict(n) for n in nodes]
     for b in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b.get("CPU", 0.0))):

@@ -102,7 +102,7 @@ class Replica:
             # Ranks after placement: a Ulysses group is one bundle (one node) of contiguous ranks, in GPU order;
             # rank 0 is the worker of bundle 0 that holds the encoder's extra CPUs.
             order = sorted(range(n), key=lambda i: (where[i][0], where[i][1] != 0 or not shape.encoder_cpus,
-                                                    infos[i].gpu_ids, infos[i].pid))
+                                                    _gpu_order(infos[i].gpu_ids), infos[i].pid))
             self.workers, self.infos = [workers[i] for i in order], [infos[i] for i in order]
             host, port = self._wait(self.workers[0].open_store.remote(), 60, lambda: "rank 0 could not open a store")
             self._wait([w.rendezvous.remote(r, n, host, port) for r, w in enumerate(self.workers)],
@@ -234,6 +234,11 @@ class Replica:
             except Exception:  # noqa: BLE001 - any failure to answer means the rank is gone
                 dead.append(refs[ref])
         return sorted(dead)
+
+
+def _gpu_order(gpu_ids: tuple) -> tuple:
+    """GPU ids in numeric order ("10" after "2")."""
+    return tuple((0, int(g), "") if str(g).isdigit() else (1, 0, str(g)) for g in gpu_ids)
 
 
 def _have() -> str:
