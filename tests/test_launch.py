@@ -58,17 +58,26 @@ def odyssey(*args, home: Path, timeout=300, cwd=None):
                           env=_login_env(home), cwd=cwd or home)
 
 
+def _group_running(pgid: int) -> bool:
+    stats = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    return any(not s.startswith("Z") for s in stats)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 8), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """End a `bash -lc 'ray start ... --block'` and everything it started: SIGTERM lets `ray start` stop its
+    processes (the shell exits at once, Ray's processes take seconds), SIGKILL takes what is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + 15
+    while _group_running(proc.pid) and time.time() < deadline:
+        time.sleep(0.3)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
 
 
 def _http_status(url: str, token: str | None = None) -> int:
