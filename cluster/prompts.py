@@ -89,6 +89,10 @@ def _jsonl_spec(path: Path, line: str, number: int) -> PromptSpec:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{where}: not valid JSON ({e.msg})") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise PromptFileError(f"{where}: not valid JSON (a number too long)") from None
+    except RecursionError:
+        raise PromptFileError(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise PromptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _KEYS)

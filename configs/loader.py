@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import reprlib
 import textwrap
 import types
 import typing
@@ -44,13 +45,14 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _show(value: Any, limit: int = 40) -> str:
-    """A value for an error message: repr (which escapes control characters), cut to `limit` characters."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    size = f" ({type(value).__name__} of {len(value)})" if hasattr(value, "__len__") else ""
-    return f"{text[:limit]}...{size}"
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 4, 4, 40, 40, 40
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, bounded however big or deep it is (reprlib never walks the whole value).
+    repr escapes control characters."""
+    return _REPR.repr(value)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -185,7 +187,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected key.sub=value")
+        raise ConfigError(f"override {_show(text)}: expected key.sub=value")
     try:
         value = safe_yaml_load(raw) if raw.strip() else ""
     except ConfigError as e:

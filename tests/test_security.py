@@ -114,17 +114,18 @@ def test_oversized_jsonl_field_is_exit_2_before_anything_runs(tmp_path):
 
 # -- YAML ------------------------------------------------------------------------------------------------------
 
-BOMB = "".join(f"{a}: &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
-               for p, a in zip([None, *"abcdefgh"], "abcdefghi"))
+BOMB = "sampling:\n  negative_prompt:\n" + "".join(
+    f"    - &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+    for p, a in zip([None, *"abcdefgh"], "abcdefghi"))
 
 
 def test_alias_bomb_is_refused_at_once(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMB)
-    assert len(BOMB) < 700  # 9^9 = 387 million nodes once expanded
+    assert len(BOMB) < 700  # 9^9 = 387 million nodes once expanded (here by the error message's repr)
     # Expanded, this took 62 s and 3.2 GB: the timeout makes an expansion a failure, not a hang.
     line = one_error_line(odyssey("config", "show", "--config", path, timeout=45))
-    assert "bomb.yaml: not valid YAML (line 2, column" in line and "aliases (*name) are not allowed" in line
+    assert "bomb.yaml: not valid YAML (line 4, column" in line and "aliases (*name) are not allowed" in line
     with pytest.raises(ConfigError, match="aliases"):
         load_config(overrides=["sampling.negative_prompt=[&x [a, a], *x]"])
 
@@ -354,6 +355,12 @@ def test_prompt_file_size_lines_and_length_are_capped(tmp_path):
     j.write_text(json.dumps({"prompt": "ok", "name": "n" * 10_001}) + "\n")
     with pytest.raises(PromptFileError, match=r"p\.jsonl:1: the name has 10001 characters"):
         read_prompt_file(j)
+    j.write_text('{"prompt": "a", "seed": ' + "9" * 5000 + "}\n" + "[" * 100_000 + "\n")
+    with pytest.raises(PromptFileError, match=r"p\.jsonl:1: not valid JSON \(a number too long\)"):
+        read_prompt_file(j)
+    j.write_text("[" * 100_000 + "\n")
+    with pytest.raises(PromptFileError, match=r"p\.jsonl:1: not valid JSON \(nested too deeply\)"):
+        read_prompt_file(j)
     f.write_text("a\n" * 100_001)  # the default cap, reached on the CLI: one line, exit 2
     assert "100001 lines, more than 100000" in one_error_line(odyssey("batch", f, "-o", tmp_path / "out"))
     # Only \n, \r\n and \r end a line: a form feed or U+2028 inside a prompt does not make two.
@@ -460,7 +467,8 @@ def test_a_prompt_is_tried_max_retries_plus_one_times(tmp_path):
     from pipeline.request import Progress
 
     config = load_config("tiny", ["sampling.steps=3", "runtime.device=cpu", "runtime.max_retries=2",
-                                  "runtime.collective_timeout_s=60", "runtime.placement_timeout_s=60"])
+                                  "runtime.collective_timeout_s=60", "runtime.placement_timeout_s=60",
+                                  "runtime.rebuild_backoff_s=0.1"])
     killed = []
 
     def on_event(job, event):
