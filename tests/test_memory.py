@@ -173,3 +173,9 @@ def test_a_model_folder_is_read_from_its_headers(tmp_path):
     assert est.vae_params == nbytes(comp.decoder)
     assert est.text_encoder == nbytes(comp.text_encoder.model)  # bfloat16, tied embeddings once
     assert 0 < est.text_activations < 32 * 2**20  # 2 prompts x 4 heads x 512^2 scores dominate: ~17 MB
+
+
+def test_the_embedded_model_needs_little():
+    est = estimate_rank_memory(load_config("tiny", ["parallel.ulysses_degree=2"]), 0)
+    assert 0 < est.dit_params < 16 * 2**20 and 0 < est.text_encoder < 16 * 2**20 and est.vae_params > 0
+    assert est.total - est.reserve < 64 * 2**20
