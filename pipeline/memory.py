@@ -226,8 +226,8 @@ def _known_by_name(path: Path) -> WanDiTConfig:
     for tag, cfg in (("14b", WAN21_14B), ("1.3b", WAN21_1_3B)):
         if tag in name:
             return cfg
-    raise ValueError(f"cannot estimate memory: model.path {path} does not exist and its name names no Wan2.1 size "
-                     f"(1.3B or 14B)")
+    raise ValueError(f"model.path {path} does not exist (and its name says no Wan2.1 size, 1.3B or 14B, whose "
+                     f"memory could be estimated without it)")
 
 
 def _tiny_spec():

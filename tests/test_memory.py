@@ -57,6 +57,8 @@ def test_14b_at_480p_on_8_ranks():
 def test_1_3b_parameters_match_the_published_count():
     config = load_config("wan2.1-t2v-1.3b", ["model.path=/nonexistent/Wan2.1-T2V-1.3B"])
     assert estimate_rank_memory(config, 0).dit_params == pytest.approx(1.419e9 * 2, rel=0.05)
+    with pytest.raises(ValueError, match=r"^model.path /nonexistent/my-model does not exist"):
+        estimate_rank_memory(load_config(None, ["model.path=/nonexistent/my-model"]), 0)
 
 
 def test_text_encoder_settings_move_its_bytes():
