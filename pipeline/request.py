@@ -72,8 +72,8 @@ class GenerateRequest:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-        if len(self.request_id) > 128:
-            raise ValueError(f"request_id must be at most 128 characters, got {len(self.request_id)}")
+        if len(self.request_id) > 128 or not self.request_id.isprintable():
+            raise ValueError(f"request_id must be at most 128 printable characters, got {self.request_id!r:.60}")
         for name in ("seed", "height", "width", "frames", "fps", "steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):

@@ -62,7 +62,8 @@ def one_error_line(result, code=2):
     ("prompt", "x" * 10_001, r"a prompt of 10001 characters is over the limit 10000"),
     ("negative_prompt", "x" * 10_001, r"a prompt of 10001 characters is over the limit 10000"),
     ("steps", True, r"steps must be an integer"),
-    ("request_id", "r" * 129, r"request_id must be at most 128 characters"),
+    ("request_id", "r" * 129, r"request_id must be at most 128 printable characters"),
+    ("request_id", "id\x1b[2J", r"request_id must be at most 128 printable characters, got 'id\\x1b\[2J'"),
 ])
 def test_every_numeric_request_field_has_a_finite_maximum(field, value, message):
     config = load_config("tiny", ["video.width=1024"])
