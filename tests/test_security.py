@@ -207,58 +207,40 @@ def test_manifest_lines_escape_every_control_character(tmp_path):
 
 # -- partial files of concurrent runs -----------------------------------------------------------------------------
 
-OTHER_RUN = """
-import sys, time
-import numpy as np
-from pathlib import Path
-from cluster.video import StreamingMP4
-w = StreamingMP4(Path(sys.argv[1]), 8)
-frame = np.full((32, 32, 3), 200, np.uint8)
-for _ in range(5):
-    w.append(frame)
-deadline = time.time() + 30
-while not w.tmp.exists() and time.time() < deadline:
-    w.append(frame)
-    time.sleep(0.05)
-print(w.tmp, flush=True)
-sys.stdin.readline()
-w.append(frame)
-print(w.commit(), w.frames, flush=True)
-"""
-
-
-def test_a_batch_leaves_other_runs_partials_alone(tmp_path):
-    """Run A writes a video into out/ (its partial file exists); batch B starts in the same folder, runs to the end,
-    and cleans only the partials of a run that died. Then A's commit succeeds."""
+def test_two_concurrent_batches_into_one_folder(tmp_path):
+    """Batch A is frozen (SIGSTOP) the moment its first partial file appears; batch B then starts in the same folder,
+    runs to the end and cleans only the partials of a run that died. A resumes, and its commit succeeds."""
     out = tmp_path / "out"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", OTHER_RUN, str(out / "from-a.mp4")], cwd=ROOT, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dead = out / ".b.0123456789ab.deadbeef.partial.mp4"  # a killed run's: its lock file is held by no one
+    dead.write_bytes(b"half a video")
+    (out / ".odyssey-run-0123456789ab.lock").touch()
+    (tmp_path / "a.txt").write_text("a red circle moving right\n")
+    (tmp_path / "b.txt").write_text("a blue square moving up\nthe white ball is moving left\n")
+    common = ["-o", out, "--set", "sampling.steps=2", "--progress", "lines"]
+    a = subprocess.Popen([*ODYSSEY, "batch", tmp_path / "a.txt", *common, "--set", "video.frames=129"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        partial = Path(other.stdout.readline().strip())
-        assert partial.parent == out and partial.exists(), other.stderr.read() if other.poll() is not None else ""
-        dead = out / ".b.0123456789ab.deadbeef.partial.mp4"  # a killed run's: its lock file is held by no one
-        dead.write_bytes(b"half a video")
-        (out / ".odyssey-run-0123456789ab.lock").touch()
-
-        prompts = tmp_path / "p.txt"
-        prompts.write_text("a red circle moving right\na blue square moving up\n")
-        result = odyssey("batch", prompts, "-o", out, "--set", "sampling.steps=2", "--progress", "lines",
-                         timeout=240)
-        assert result.returncode == 0, result.stderr
-        assert partial.exists(), "batch B deleted the partial file of a run that is still writing"
+        deadline, partials = time.time() + 180, []
+        while not partials and time.time() < deadline and a.poll() is None:
+            partials = [p for p in out.glob(".0000-a-red-circle*.partial.mp4")]
+            time.sleep(0.005)
+        assert partials, "batch A never wrote a partial file"
+        a.send_signal(signal.SIGSTOP)
+        b = odyssey("batch", tmp_path / "b.txt", *common, timeout=240)
+        assert b.returncode == 0, b.stderr
+        assert partials[0].exists(), "batch B deleted the partial file of a batch that is still writing"
         assert not dead.exists() and not (out / ".odyssey-run-0123456789ab.lock").exists()
-
-        other.stdin.write("\n")
-        other.stdin.flush()
-        committed, frames = other.stdout.readline().split()
-        assert other.wait(timeout=60) == 0, other.stderr.read()
     finally:
-        if other.poll() is None:
-            other.kill()
-    assert Path(committed) == out / "from-a.mp4" and read_mp4(out / "from-a.mp4")[0].shape[0] == int(frames)
-    for name in ("0000-a-red-circle-moving-right.mp4", "0001-a-blue-square-moving-up.mp4"):
+        a.send_signal(signal.SIGCONT)
+        _, a_err = a.communicate(timeout=240)
+    assert a.returncode == 0, a_err
+    assert read_mp4(out / "0000-a-red-circle-moving-right.mp4")[0].shape == (129, 32, 32, 3)
+    for name in ("0000-a-blue-square-moving-up.mp4", "0001-the-white-ball-is-moving-left.mp4"):
         assert read_mp4(out / name)[0].shape == (17, 32, 32, 3)
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(m["prompt"] for m in manifest) == ["a blue square moving up", "a red circle moving right",
+                                                      "the white ball is moving left"]
     assert not list(out.glob(".*")), "partial or lock files left behind"
 
 
