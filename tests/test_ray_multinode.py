@@ -61,3 +61,52 @@ def test_a_worker_given_a_gpu_that_torch_cannot_see_fails_clearly(two_nodes, fol
         with Driver(config, progress=False):
             pass
     assert_cluster_clean()
+
+
+def test_a_lost_node_costs_a_retry_and_its_replica_comes_back_with_the_node(two_nodes, folder, tmp_path, caplog):
+    """Runs last: it replaces the worker node. The node under one replica goes away mid-prompt: the prompt is retried
+    on the other replica; rebuilding the lost one fails while there is no room (after runtime.scale_up_timeout_s),
+    and the slot keeps trying with backoff until a new node joins, then serves again."""
+    import logging
+    import time
+
+    from pipeline.request import Progress
+
+    caplog.set_level(logging.WARNING, logger="cluster.driver")
+    config = ray_config(folder, "parallel.replicas=2", "parallel.ulysses_degree=2", "runtime.device=auto",
+                        "runtime.accelerator_check=false", "sampling.steps=8", "runtime.scale_up_timeout_s=3",
+                        "runtime.rebuild_backoff_s=0.5", "runtime.rebuild_backoff_max_s=2")
+
+    def jobs(n, first=0):
+        return [Job(i, GenerateRequest(f"prompt {i}", seed=i).resolve(config), tmp_path / f"{i}.mp4")
+                for i in range(first, first + n)]
+
+    head_id = two_nodes.head_node.node_id
+    state = {}
+
+    def rebuild_failures():
+        return [r.getMessage() for r in caplog.records if "could not be started" in r.getMessage()]
+
+    def on_event(job, event):
+        if "victim" not in state and isinstance(event, Progress) and event.stage == "denoise" and event.step == 2:
+            slot = next(i for i, r in enumerate(driver.replicas) if r is not None and r.infos[0].node_id != head_id)
+            node = next(n for n in two_nodes.worker_nodes if n.node_id == driver.replicas[slot].infos[0].node_id)
+            state.update(victim=slot, job=job.index)
+            two_nodes.remove_node(node)
+
+    with Driver(config, progress=False, on_event=on_event) as driver:
+        assert driver.wait_ready(timeout_s=120) == 2
+        first = driver.run(jobs(4))
+        deadline = time.time() + 120  # a new node joins only once a rebuild has failed for want of room
+        while not rebuild_failures() and time.time() < deadline:
+            time.sleep(0.2)
+        state["failed_before_join"] = rebuild_failures()
+        two_nodes.add_node(num_cpus=1, num_gpus=2)
+        assert driver.wait_ready(timeout_s=120) == 2, "the lost replica's slot was given up"
+        second = driver.run(jobs(2, first=4))  # two idle replicas: one prompt each
+    assert all(o.ok for o in first + second), [o.error for o in first + second]
+    lost = next(o for o in first if o.job.index == state["job"])
+    assert lost.job.attempts == 1 and lost.replica != state["victim"]  # retried once, on the other replica
+    assert state["failed_before_join"], "no rebuild failed while the node was gone"
+    assert {o.replica for o in second} == {0, 1}
+    assert_cluster_clean()
