@@ -231,7 +231,8 @@ class LimitsConfig:
     """Largest flow shift of the sigma schedule (useful values are 1 to 20)."""
 
     max_prompt_chars: int = 10_000
-    """Longest prompt or negative prompt in characters (the text encoder reads 512 tokens, ~2,000 characters)."""
+    """Longest prompt, negative prompt or output name in characters (the text encoder reads 512 tokens, about
+    2,000 characters of English)."""
 
     max_prompt_file_bytes: int = 64 * 1024 * 1024
     """Largest prompt file a batch reads."""
