@@ -199,7 +199,8 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
             continue
         jobs.append(Job(i, request, path, name=spec.name or spec.prompt))
     if skipped:
-        click.echo(f"odyssey: {skipped} of {len(specs)} outputs already complete in {output_dir}, skipped", err=True)
+        click.echo(f"odyssey: {skipped} of {len(specs)} outputs already complete in {_printable(output_dir)}, skipped",
+                   err=True)
     if not jobs:
         return
     manifest = output_dir / "manifest.jsonl"
