@@ -191,7 +191,8 @@ class RuntimeConfig:
     """Placement group strategy per replica: auto is STRICT_PACK (one node) when a replica fits a node, else PACK."""
 
     def __post_init__(self) -> None:
-        _finite(self, "collective_timeout_s", "placement_timeout_s", "load_timeout_s", "num_cpus_per_worker")
+        _finite(self, "collective_timeout_s", "placement_timeout_s", "load_timeout_s", "num_cpus_per_worker",
+                "scale_up_timeout_s", "rebuild_backoff_s", "rebuild_backoff_max_s", "encoder_cpus")
         _require(self.collective_timeout_s > 0, f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         _require(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
         _require(self.placement_timeout_s > 0 and self.load_timeout_s > 0, "timeouts must be > 0")

@@ -73,3 +73,14 @@ def test_rank0_gets_the_spare_cores_when_it_encodes_on_cpu():
     assert shortfall(shape, 2, nodes) is None
     explicit = plan_placement(config(*base, "model.text_encoder_device=cpu", "runtime.encoder_cpus=3"), nodes)
     assert explicit.worker_threads(0, 0) == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runtime.scale_up_timeout_s=0", "scale_up_timeout_s must be > 0"),
+    ("runtime.scale_up_timeout_s=.inf", "scale_up_timeout_s must be a finite number"),
+    ("runtime.rebuild_backoff_s=100", "rebuild_backoff_s must be > 0 and <= rebuild_backoff_max_s"),
+    ("runtime.encoder_cpus=-1", "encoder_cpus must be >= 0"),
+])
+def test_recovery_settings_are_checked(override, message):
+    with pytest.raises(ValueError, match=message):
+        config(override)
