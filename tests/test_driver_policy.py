@@ -227,3 +227,22 @@ def test_sigterm_inside_the_commit_is_held_too():
         assert done == [1]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_manifest_write_error_takes_the_video_with_it(script, tmp_path, monkeypatch):
+    """Disk full at the manifest line: the video that was just renamed into place goes too (the two appear together
+    or not at all), that job fails, the batch goes on."""
+    config = make_config()
+    real = Driver._write_manifest
+
+    def write_manifest(self, outcome):
+        if outcome.job.index == 0:
+            raise OSError(28, "No space left on device")
+        real(self, outcome)
+
+    monkeypatch.setattr(Driver, "_write_manifest", write_manifest)
+    with Driver(config, progress=False, manifest=tmp_path / "manifest.jsonl") as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["a", "b"]))
+    assert [o.ok for o in outcomes] == [False, True]
+    assert "No space left on device" in outcomes[0].error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.mp4", "manifest.jsonl"]
