@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from configs import OdysseyConfig, to_dict
 from pipeline.request import Frame, GenerateRequest, Result
 
-from .placement import WorkerShape, cluster_nodes, plan_placement, shortfall
+from .placement import PlacementError, WorkerShape, cluster_nodes, plan_placement, shortfall
 from .manifest import append_manifest_line
 from .progress import ProgressReporter, make_reporter
 from .replica import POLL_S, Replica, ReplicaFailed, RequestFailed, RequestRejected
@@ -127,11 +127,16 @@ class Driver:
         self.shape = plan_placement(self.config, nodes)
         par, rt = self.config.parallel, self.config.runtime
         missing = shortfall(self.shape, par.replicas, nodes)
+        layout = f"{par.replicas} replica(s) x cfg {par.cfg_degree} x ulysses {par.ulysses_degree}"
+        if missing and self._owns_ray and not (self.address or os.environ.get("RAY_ADDRESS")):
+            # the Ray this process just started on this machine: no autoscaler, it will never grow
+            raise PlacementError(f"{layout} {missing} (Ray on this machine only; join a cluster with --address, "
+                                 f"or lower --replicas / --ulysses)")
         if missing:
             self._request_resources(self.shape.bundles() * par.replicas)
-            log.warning("%d replica(s) x cfg %d x ulysses %d %s now: asked the autoscaler for the rest; starting on "
-                        "the first replica placed, waiting up to %g s (runtime.scale_up_timeout_s)", par.replicas,
-                        par.cfg_degree, par.ulysses_degree, missing, rt.scale_up_timeout_s)
+            log.warning("%s %s now: asked the autoscaler (if the cluster has one) for the rest; starting on the "
+                        "first replica placed, waiting up to %g s (runtime.scale_up_timeout_s)", layout, missing,
+                        rt.scale_up_timeout_s)
         self.replicas = [None] * par.replicas
         self._no_replica_since = time.monotonic()
         self._slots = [threading.Thread(target=self._slot, args=(i,), daemon=True, name=f"odyssey-replica-{i}")

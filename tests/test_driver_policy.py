@@ -246,3 +246,18 @@ def test_a_manifest_write_error_takes_the_video_with_it(script, tmp_path, monkey
     assert [o.ok for o in outcomes] == [False, True]
     assert "No space left on device" in outcomes[0].error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.mp4", "manifest.jsonl"]
+
+
+def test_a_ray_started_here_that_lacks_gpus_fails_at_once(script, monkeypatch):
+    """No waiting for GPUs that cannot come: the Ray this process started on a GPU-less machine never grows."""
+    from cluster.placement import PlacementError
+
+    monkeypatch.setattr(driver_mod, "connect_ray", lambda address: True)  # "this call started Ray"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = make_config("runtime.device=cuda", "parallel.ulysses_degree=2")
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match=r"1 replica\(s\) x cfg 1 x ulysses 2 needs 2 GPUs; the cluster has 0 "
+                                             r"\(Ray on this machine only; join a cluster with --address"):
+        with Driver(config, progress=False):
+            pass
+    assert time.monotonic() - t0 < 5 and script.builds == []
