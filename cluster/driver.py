@@ -131,7 +131,7 @@ class Driver:
         if missing and self._owns_ray and not (self.address or os.environ.get("RAY_ADDRESS")):
             # the Ray this process just started on this machine: no autoscaler, it will never grow
             raise PlacementError(f"{layout} {missing} (Ray on this machine only; join a cluster with --address, "
-                                 f"or lower --replicas / --ulysses)")
+                                 f"lower --replicas / --ulysses, or --set runtime.device=cpu)")
         if missing:
             self._request_resources(self.shape.bundles() * par.replicas)
             log.warning("%s %s now: asked the autoscaler (if the cluster has one) for the rest; starting on the "
