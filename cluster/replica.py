@@ -127,12 +127,12 @@ class Replica:
             if left <= 0:
                 raise ReplicaFailed(f"replica {self.index}: {what()}")
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=min(POLL_S, left))
-            if len(ready) < len(pending):
-                # a failed ref is ready early: surface its error now instead of waiting for the slow ones
-                if not any(self._failed(r) for r in ready):
-                    continue
+            failed = [r for r in ready if self._failed(r)]
+            if len(ready) < len(pending) and not failed:
+                continue
             try:
-                values = ray.get(pending, timeout=max(1.0, left))
+                # a failed ref surfaces its error now, without waiting for ranks that may hang behind it
+                values = ray.get(failed[:1] or pending, timeout=max(1.0, left))
             except GetTimeoutError:
                 raise ReplicaFailed(f"replica {self.index}: {what()}") from None
             except DEATHS as e:
@@ -148,6 +148,8 @@ class Replica:
     def _failed(ref) -> bool:
         try:
             ray.get(ref, timeout=0)
+            return False
+        except GetTimeoutError:
             return False
         except Exception:  # noqa: BLE001 - any error will be raised by the ray.get in _wait
             return True
