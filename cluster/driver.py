@@ -192,6 +192,20 @@ class Driver:
     # -- replica slots ------------------------------------------------------------------------------------------
 
     def _slot(self, slot: int) -> None:
+        try:
+            self._serve_slot(slot)
+        except BaseException as e:  # noqa: BLE001 - a bug here must end the batch, not hang it
+            log.exception("replica slot %d crashed", slot)
+            self._set_fatal(RuntimeError(f"replica slot {slot} crashed: {type(e).__name__}: {e}"))
+
+    def _set_fatal(self, error: BaseException) -> None:
+        with self._changed:
+            if self._fatal is None:
+                self._fatal = error
+                self._events.put((None, "fatal", None, error))
+            self._changed.notify_all()
+
+    def _serve_slot(self, slot: int) -> None:
         """One replica slot's thread: build the replica (again after a loss, with backoff), then serve jobs."""
         rt = self.config.runtime
         failures = 0
@@ -256,14 +270,12 @@ class Driver:
             alone = not any(self.replicas)
             waited = time.monotonic() - self._no_replica_since
             deterministic = isinstance(error, ValueError) or getattr(error, "deterministic", False)
-            if alone and (isinstance(error, ValueError) or waited >= rt.scale_up_timeout_s
-                          or (deterministic and failures > rt.max_retries)):
-                if self._fatal is None:
-                    self._fatal = (error if isinstance(error, ValueError) else
-                                   ReplicaFailed(f"no replica could be started in {waited:.0f} s: {error}"))
-                    self._events.put((None, "fatal", None, self._fatal))
-                self._changed.notify_all()
-                return
+            fatal = alone and (isinstance(error, ValueError) or waited >= rt.scale_up_timeout_s
+                               or (deterministic and failures > rt.max_retries))
+        if fatal:
+            self._set_fatal(error if isinstance(error, ValueError) else
+                            ReplicaFailed(f"no replica could be started in {waited:.0f} s: {error}"))
+            return
         log.warning("replica %d could not be started (attempt %d): %s; trying again in %g s", slot, failures, error,
                     min(rt.rebuild_backoff_s * 2 ** (failures - 1), rt.rebuild_backoff_max_s))
 

@@ -261,3 +261,13 @@ def test_a_ray_started_here_that_lacks_gpus_fails_at_once(script, monkeypatch):
         with Driver(config, progress=False):
             pass
     assert time.monotonic() - t0 < 5 and script.builds == []
+
+
+def test_a_crashed_slot_thread_ends_the_start_instead_of_hanging_it(script, monkeypatch):
+    def broken(self, slot, replica):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(Driver, "_replica_up", broken)
+    with pytest.raises(RuntimeError, match="replica slot 0 crashed: KeyError"):
+        with Driver(make_config(), progress=False):
+            pass
