@@ -1,5 +1,7 @@
-"""The driver: joins or starts Ray, builds the replicas, keeps every replica busy with the batch, writes each video
-as its frames stream in, and survives a lost worker by rebuilding its replica and retrying the prompt."""
+"""The driver: joins or starts Ray, builds the replicas as the cluster makes room for them (asking its autoscaler),
+keeps every replica that is up busy with the batch, writes each video as its frames stream in, and survives a lost
+worker or node by rebuilding its replica (with backoff) and retrying the prompt; a prompt whose own error broke it
+fails alone."""
 
 from __future__ import annotations
 
