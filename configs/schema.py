@@ -188,7 +188,9 @@ class RuntimeConfig:
     """CPUs Ray reserves per worker actor on CPU-only clusters (fractions allowed); null sizes workers to fit."""
 
     placement: Literal["auto", "STRICT_PACK", "PACK"] = "auto"
-    """Placement group strategy per replica: auto is STRICT_PACK (one node) when a replica fits a node, else PACK."""
+    """How a replica's Ulysses groups are packed: each group is one placement-group bundle, so it always sits on one
+    node (its all-to-alls never cross nodes); STRICT_PACK puts the whole replica on one node, PACK lets the cfg
+    halves (cfg_degree=2) land on different nodes; auto is STRICT_PACK when a replica fits a node, else PACK."""
 
     def __post_init__(self) -> None:
         _finite(self, "collective_timeout_s", "placement_timeout_s", "load_timeout_s", "num_cpus_per_worker",
