@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -130,9 +131,9 @@ def _start_line(config: dict, role: str) -> str:
 
 
 class LocalHead:
-    def __init__(self, address: str, gcs: str, laptop: Path, node: Path, token: str, config: dict):
+    def __init__(self, address: str, gcs: str, laptop: Path, node: Path, token: str, config: dict, temp: str):
         self.address, self.gcs, self.laptop, self.node, self.token = address, gcs, laptop, node, token
-        self.config = config
+        self.config, self.temp = config, temp
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,8 @@ def local_head(tmp_path_factory):
     - in `ray start --head`: --port=6379 becomes a free port, --autoscaling-config is dropped (the local provider's
       autoscaler would SSH to the YAML's worker IPs), and --node-ip-address=127.0.0.1, a free --dashboard-port,
       --num-cpus=2 and --block are appended (so the head lives in this fixture's process group, which the fixture
-      ends; `ray start` without --block daemonizes)."""
+      ends; `ray start` without --block daemonizes), and a private --temp-dir: Ray clusters of other tests share
+      this machine's /tmp/ray, where a job's driver looks up "the" cluster (a real head has its own machine)."""
     config = _yaml("local.yaml")
     laptop, node = tmp_path_factory.mktemp("laptop"), tmp_path_factory.mktemp("head")
     # The user's one-time step (README, YAML header): the cluster token on the machine that runs `ray up`; without
@@ -160,31 +162,38 @@ def local_head(tmp_path_factory):
     port, dash = _free_port(), _free_port()
     line = _start_line(config, "head").replace("--port=6379", f"--port={port}")
     line = re.sub(r"\s--autoscaling-config=\S+", "", line)
-    line += (f" --node-ip-address=127.0.0.1 --dashboard-port={dash} --num-cpus=2 --disable-usage-stats --block")
+    temp = tempfile.mkdtemp(prefix="ody", dir="/tmp")  # short: Ray's socket paths live under it
+    line += (f" --node-ip-address=127.0.0.1 --dashboard-port={dash} --num-cpus=2 --disable-usage-stats --block"
+             f" --temp-dir={temp}")
     log = open(node / "head.log", "w")
     proc = subprocess.Popen(["bash", "-lc", line], env=_login_env(node), cwd=node, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 120
-        while not _accepts_jobs(address, token):  # the dashboard answers before its job agent registers
+        deadline = time.time() + 240  # a loaded 2-core machine: tens of seconds
+        while (why := _accepts_jobs(address, token)) is not None:  # the dashboard answers before its job agent
             if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"the head of local.yaml did not come up:\n{(node / 'head.log').read_text()}")
-            time.sleep(0.5)
-        yield LocalHead(address, f"127.0.0.1:{port}", laptop, node, token, config)
+                raise AssertionError(f"the head of local.yaml takes no job ({why}):\n{(node / 'head.log').read_text()}")
+            time.sleep(1)
+        yield LocalHead(address, f"127.0.0.1:{port}", laptop, node, token, config, temp)
     finally:
         _kill_group(proc)
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
-def _accepts_jobs(address: str, token: str) -> bool:
+def _accepts_jobs(address: str, token: str) -> str | None:
+    """None once the head takes a job, else why not (not listening yet, or 500 "No available agent"). One `true`
+    job per call that gets an answer: a short timeout would pile up abandoned jobs on a loaded machine."""
     request = urllib.request.Request(f"{address}/api/jobs/", data=json.dumps({"entrypoint": "true"}).encode(),
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return r.status == 200
-    except OSError:  # not listening yet, or 500 "No available agent to submit job"
-        return False
+        with urllib.request.urlopen(request, timeout=90):
+            return None
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}: {e.read()[:300]!r}"
+    except OSError as e:
+        return repr(e)
 
 
 def test_local_yaml_head_runs_submitted_jobs_and_keeps_outputs_absolute(local_head, tmp_path):
@@ -255,10 +264,11 @@ def _alive_nodes(head: LocalHead) -> int:
 
 def test_workers_join_with_the_mounted_token_and_not_without(local_head, tmp_path):
     """local.yaml's worker start line, run like the head's (ray stop skipped; RAY_HEAD_IP set as the launcher
-    sets it, 6379 -> the head's port, --node-ip-address=127.0.0.1 --num-cpus=1 --block appended)."""
+    sets it, 6379 -> the head's port, --node-ip-address=127.0.0.1 --num-cpus=1 --block and the head's --temp-dir
+    appended)."""
     port = local_head.gcs.rpartition(":")[2]
     line = _start_line(local_head.config, "worker").replace(":6379", f":{port}")
-    line += " --node-ip-address=127.0.0.1 --num-cpus=1 --block"
+    line += f" --node-ip-address=127.0.0.1 --num-cpus=1 --block --temp-dir={local_head.temp}"
     env = {"RAY_HEAD_IP": "127.0.0.1"}
 
     stranger = tmp_path / "stranger"  # no file_mounts, no token: it must not start at all
