@@ -11,7 +11,9 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import stat
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -45,10 +47,7 @@ class _RunLocks:
             if held is not None:
                 held[1] += 1
                 return
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(_lock_path(folder, RUN_ID), flags, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # the name is ours alone: never contended
-            self._held[folder] = [fd, 1]
+            self._held[folder] = [_lock_new(_lock_path(folder, RUN_ID)), 1]
 
     def release(self, folder: Path) -> None:
         folder = folder.resolve()
@@ -63,25 +62,67 @@ class _RunLocks:
 
 _LOCKS = _RunLocks()
 
+_LOCK_WAIT_S = 30.0
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+
+def _lock_new(path: Path) -> int:
+    """An fd holding flock on the file now named `path`. Between our open(O_CREAT) and our flock another run's
+    cleanup can take the still unlocked file for a dead run's and unlink it (it does so under its own flock): we
+    would then hold a lock nobody can see and the next batch would delete our partials. So, the usual lock-file
+    loop: once locked, the name must still be our file; else start again. The other side only ever holds the lock
+    for an instant (and a file of someone else's under our name is given up after _LOCK_WAIT_S)."""
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"the run lock {path} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                locked = False
+            else:
+                try:
+                    locked = _same_file(os.stat(path, follow_symlinks=False), os.fstat(fd))
+                except FileNotFoundError:
+                    locked = False
+            if locked:
+                return fd
+            if time.monotonic() > deadline:
+                raise OSError(f"cannot lock the run lock {path}: another process holds it")
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        time.sleep(0.005)
+
 
 def _run_alive(folder: Path, run_id: str) -> bool:
-    """Whether run `run_id` still holds its lock in `folder`; a dead run's lock file is removed."""
+    """Whether run `run_id` still holds its lock in `folder`; a dead run's lock file is removed. Anything that is
+    not a regular file under the lock's name (a FIFO would block a plain open for ever), or that cannot be opened,
+    counts as alive: we cannot tell, so its partials are left alone."""
     path = _lock_path(folder, run_id)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     except OSError:
-        return True  # cannot tell: keep its files
+        return True
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # BlockingIOError: held by a live run
             return True
-        try:  # remove the dead run's lock, unless the name now belongs to a new file
-            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+        try:  # remove the dead run's lock (still under our flock), unless the name now belongs to a new file
+            if _same_file(os.stat(path, follow_symlinks=False), os.fstat(fd)):
                 path.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
         return False
     finally:
@@ -90,18 +131,26 @@ def _run_alive(folder: Path, run_id: str) -> bool:
 
 def clean_stale_partials(folder: Path) -> list[Path]:
     """Remove the partial files of runs that are gone (killed before they could clean up) and their lock files;
-    partials of live runs, this one included, are left alone. Returns the files removed."""
+    partials of live runs, this one included, are left alone. Returns the files removed. Whatever cannot be
+    removed or judged (a folder or FIFO under such a name, a file we may not delete) is skipped: anyone who can
+    write in the folder could plant one, and it must not stop the batch."""
     folder = Path(folder)
     removed, alive = [], {RUN_ID: True}
     for partial in sorted(folder.glob(f".*{PARTIAL_SUFFIX}")):
         parts = partial.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 2)
         run_id = parts[1] if len(parts) == 3 and _RUN_ID_RE.fullmatch(parts[1]) else None
-        if run_id is not None:
-            if run_id not in alive:
-                alive[run_id] = _run_alive(folder, run_id)
-            if alive[run_id]:
+        try:
+            if run_id is not None:
+                if run_id not in alive:
+                    alive[run_id] = _run_alive(folder, run_id)
+                if alive[run_id]:
+                    continue
+            mode = os.lstat(partial).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
                 continue
-        partial.unlink(missing_ok=True)  # a dead run's, or not named by any run (an older Odyssey's)
+            partial.unlink()  # a dead run's, or not named by any run (an older Odyssey's)
+        except OSError:
+            continue
         removed.append(partial)
     for lock in folder.glob(".odyssey-run-*.lock"):  # dead runs that left no partials
         m = _LOCK_RE.fullmatch(lock.name)
