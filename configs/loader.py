@@ -93,7 +93,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond 1.8e308
+                raise ConfigError(f"{path}: expected float, got a number too large") from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -153,6 +156,40 @@ class _StrictLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+# YAML 1.1's int and float, less base 60 (`1:30` is 90 there): its constructor is quadratic in the digits, so
+# a 1 MiB `1:1:1...` took 94 s of CPU, and no setting is written that way. Floats also take YAML 1.2's `1e-3`
+# (1.1 wants a dot and reads it as a string). Typed numbers are at most _MAX_NUMBER_CHARS long.
+_MAX_NUMBER_CHARS = 100
+_INT_RE = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT_RE = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_RE, list("-+0123456789"))
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _number_constructor(base):
+    def construct(loader, node):
+        value = loader.construct_scalar(node)
+        if len(value) > _MAX_NUMBER_CHARS:
+            raise _YamlRefused(f"a number of more than {_MAX_NUMBER_CHARS} characters", node.start_mark)
+        if ":" in value:  # an explicit !!int / !!float tag still reaches 1.1's base-60 reader
+            raise _YamlRefused("base-60 numbers (1:30) are not allowed", node.start_mark)
+        return base(loader, node)
+
+    return construct
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _number_constructor(yaml.SafeLoader.construct_yaml_int))
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _number_constructor(yaml.SafeLoader.construct_yaml_float))
+
+
 class _YamlRefused(Exception):
     def __init__(self, problem: str, mark):
         super().__init__(problem)
@@ -171,15 +208,21 @@ def _yaml_problem(e: Exception) -> str:
 def safe_yaml_load(text: str):
     """yaml.safe_load without aliases, deeper than 32 levels nesting, or error messages quoting the text.
     Raises ConfigError('not valid YAML (line L, column C: problem)')."""
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # its reader refuses some characters (raw C1 controls) here already
         return loader.get_single_data()
     except (yaml.YAMLError, _YamlRefused) as e:
         raise ConfigError(f"not valid YAML ({_yaml_problem(e)})") from None
     except ValueError as e:  # a constructor's: an integer of more than 4300 digits
         raise ConfigError(f"not valid YAML ({e})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+MAX_OVERRIDE_CHARS = 64 * 1024
+"""Longest `--set` value: it is YAML, read like a config file; strings in it still meet limits.max_prompt_chars."""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -188,6 +231,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {_show(text)}: expected key.sub=value")
+    if len(raw) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"{_show(key)[1:-1]}: the value is longer than {MAX_OVERRIDE_CHARS} characters")
     try:
         value = safe_yaml_load(raw) if raw.strip() else ""
     except ConfigError as e:

@@ -10,16 +10,24 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
-def _require(ok: bool, message: str) -> None:
+def _require(ok: bool, message: str, *values: object) -> None:
+    """ValueError(message) unless ok; with values, message is formatted with them (briefly) only on failure:
+    str() of an int of more than 4300 digits raises, and of a long one is quadratic."""
     if not ok:
-        raise ValueError(message)
+        raise ValueError(message.format(*map(_brief, values)) if values else message)
+
+
+def _brief(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return "beyond 2^64" if value > 0 else "below -2^64"
+    return str(value)
 
 
 def _finite(owner: object, *names: str) -> None:
     """YAML reads `.inf` and `.nan` as floats: no numeric setting may be either."""
     for name in names:
         value = getattr(owner, name)
-        _require(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
+        _require(value is None or math.isfinite(value), f"{name} must be a finite number, got {{}}", value)
 
 
 @dataclass(frozen=True)
@@ -29,8 +37,9 @@ class ModelConfig:
     null runs the embedded tiny model that ships inside the package."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype of the DiT: auto is bfloat16 on CUDA and float32 on CPU. Modulation, norms and the time
-    embedding stay in float32 whatever this says."""
+    """Compute dtype of the DiT: auto is bfloat16 on GPUs with native bf16 (Ampere, sm80, on), float16 on older
+    ones (V100, T4: no fused bf16 attention there) and float32 on CPU. Modulation, norms and the time embedding
+    stay in float32 whatever this says."""
 
     text_encoder_device: Literal["auto", "cpu"] = "auto"
     """Where the umt5-xxl text encoder (bfloat16, 10.6 GiB) lives and runs, on rank 0 only: auto uses that rank's
@@ -74,9 +83,9 @@ class ParallelConfig:
     """Local attention kernel: flash (flash-attn, CUDA fp16/bf16), sdpa (torch), reference (slow, exact) or auto."""
 
     def __post_init__(self) -> None:
-        _require(self.ulysses_degree >= 1, f"ulysses_degree must be >= 1, got {self.ulysses_degree}")
-        _require(self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
-        _require(self.head_chunks >= 1, f"head_chunks must be >= 1, got {self.head_chunks}")
+        _require(self.ulysses_degree >= 1, "ulysses_degree must be >= 1, got {}", self.ulysses_degree)
+        _require(self.replicas >= 1, "replicas must be >= 1, got {}", self.replicas)
+        _require(self.head_chunks >= 1, "head_chunks must be >= 1, got {}", self.head_chunks)
 
     @property
     def group_size(self) -> int:
@@ -100,7 +109,8 @@ class SamplingConfig:
     """Classifier-free guidance weight; 1.0 turns guidance off (one model pass per step)."""
 
     shift: float = 5.0
-    """Flow shift of the sigma schedule: s' = shift*s / (1 + (shift-1)*s). Higher spends more steps at high noise."""
+    """Flow shift of the sigma schedule: s' = shift*s / (1 + (shift-1)*s). Higher spends more steps at high noise.
+    At least 0.001: near 0 every sigma collapses to 0 and the samplers divide by zero."""
 
     negative_prompt: str = ""
     """Prompt that guidance steers away from."""
@@ -110,10 +120,10 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _finite(self, "guidance_scale", "shift")
-        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _require(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        _require(self.shift > 0, f"shift must be > 0, got {self.shift}")
-        _require(self.seed is None or 0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}")
+        _require(self.steps >= 1, "steps must be >= 1, got {}", self.steps)
+        _require(self.guidance_scale >= 0, "guidance_scale must be >= 0, got {}", self.guidance_scale)
+        _require(self.shift >= 1e-3, "shift must be >= 0.001, got {}", self.shift)
+        _require(self.seed is None or 0 <= self.seed < 2**63, "seed must be in 0..2^63-1, got {}", self.seed)
 
 
 @dataclass(frozen=True)
@@ -133,12 +143,12 @@ class VideoConfig:
     def __post_init__(self) -> None:
         for name in ("height", "width"):
             value = getattr(self, name)
-            _require(value >= 16 and value % 16 == 0, f"{name} must be a positive multiple of 16, got {value}")
+            _require(value >= 16 and value % 16 == 0, f"{name} must be a positive multiple of 16, got {{}}", value)
         _require(
             self.frames >= 1 and self.frames % 4 == 1,
-            f"frames must be 4n+1 (1, 5, 9, ..., 81), got {self.frames}",
+            "frames must be 4n+1 (1, 5, 9, ..., 81), got {}", self.frames,
         )
-        _require(self.fps >= 1, f"fps must be >= 1, got {self.fps}")
+        _require(self.fps >= 1, "fps must be >= 1, got {}", self.fps)
 
 
 @dataclass(frozen=True)
@@ -195,17 +205,17 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _finite(self, "collective_timeout_s", "placement_timeout_s", "load_timeout_s", "num_cpus_per_worker",
                 "scale_up_timeout_s", "rebuild_backoff_s", "rebuild_backoff_max_s", "encoder_cpus")
-        _require(self.collective_timeout_s > 0, f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
-        _require(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
+        _require(self.collective_timeout_s > 0, "collective_timeout_s must be > 0, got {}", self.collective_timeout_s)
+        _require(self.max_retries >= 0, "max_retries must be >= 0, got {}", self.max_retries)
         _require(self.placement_timeout_s > 0 and self.load_timeout_s > 0, "timeouts must be > 0")
-        _require(self.scale_up_timeout_s > 0, f"scale_up_timeout_s must be > 0, got {self.scale_up_timeout_s}")
+        _require(self.scale_up_timeout_s > 0, "scale_up_timeout_s must be > 0, got {}", self.scale_up_timeout_s)
         _require(0 < self.rebuild_backoff_s <= self.rebuild_backoff_max_s,
                  "rebuild_backoff_s must be > 0 and <= rebuild_backoff_max_s")
         _require(self.encoder_cpus is None or self.encoder_cpus >= 0,
-                 f"encoder_cpus must be >= 0, got {self.encoder_cpus}")
+                 "encoder_cpus must be >= 0, got {}", self.encoder_cpus)
         _require(
             self.num_cpus_per_worker is None or self.num_cpus_per_worker > 0,
-            f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}",
+            "num_cpus_per_worker must be > 0, got {}", self.num_cpus_per_worker,
         )
 
 
@@ -247,7 +257,7 @@ class LimitsConfig:
         _finite(self, "max_guidance_scale", "max_shift")
         for f in ("max_steps", "max_frames", "max_pixels", "max_fps", "max_prompt_chars", "max_prompt_file_bytes",
                   "max_prompt_lines"):
-            _require(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
+            _require(getattr(self, f) >= 1, f"{f} must be >= 1, got {{}}", getattr(self, f))
         _require(self.max_guidance_scale >= 0 and self.max_shift > 0,
                  "max_guidance_scale must be >= 0 and max_shift > 0")
 

@@ -98,7 +98,7 @@ def test_every_field_has_a_docstring():
     ("sampling", "steps", -1, r"steps must be >= 1"),
     ("sampling", "guidance_scale", -0.5, r"guidance_scale must be >= 0"),
     ("sampling", "guidance_scale", float("inf"), r"guidance_scale must be a finite number, got inf"),
-    ("sampling", "shift", 0, r"shift must be > 0, got 0"),
+    ("sampling", "shift", 0, r"shift must be >= 0\.001, got 0"),
     ("sampling", "shift", float("nan"), r"shift must be a finite number, got nan"),
     ("sampling", "seed", -1, r"seed must be in 0\.\.2\^63-1"),
     ("sampling", "seed", 2**63, r"seed must be in 0\.\.2\^63-1"),
