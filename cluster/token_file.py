@@ -30,7 +30,9 @@ def secure_default_token() -> Path | None:
 
     Missing: ~/.ray is created 0700 and the token file 0600 (O_EXCL, O_NOFOLLOW), holding a fresh 256-bit token, the
     format Ray generates. Present and readable by group or others: one warning line; the file is not changed (it
-    may be the token of a cluster other machines share)."""
+    may be the token of a cluster other machines share). At the default path, a symbolic link (Ray would write
+    through it), anything but a regular file, or a file another user owns: ValueError (one line, exit 2 from the
+    CLI); a ~/.ray another user owns or can write in: a warning."""
     mode = os.environ.get("RAY_AUTH_MODE")
     if (mode is not None and mode.lower() != "token") or os.environ.get("RAY_AUTH_TOKEN"):
         return None
@@ -46,10 +48,23 @@ def secure_default_token() -> Path | None:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))
             return path
-    try:
-        st = os.stat(path)
-    except OSError:
-        return path  # Ray reports a missing RAY_AUTH_TOKEN_PATH itself
+    if explicit:  # the user named it: follow a link if that is what they set
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path  # Ray reports a missing RAY_AUTH_TOKEN_PATH itself
+    else:
+        st = os.lstat(path)
+        # Ray would write its token through a (dangling) link, with the umask's mode, wherever it points; and a
+        # token someone else owns is one they can read or swap.
+        if stat.S_ISLNK(st.st_mode):
+            raise ValueError(f"the Ray auth token {path} is a symbolic link; refusing to use it (remove it, or set "
+                             f"RAY_AUTH_TOKEN_PATH to the file)")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"the Ray auth token {path} is not a regular file; refusing to use it")
+        if st.st_uid != os.geteuid():
+            raise ValueError(f"the Ray auth token {path} is owned by another user (uid {st.st_uid}); refusing "
+                             f"to use it")
     if st.st_mode & 0o077:
         log.warning("the Ray auth token %s is readable by other users (mode %o): anyone on this machine can use "
                     "the cluster as you; run chmod 600 %s", path, stat.S_IMODE(st.st_mode), path)
@@ -60,5 +75,17 @@ def _private_folder(folder: Path) -> None:
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:
-        return  # not ours to change: it may hold other Ray state; the file's own mode is what protects the token
+        # Not ours to change: it may hold other Ray state; the file's own checks protect the token. But whoever
+        # owns or can write in the folder can swap the token file: say so.
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return
+        if st.st_uid != os.geteuid():
+            log.warning("%s is owned by another user (uid %d), who can replace the Ray auth token in it",
+                        folder, st.st_uid)
+        elif st.st_mode & 0o022:
+            log.warning("%s is writable by other users (mode %o), who can replace the Ray auth token in it; run "
+                        "chmod 700 %s", folder, stat.S_IMODE(st.st_mode), folder)
+        return
     os.chmod(folder, 0o700)  # mkdir's mode goes through the umask; a umask can only have removed bits, but be exact
