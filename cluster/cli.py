@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import stat
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -117,6 +118,15 @@ def cli(debug):
 # -- generate / batch ---------------------------------------------------------------------------------------------
 
 
+def _complete(path: Path) -> bool:
+    """Whether a finished video is at `path`: a regular file (never a link, a folder or a FIFO planted under the
+    name; a video is only ever renamed into place whole)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _unique(path: Path) -> Path:
     n, candidate = 2, path
     while candidate.exists():
@@ -182,6 +192,8 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
     from .video import clean_stale_partials
 
     check_job_output(output_dir, "-o")  # a Ray Job's relative paths land in Ray's cache
+    if output_dir.is_symlink():  # videos, manifest and the partials' cleanup would all happen where it points
+        raise InputError(f"the output folder {output_dir} is a symbolic link; pass the folder it points to")
     config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
                             negative_prompt=negative_prompt)
     specs = read_prompt_file(prompts_file, config.limits)
@@ -194,7 +206,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
                                       negative_prompt=spec.negative_prompt, **spec.overrides).resolve(config)
         except ValueError as e:
             raise InputError(f"{prompts_file}:{spec.line}: {e}") from None
-        if resume and path.exists():
+        if resume and _complete(path):
             skipped += 1
             continue
         jobs.append(Job(i, request, path, name=spec.name or spec.prompt))
@@ -268,7 +280,8 @@ def config_show(config_source, overrides, explain):
     """Print the resolved config as YAML."""
     cfg = resolve_config(config_source, overrides)
     if not explain:
-        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
+        text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip()
+        click.echo("\n".join(_printable(line) for line in text.split("\n")))  # YAML leaves C1, DEL, bidi raw
         return
     for section_name, section in to_dict(cfg).items():
         click.echo(f"{section_name}:")
@@ -276,7 +289,7 @@ def config_show(config_source, overrides, explain):
         for key, value in section.items():
             for line in docs.get(key, "").splitlines():
                 click.echo(f"  # {line}")
-            click.echo(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+            click.echo(f"  {key}: {_printable(json.dumps(value, ensure_ascii=False))}")
 
 
 @config.command("presets")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import stat
 from pathlib import Path
+
+from .prompts import UNPRINTABLE
 
 __all__ = ["ManifestError", "append_manifest_line", "check_manifest", "manifest_line"]
 
@@ -21,15 +22,14 @@ class ManifestError(ValueError):
     """A manifest path that must not be written: a link, not a regular file, outside its folder."""
 
 
-# JSON escapes C0 controls itself; with ensure_ascii=False it leaves DEL, C1 (CSI is 0x9b) and the line separators
-# raw, and those move some terminals' cursors or split a log line.
-_RAW_CONTROLS = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 
 def manifest_line(record: dict) -> str:
     """One line of JSON (UTF-8, readable non-ASCII) with every control character escaped, ending in a newline."""
+    # JSON escapes C0 controls itself; with ensure_ascii=False it leaves DEL, C1 (CSI is 0x9b), the line separators
+    # and the bidi controls raw: they move some terminals' cursors, split a log line or reorder how it reads.
     text = json.dumps(record, ensure_ascii=False)
-    return _RAW_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+    return UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 def check_manifest(path: Path, inside: Path | None = None) -> None:

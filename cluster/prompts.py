@@ -10,7 +10,8 @@ from pathlib import Path
 
 from configs import LimitsConfig
 
-__all__ = ["PromptSpec", "PromptFileError", "read_prompt_file", "slugify", "output_path", "printable", "OVERRIDABLE"]
+__all__ = ["PromptSpec", "PromptFileError", "read_prompt_file", "slugify", "output_path", "printable", "OVERRIDABLE",
+           "UNPRINTABLE"]
 
 # Per-prompt settings a .jsonl line may set (GenerateRequest fields).
 OVERRIDABLE = {"steps": int, "guidance_scale": (int, float), "shift": (int, float), "sampler": str, "height": int,
@@ -124,7 +125,7 @@ def slugify(text: str, max_len: int = 60) -> str:
 
 # C0, DEL and C1 controls, line/paragraph separators and bidi overrides: what can move a terminal's cursor, clear
 # it, or forge a log line or reorder how text reads.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: object, max_len: int | None = None) -> str:
@@ -133,7 +134,7 @@ def printable(text: object, max_len: int | None = None) -> str:
     text = str(text)
     cut = max_len is not None and len(text) > max_len
     text = text[:max_len] if cut else text
-    shown = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    shown = UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
     return shown + "..." if cut else shown
 
 
