@@ -89,21 +89,25 @@ def test_a_lost_node_costs_a_retry_and_its_replica_comes_back_with_the_node(two_
 
     def on_event(job, event):
         if "victim" not in state and isinstance(event, Progress) and event.stage == "denoise" and event.step == 2:
-            slot = next(i for i, r in enumerate(driver.replicas) if r is not None and r.infos[0].node_id != head_id)
-            node = next(n for n in two_nodes.worker_nodes if n.node_id == driver.replicas[slot].infos[0].node_id)
-            state.update(victim=slot, job=job.index)
-            two_nodes.remove_node(node)
+            # the replica serving this prompt, if it is on the worker node (the head cannot be removed)
+            slot = next((i for i, r in enumerate(driver.replicas) if r is not None and r.infos[0].node_id != head_id
+                         and r.health()[0]["request_id"] == job.request.request_id), None)
+            if slot is not None:
+                node = next(n for n in two_nodes.worker_nodes if n.node_id == driver.replicas[slot].infos[0].node_id)
+                state.update(victim=slot, job=job.index)
+                two_nodes.remove_node(node)
 
     with Driver(config, progress=False, on_event=on_event) as driver:
         assert driver.wait_ready(timeout_s=120) == 2
-        first = driver.run(jobs(4))
+        first = driver.run(jobs(6))
+        assert "victim" in state, "no prompt ran on the worker node's replica"
         deadline = time.time() + 120  # a new node joins only once a rebuild has failed for want of room
         while not rebuild_failures() and time.time() < deadline:
             time.sleep(0.2)
         state["failed_before_join"] = rebuild_failures()
         two_nodes.add_node(num_cpus=1, num_gpus=2)
         assert driver.wait_ready(timeout_s=120) == 2, "the lost replica's slot was given up"
-        second = driver.run(jobs(2, first=4))  # two idle replicas: one prompt each
+        second = driver.run(jobs(2, first=6))  # two idle replicas: one prompt each
     assert all(o.ok for o in first + second), [o.error for o in first + second]
     lost = next(o for o in first if o.job.index == state["job"])
     assert lost.job.attempts == 1 and lost.replica != state["victim"]  # retried once, on the other replica
