@@ -1,23 +1,33 @@
 r"""One command that checks every CUDA path of Odyssey on one GPU (issue #10), sized to fit a short device lease.
 
     PYTHONPATH=. python bench/gpu_check.py [--quick] [--device cuda|cpu] [--json FILE] [--checks a,b]
+                                           [--time-limit S]
 
 Prints one markdown row per check (ok / FAIL / skipped with its reason, and the check's figures) and a summary line;
 exits 1 when a check FAILs (skipped is not a failure). Each check runs on its own: one failure does not stop the
-others. Checks:
+others, except a sticky CUDA error (illegal address, device-side assert), after which the remaining checks are
+skipped as "CUDA context poisoned by <check>". Each check has a time limit (TIMEOUT_S, about 4-5x its H100
+estimate; the whole run --time-limit, default 400 s): past it faulthandler prints every thread's stack and ends the
+process, and the JSON's last row names the check that did not finish. Checks, in the order they run (the
+single-process ones before anything starts NCCL):
 
-1. local_attention  every backend that imports, bf16, vs an fp32 reference on the same inputs; time per call at
-                    32760 tokens x 12 heads x 128 (Wan2.1-1.3B at 480p); the fp32 reference runs in query chunks.
+1. local_attention  every backend that imports, bf16, vs an fp64 reference written out in the check (query chunks);
+                    time per call at 32760 tokens x 12 heads x 128 (Wan2.1-1.3B at 480p).
 2. wan_dit          WanDiT at the 1.3B shape (30 layers, random weights, bf16) on a 21x60x104 latent: time per
-                    forward, peak memory; vs diffusers' WanTransformer3DModel on the same weights when it imports.
-3. ulysses_nccl     one-rank NCCL group: every ulysses_attention option combination equals local_attention; the
-                    real all-to-alls (SeqToHead/HeadToSeq, native and fp8, fused or not, chunked) on NCCL; the fp8
-                    codec round trip on CUDA; fuse_qkv="auto" planning terminates.
-4. vae_stream       WanVAEDecoder.decode_stream at 480p, 21 latent frames, random Wan2.1 VAE: first frame, total,
-                    peak memory; vs diffusers' AutoencoderKLWan.decode when it imports (max level difference).
+                    forward, peak memory, measured first; then diffusers' WanTransformer3DModel on the same weights
+                    when it imports: rel. error after the first 2 layers (tight bound, catches a wrong kernel) and
+                    after all 30 (loose: diffusers rounds the residual to bf16 per block, WanDiT keeps fp32).
+3. vae_stream       WanVAEDecoder.decode_stream at 480p, 21 latent frames, random Wan2.1 VAE, fp32 with TF32 off:
+                    first frame, total, peak memory; vs diffusers' AutoencoderKLWan.decode when it imports (max
+                    level difference).
+4. ulysses_nccl     one-rank NCCL group: (a) validation and the P=1 path of ulysses_attention for every option
+                    combination (with one rank it attends locally before any codec, so fp8/fused/chunked are not
+                    exercised there); (c) the real SeqToHead/HeadToSeq all-to-alls, native and fp8, fused or not,
+                    chunked, on NCCL; (b) the fp8 codec round trip on CUDA; (d) fuse_qkv="auto" planning returns.
 5. runner           the Runner on the device in bf16 (one rank, NCCL) on a small random Wan pipeline, 20 steps, vs the
                     same request on CPU in fp32 (PSNR of the frames); runner_embedded: the embedded model through
-                    the Runner on the device, analyzer vs prompt for the 40 canonical prompts at seed 1000.
+                    the Runner on the device, analyzer vs prompt for the 40 canonical prompts at seed 1000. Times
+                    are of generate only (no process-group start-up or model load).
 6. ray_generate     `odyssey generate` with runtime.device=cuda through one Ray actor holding the GPU (needs Ray).
 
 `--quick` shrinks the sizes (GPU: about 2-3 min; CPU: tiny shapes in well under a minute, run by the tests so the
@@ -37,8 +47,8 @@ minutes on an H100; the JSON is rewritten after every check, so a run stopped at
 
     set -o pipefail; mkdir -p /tmp/site; if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q \
       --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; fi; export PYTHONPATH=.:/tmp/site \
-      PYTHONUNBUFFERED=1; nvidia-smi -L; python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 \
-      | tee $OUT/gpu_check.log
+      PYTHONUNBUFFERED=1 NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1; nvidia-smi -L; \
+      python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
 If it stops at the limit, rerun only the missing rows with `--quick --checks name,...`; give the machine back
 (give_back) when done. Paste the printed markdown table into docs/benchmarks.md's GPU section with the card's name.
@@ -50,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import gc
 import json
 import os
@@ -77,15 +88,29 @@ __all__ = ["CHECKS", "main", "run_check"]
 # Driver
 
 
+# Order: the single-process checks first, then those that start NCCL (a hang there must not cost the figures
+# above), the Runner's last.
 CHECKS: dict[str, Callable[[Ctx, Row], None]] = {
     "local_attention": check_local_attention,
     "wan_dit": check_wan_dit,
-    "ulysses_nccl": check_ulysses,
     "vae_stream": check_vae,
+    "ulysses_nccl": check_ulysses,
     "runner": check_runner,
     "runner_embedded": check_runner_embedded,
     "ray_generate": check_ray_generate,
 }
+
+# Seconds a check may run before faulthandler prints every thread's stack and ends the process: about 4-5x the
+# H100 estimates (attention ~10 s, DiT ~60 s with diffusers, VAE ~30 s, Ulysses ~5 s, Runner ~15 s, embedded
+# ~60 s), so a hang (a stuck NCCL call, a wedged kernel) leaves a trace well inside the device call's limit instead
+# of burning it. The whole run is also held to --time-limit (default 400 s, under the documented 420 s call).
+TIMEOUT_S = {"local_attention": 50, "wan_dit": 240, "vae_stream": 150, "ulysses_nccl": 30, "runner": 75,
+             "runner_embedded": 240, "ray_generate": 320}
+DEFAULT_TIMEOUT_S = 120
+
+# A FAIL whose note says this leaves the CUDA context unusable (illegal address, device-side assert): every later
+# CUDA call fails with the same error, so the checks after it are skipped rather than reported as failures.
+STICKY = ("CUDA error", "AcceleratorError", "device-side assert", "illegal memory access")
 
 
 def run_check(name: str, fn: Callable[[Ctx, Row], None], ctx: Ctx) -> Row:
@@ -102,15 +127,31 @@ def run_check(name: str, fn: Callable[[Ctx, Row], None], ctx: Ctx) -> Row:
         row.status, row.note = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         traceback.print_exc(file=sys.stderr)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # a check that died inside its group
-            dist.destroy_process_group()
-        if ctx.device.type == "cuda":
-            gc.collect()  # a failed check's models may sit in reference cycles until collected
-            torch.cuda.empty_cache()
+        cleanup(ctx.device)
     row.seconds = round(time.perf_counter() - t0, 1)
     return row
+
+
+def cleanup(device: torch.device) -> None:
+    """Destroy a group a check died inside and free its memory; after a sticky CUDA error these raise too, and
+    that must not end the run (the rows after it say why they were skipped)."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as e:
+        print(f"gpu_check: destroying the process group: {type(e).__name__}: {e}", file=sys.stderr)
+    if device.type == "cuda":
+        gc.collect()  # a failed check's models may sit in reference cycles until collected
+        try:
+            torch.cuda.empty_cache()
+        except Exception as e:
+            print(f"gpu_check: emptying the CUDA cache: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def poisons_cuda(row: Row) -> bool:
+    return row.status == "FAIL" and any(s in row.note for s in STICKY)
 
 
 def describe_device(device: torch.device) -> str:
@@ -138,11 +179,17 @@ def main(argv: list[str] | None = None, checks: dict[str, Callable] = CHECKS) ->
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every row (and the device) as JSON")
     parser.add_argument("--checks", help=f"comma-separated subset of: {', '.join(checks)}")
+    parser.add_argument("--time-limit", type=float, default=400.0, metavar="S",
+                        help="end the run with every thread's stack printed after S seconds in all (default 400); "
+                             "each check has its own, shorter limit too")
     args = parser.parse_args(argv)
     names = list(checks) if not args.checks else [n.strip() for n in args.checks.split(",") if n.strip()]
     unknown = [n for n in names if n not in checks]
     if unknown:
         print(f"gpu_check: unknown check(s) {', '.join(unknown)}; known: {', '.join(checks)}", file=sys.stderr)
+        return 2
+    if not args.time_limit > 0:
+        print(f"gpu_check: --time-limit must be positive, got {args.time_limit}", file=sys.stderr)
         return 2
     if args.json and not args.json.resolve().parent.is_dir():
         print(f"gpu_check: --json {args.json}: folder {args.json.resolve().parent} does not exist", file=sys.stderr)
@@ -158,14 +205,31 @@ def main(argv: list[str] | None = None, checks: dict[str, Callable] = CHECKS) ->
         torch.set_num_threads(1)
     where = describe_device(device)
     print(f"gpu_check on {where}{' (--quick)' if args.quick else ''}", flush=True)
-    rows = []
+    rows: list[Row] = []
     t0 = time.perf_counter()
+    poisoned_by = None
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         for name in names:
-            workdir = Path(tmp) / name
-            workdir.mkdir()
-            ctx = Ctx(device, args.quick, sizes_for(device, args.quick), workdir)
-            rows.append(run_check(name, checks[name], ctx))
+            limit = min(TIMEOUT_S.get(name, DEFAULT_TIMEOUT_S), args.time_limit - (time.perf_counter() - t0))
+            if poisoned_by is not None:
+                rows.append(Row(name, "skipped", f"CUDA context poisoned by {poisoned_by}"))
+            elif limit < 1:
+                rows.append(Row(name, "skipped", f"the run's --time-limit of {args.time_limit:g} s is spent"))
+            else:
+                workdir = Path(tmp) / name
+                workdir.mkdir()
+                ctx = Ctx(device, args.quick, sizes_for(device, args.quick), workdir)
+                if args.json:  # what a run ended by a limit (ours or the lease's) says about the check it was in
+                    write_json(args.json, where, args.quick, time.perf_counter() - t0, rows + [Row(
+                        name, "FAIL", f"did not finish: ran past {limit:.0f} s or the process died")])
+                # a hang (NCCL, a wedged kernel) prints every thread's stack and ends the process
+                faulthandler.dump_traceback_later(limit, exit=True)
+                try:
+                    rows.append(run_check(name, checks[name], ctx))
+                finally:
+                    faulthandler.cancel_dump_traceback_later()
+                if poisons_cuda(rows[-1]):
+                    poisoned_by = name
             r = rows[-1]
             print(f"  {r.name}: {r.status}{' (' + r.note + ')' if r.note else ''} in {r.seconds} s; {r.figures}",
                   flush=True)
