@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import WeightsError, check_keys, rename_first
+from .weights import WeightsError, check_keys, inside_model, model_root, rename_first
 
 __all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR"]
 
@@ -91,16 +91,24 @@ class WanTextEncoder:
         hf_logging.disable_progress_bar()
         path = Path(path)
         if (path / "text_encoder" / "config.json").is_file():
-            model = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype, use_safetensors=True)
-            tok_dir = path / "tokenizer"
+            diffusers, tok_dir = True, path / "tokenizer"
         elif (path / ORIGINAL_T5_FILE).is_file():
-            model = _load_original(path / ORIGINAL_T5_FILE, dtype)
-            tok_dir = path / ORIGINAL_TOKENIZER_DIR
+            diffusers, tok_dir = False, path / ORIGINAL_TOKENIZER_DIR
         else:
             raise WeightsError(f"{path} holds no text encoder: expected text_encoder/ + tokenizer/ (diffusers) or "
                                f"{ORIGINAL_T5_FILE} + {ORIGINAL_TOKENIZER_DIR}/ (original Wan2.1)")
         if not tok_dir.is_dir():
             raise WeightsError(f"tokenizer folder {tok_dir} is missing")
+        # Everything read must resolve inside the model folder (the .pth is unpickled), checked before any load.
+        root = model_root(path)
+        for folder in (path / "text_encoder",) * diffusers + (tok_dir,):
+            inside_model(root, folder, "text encoder file")
+            for file in folder.iterdir():
+                inside_model(root, file, "text encoder file")
+        if diffusers:
+            model = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype, use_safetensors=True)
+        else:
+            model = _load_original(inside_model(root, path / ORIGINAL_T5_FILE, "text encoder file"), dtype)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         return cls(model.to(device), tokenizer, text_len)
 

@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from .dit import WanDiT, WanDiTConfig
 
-__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "check_keys", "rename_first", "WeightsError"]
+__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "check_keys", "rename_first", "WeightsError",
+           "model_root", "inside_model"]
 
 _COMFY_PREFIX = "model.diffusion_model."
 
@@ -57,6 +58,29 @@ def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str) -> 
         raise WeightsError(f"{what}: " + "; ".join(problems))
 
 
+def model_root(folder: Path) -> Path:
+    """The folder every weight, config and tokenizer file of a model must resolve inside: `folder` itself, or, for
+    a Hugging Face hub cache snapshot (.../models--org--name/snapshots/<rev>/...), its cache entry, since a
+    snapshot's files are links into the entry's blobs/."""
+    root = Path(folder).resolve()
+    for parent in (root, *root.parents):
+        if parent.parent.name == "snapshots" and parent.parent.parent.name.startswith("models--"):
+            return parent.parent.parent
+    return root
+
+
+def inside_model(root: Path, path: Path, what: str) -> Path:
+    """`path` resolved (links followed) when it lies inside `root` (a model_root); else WeightsError. A link
+    planted in a model folder must not make us read (or, for a .pth, unpickle) a file from anywhere else."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop
+        resolved = None
+    if resolved is None or not resolved.is_relative_to(root):
+        raise WeightsError(f"{what} {path} points outside the model folder {root}; refusing to read it")
+    return resolved
+
+
 def _dit_folder(path: Path) -> Path:
     if not path.exists():
         raise WeightsError(f"weights folder {path} does not exist")
@@ -81,12 +105,14 @@ def dit_weight_files(folder: Path) -> list[Path]:
             names = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise WeightsError(f"{indexes[0]} is not a safetensors index (a JSON object with a weight_map)") from None
-        files = sorted(_shard_inside(folder, name, indexes[0]) for name in names)
-        missing = [str(f.relative_to(folder.resolve())) for f in files if not f.is_file()]
+        root = model_root(folder)
+        files = sorted(_shard_inside(folder, root, name, indexes[0]) for name in names)
+        missing = [str(f.relative_to(root)) for f in files if not f.is_file()]
         if missing:
             raise WeightsError(f"{indexes[0]} names shards that are not there: {', '.join(missing)}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    root = model_root(folder)
+    files = sorted(inside_model(root, f, "weights file") for f in folder.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
         hint = f" (found {', '.join(others)}: only safetensors are loaded, for safety)" if others else ""
@@ -94,12 +120,15 @@ def dit_weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _shard_inside(folder: Path, name: object, index: Path) -> Path:
-    """folder/name, resolved, when it lies inside the folder (links followed). An index is data from whoever made the
-    checkpoint: an absolute name, '..' or a link out of the folder would read any file, and 'not there' would tell
-    which exist. Decided before anything outside is touched, with one message whatever is there."""
-    root = folder.resolve()
-    path = (root / name).resolve() if isinstance(name, str) and name and "\x00" not in name else None
+def _shard_inside(folder: Path, root: Path, name: object, index: Path) -> Path:
+    """folder/name, resolved, when it lies inside root (model_root(folder); links followed). An index is data from
+    whoever made the checkpoint: an absolute name, '..' or a link out of the folder would read any file, and 'not
+    there' would tell which exist. Decided before anything outside is touched, with one message whatever is
+    there."""
+    try:
+        path = (folder.resolve() / name).resolve() if isinstance(name, str) and name and "\x00" not in name else None
+    except (OSError, RuntimeError):  # a link loop
+        path = None
     if path is None or path == root or not path.is_relative_to(root) or not path.name.endswith(".safetensors"):
         raise WeightsError(f"{index} names a shard outside its folder or not a .safetensors file: {name!r:.80}")
     return path
