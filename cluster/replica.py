@@ -97,6 +97,7 @@ class Replica:
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=g),
                     ).remote(self.config, shape.worker_threads(g, m)))
                     where.append((g, m))
+            self.workers = list(workers)  # killed by kill() if anything below fails
             infos = self._wait([w.info.remote() for w in workers], rt.placement_timeout_s,
                                lambda: f"workers did not start in {rt.placement_timeout_s:g} s")
             # Ranks after placement: a Ulysses group is one bundle (one node) of contiguous ranks, in GPU order;
