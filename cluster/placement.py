@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from configs import OdysseyConfig
 
-__all__ = ["PlacementError", "WorkerShape", "plan_placement", "cluster_nodes", "cluster_totals"]
+__all__ = ["PlacementError", "WorkerShape", "plan_placement", "shortfall", "cluster_nodes", "cluster_totals"]
 
 
 class PlacementError(ValueError):
