@@ -475,3 +475,249 @@ def test_a_prompt_is_tried_max_retries_plus_one_times(tmp_path):
     assert outcome.job.attempts == 2
     assert time.time() - t0 < 240  # every loss noticed within seconds, never the collective timeout
     assert not list(tmp_path.iterdir())
+
+
+# -- second review: hangs, races and leaks the first fixes left ----------------------------------------------
+
+
+def _clean_in_subprocess(folder, timeout=20):
+    code = f"from cluster.video import clean_stale_partials; print(len(clean_stale_partials({str(folder)!r})))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_fifo_named_like_a_run_lock_cannot_hang_the_cleanup(tmp_path):
+    run = "aaaaaaaaaaaa"
+    os.mkfifo(tmp_path / f".odyssey-run-{run}.lock")  # open(O_RDONLY) of a FIFO waits for a writer for ever
+    partial = tmp_path / f".v.{run}.12345678.partial.mp4"
+    partial.write_bytes(b"x")
+    result = _clean_in_subprocess(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert partial.exists(), "a run whose lock cannot be read is alive as far as anyone can tell"
+
+
+def test_cleanup_skips_entries_it_cannot_remove(tmp_path, monkeypatch):
+    (tmp_path / ".d.partial.mp4").mkdir()  # unlink() of a folder: IsADirectoryError
+    (tmp_path / ".d.partial.mp4" / "keep").write_text("x")
+    denied = tmp_path / ".denied.partial.mp4"
+    denied.write_bytes(b"x")
+    stale = tmp_path / f".v.{'b' * 12}.12345678.partial.mp4"
+    stale.write_bytes(b"x")
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == denied.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert clean_stale_partials(tmp_path) == [stale]  # the others are skipped, the batch carries on
+    assert (tmp_path / ".d.partial.mp4" / "keep").exists() and denied.exists() and not stale.exists()
+
+
+def test_a_run_never_holds_a_lock_on_a_file_another_cleanup_removed(tmp_path, monkeypatch):
+    from cluster import video
+
+    real = video.fcntl.flock
+    calls = []
+
+    class Fcntl:  # another run's cleanup slips in between our open(O_CREAT) and our flock
+        LOCK_EX, LOCK_NB, LOCK_UN = video.fcntl.LOCK_EX, video.fcntl.LOCK_NB, video.fcntl.LOCK_UN
+
+        @staticmethod
+        def flock(fd, op):
+            if not calls and os.fstat(fd).st_ino == os.stat(video._lock_path(tmp_path, RUN_ID)).st_ino:
+                calls.append(fd)
+                assert video._run_alive(tmp_path, RUN_ID) is False  # unlocked: looks dead, removed
+            return real(fd, op)
+
+    monkeypatch.setattr(video, "fcntl", Fcntl)
+    video._LOCKS.acquire(tmp_path)
+    try:
+        assert calls, "the race was not provoked"
+        fd = video._LOCKS._held[tmp_path.resolve()][0]
+        st = os.stat(video._lock_path(tmp_path, RUN_ID), follow_symlinks=False)
+        assert (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        monkeypatch.setattr(video, "fcntl", __import__("fcntl"))
+        assert video._run_alive(tmp_path, RUN_ID) is True
+    finally:
+        video._LOCKS.release(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_sexagesimal_and_huge_scalars_cost_nothing(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("sampling:\n  steps: " + ":".join(["1"] * 400_000) + "\n")
+    t0 = time.process_time()
+    with pytest.raises(ConfigError, match="sampling.steps: expected int"):
+        load_config(str(config))
+    assert time.process_time() - t0 < 10  # base-60 ints were quadratic: 94 s of CPU for 1 MiB
+    with pytest.raises(ConfigError, match="sampling.steps: expected int"):
+        load_config("tiny", ["sampling.steps=1:30"])  # YAML 1.1 read this as 90
+    with pytest.raises(ConfigError, match="a number of more than 100 characters"):
+        load_config("tiny", ["sampling.shift=0x" + "f" * 200])
+    with pytest.raises(ConfigError, match="sampling.negative_prompt: the value is longer than 65536 characters"):
+        load_config("tiny", ["sampling.negative_prompt=" + "x" * 70_000])
+    with pytest.raises(ConfigError, match="over the limit 10000"):
+        load_config("tiny", ["sampling.negative_prompt=" + "x" * 10_001])
+
+
+def test_config_numbers_too_big_to_show_are_one_clear_error():
+    from configs import SamplingConfig, from_dict
+
+    with pytest.raises(ConfigError, match="shift: expected float, got a number too large"):
+        from_dict(SamplingConfig, {"shift": 10**400})  # float() overflows
+    with pytest.raises(ConfigError, match=r"sampling: seed must be in 0\.\.2\^63-1, got beyond 2\^64"):
+        load_config("tiny", ["sampling.seed=" + "9" * 99])
+    big = 10**5000  # str() of it raises: Python's 4300-digit limit
+    with pytest.raises(ValueError, match=r"steps must be >= 1, got below -2\^64"):
+        dataclasses.replace(load_config("tiny").sampling, steps=-big)
+    with pytest.raises(ValueError, match=r"seed must be in 0\.\.2\^63-1, got beyond 2\^64"):
+        dataclasses.replace(load_config("tiny").sampling, seed=big)
+    result = odyssey("config", "show", "--set", "sampling.shift=" + "9" * 400, timeout=60)
+    assert "a number of more than 100 characters" in one_error_line(result)
+
+
+def test_shift_has_a_useful_lower_bound():
+    with pytest.raises(ConfigError, match=r"shift must be >= 0\.001"):
+        load_config("tiny", ["sampling.shift=1e-320"])
+    assert load_config("tiny", ["sampling.shift=0.001"]).sampling.shift == 0.001
+
+
+def test_a_symlinked_ray_token_or_one_owned_by_another_user_is_refused(tmp_path, monkeypatch, caplog):
+    from cluster.token_file import secure_default_token
+
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder, token = tmp_path / ".ray", tmp_path / ".ray" / "auth_token"
+    folder.mkdir(mode=0o700)
+    token.symlink_to(tmp_path / "elsewhere")  # dangling: Ray would write the token through it, umask mode
+    with pytest.raises(ValueError, match="auth_token is a symbolic link"):
+        secure_default_token()
+    assert not (tmp_path / "elsewhere").exists()
+    token.unlink()
+    token.write_text("abc")
+    token.chmod(0o600)
+    os.chown(token, os.geteuid() + 1, -1)
+    with pytest.raises(ValueError, match="auth_token is owned by another user"):
+        secure_default_token()
+    os.chown(token, os.geteuid(), -1)
+    folder.chmod(0o777)
+    with caplog.at_level("WARNING"):
+        assert secure_default_token() == token
+    assert any("writable by other users" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    folder.chmod(0o700)
+    os.chown(folder, os.geteuid() + 1, -1)
+    with caplog.at_level("WARNING"):
+        secure_default_token()
+    assert any("owned by another user" in r.getMessage() for r in caplog.records)
+
+
+def test_a_symlinked_output_folder_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out").symlink_to(elsewhere, target_is_directory=True)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    line = one_error_line(odyssey("batch", prompts, "-o", f"{tmp_path / 'out'}/"))
+    assert "is a symbolic link" in line
+    assert not list(elsewhere.iterdir())
+
+
+CONTROLS = "A\x9b31mB\u202eC\x7fD\u2028E\u2066F"
+
+
+@pytest.mark.parametrize("explain", [False, True])
+def test_config_show_escapes_control_characters(explain):
+    escaped = CONTROLS.encode("unicode_escape").decode("ascii")  # YAML's double-quoted escapes: \x9b, \u202e
+    result = odyssey("config", "show", *(["--explain"] if explain else []),
+                     "--set", f'sampling.negative_prompt="{escaped}"', timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]", result.stdout)
+    assert "negative_prompt:" in result.stdout and "\\u202e" in result.stdout
+    raw = odyssey("config", "show", "--set", f"sampling.negative_prompt={CONTROLS}", timeout=60)
+    assert "not valid YAML" in one_error_line(raw)  # YAML refuses raw C1 controls: one line, exit 2
+
+
+def test_manifest_lines_escape_bidi_controls(tmp_path):
+    from cluster import manifest, prompts
+
+    append_manifest_line(tmp_path / "m.jsonl", {"prompt": CONTROLS})
+    text = (tmp_path / "m.jsonl").read_text()
+    assert not re.search("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]", text)
+    assert json.loads(text)["prompt"] == CONTROLS
+    assert not hasattr(manifest, "_RAW_CONTROLS") and hasattr(prompts, "UNPRINTABLE")  # one definition
+
+
+def _weights_folder(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    folder = tmp_path / "wan"
+    folder.mkdir()
+    outside = tmp_path / "outside.safetensors"
+    save_file({"x": torch.zeros(1)}, str(outside))
+    return folder, outside
+
+
+def test_globbed_weights_and_pth_files_cannot_point_out_of_the_model_folder(tmp_path):
+    from pipeline.text_encoder import ORIGINAL_T5_FILE, ORIGINAL_TOKENIZER_DIR, WanTextEncoder
+    from pipeline.vae_weights import ORIGINAL_VAE_FILE, read_vae_spec
+    from pipeline.weights import WeightsError, dit_weight_files
+
+    folder, outside = _weights_folder(tmp_path)
+    (folder / "a.safetensors").symlink_to(outside)
+    with pytest.raises(WeightsError, match="outside the model folder"):
+        dit_weight_files(folder)
+    (folder / "a.safetensors").unlink()
+    (folder / "b.safetensors").write_bytes(outside.read_bytes())
+    assert dit_weight_files(folder) == [(folder / "b.safetensors").resolve()]
+
+    (folder / ORIGINAL_VAE_FILE).symlink_to(tmp_path / "vae.pth")
+    (tmp_path / "vae.pth").write_bytes(b"")
+    with pytest.raises(WeightsError, match="outside the model folder"):
+        read_vae_spec(folder)
+    tokenizer = folder / ORIGINAL_TOKENIZER_DIR
+    tokenizer.mkdir(parents=True)
+    (folder / ORIGINAL_T5_FILE).symlink_to(tmp_path / "t5.pth")
+    (tmp_path / "t5.pth").write_bytes(b"")
+    with pytest.raises(WeightsError, match="outside the model folder"):
+        WanTextEncoder.from_pretrained(folder)
+    (folder / ORIGINAL_T5_FILE).unlink()
+    (folder / ORIGINAL_T5_FILE).write_bytes(b"")
+    (tokenizer / "tokenizer.json").symlink_to(tmp_path / "vae.pth")  # one file of it
+    with pytest.raises(WeightsError, match="outside the model folder"):
+        WanTextEncoder.from_pretrained(folder)
+    (tokenizer / "tokenizer.json").unlink()
+    tokenizer.rmdir()
+    (tmp_path / "tok").mkdir()
+    tokenizer.symlink_to(tmp_path / "tok", target_is_directory=True)  # or all of it
+    with pytest.raises(WeightsError, match="outside the model folder"):
+        WanTextEncoder.from_pretrained(folder)
+
+
+def test_a_hub_cache_snapshot_may_link_into_its_blobs(tmp_path):
+    from pipeline.weights import dit_weight_files
+
+    repo = tmp_path / "models--Wan-AI--x"
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    _, outside = _weights_folder(tmp_path)
+    blob = repo / "blobs" / "deadbeef"
+    blob.write_bytes(outside.read_bytes())
+    (snap / "m.safetensors").symlink_to("../../blobs/deadbeef")
+    assert dit_weight_files(snap) == [blob.resolve()]
+
+
+def test_resume_counts_only_regular_files_as_complete(tmp_path):
+    from cluster.cli import _complete
+
+    (tmp_path / "dir.mp4").mkdir()
+    (tmp_path / "real.mp4").write_bytes(b"x")
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "real.mp4")
+    os.mkfifo(tmp_path / "fifo.mp4")
+    assert [_complete(tmp_path / n) for n in ("real.mp4", "dir.mp4", "link.mp4", "fifo.mp4", "none.mp4")] == [
+        True, False, False, False, False]
