@@ -75,10 +75,6 @@ class Components:
         """[N, text_len, text_dim] float32 on the encoder's run device; the encoder is back home afterwards."""
         place, encoder = self.text_placement, self.text_encoder
         assert encoder is not None, "this rank loaded no text encoder"
-        if place.run.type == "cpu":
-            # The CPU threads this worker was granted: torch keeps the count process-wide, but OpenMP and MKL read
-            # a per-thread setting, and a Ray actor may serve requests on another thread than the one that set it.
-            torch.set_num_threads(torch.get_num_threads())
         if place.moves:
             encoder.to(place.run)
         try:
@@ -109,9 +105,23 @@ class Components:
         return (1, self.z_dim, T, height // ss, width // ss)
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether the current CUDA card computes bf16 natively (sm80+, Ampere on). Before that torch emulates it and
+    SDPA has no fused bf16 kernel: the math kernel's S x S scores would not fit a video's sequence."""
+    if not torch.cuda.is_available():
+        return True  # an estimate made without a GPU assumes a current card
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation (and counts emulation as support)
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """dtype=auto: bfloat16 on a GPU with native bf16, float16 on older GPUs (V100, T4), float32 on a CPU."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if bf16_native(device) else torch.float16
     return getattr(torch, name)
 
 

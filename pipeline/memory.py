@@ -5,7 +5,10 @@ Wan2.1 VAE decoder, transformers' UMT5EncoderModel) from the folder's config.jso
 the published shapes when the folder is not there. Activation peaks come from running the real code on meta
 tensors under LiveBytes, which adds up the bytes of every tensor alive at once (what a tracemalloc would see):
     - DiT: one forward_tokens at the request's tokens per rank, L = ceil(S / ulysses_degree). Attention runs as
-      flash / memory-efficient kernels do (output and log-sum-exp only, no S x S scores) and the Ulysses
+      flash / memory-efficient kernels do (output and log-sum-exp only, no S x S scores) when one can run
+      (fused_attention_available), else as torch's math SDPA and the reference backend do: q, k, v upcast to
+      fp32 and two fp32 [h, S, S] score / probability matrices alive at once (attention_backend=reference, or
+      bf16 on a card before Ampere: the reason dtype=auto picks fp16 there). The Ulysses
       all-to-alls allocate the buffers attention/comm.py allocates (fused Q/K/V, native wire: send, receive and
       the decoded [S, h, D] tensors). Blocks are identical, so two are traced for forty. Measured this way in
       bf16, per token of a rank: 14B (C 5120, F 13824) 134 kB alone, 155 kB under Ulysses (the all-to-all
@@ -16,10 +19,23 @@ tensors under LiveBytes, which adds up the bytes of every tensor alive at once (
       on every causal cache holds its 2 frames), scaled by area: every conv activation and cache scales with the
       pixels it covers. Untiled: the whole frame; tiled: every tile's cache (tile_cache_factor x the untiled
       cache) plus one tile's activations. fp32 at 720p: 19.4 GiB untiled, 14.4 tiled; 480p: 8.4, 6.7.
-Assumptions: batch 1, the request's size is config.video, attention kernels never hold an S x S matrix (flash or
-memory-efficient SDPA on CUDA), the text encoder encodes two prompts of 512 tokens.
+Assumptions: batch 1, the size is config.video (Runner.generate checks each request's own size against the
+free memory it measured before loading: check_request), the text encoder encodes two prompts of 512 tokens.
 Then the allocator's share: activation peaks x 1.1 (fragmentation) and RESERVE_BYTES (NCCL buffers, cuBLAS
 workspaces, the sampler's state, rope tables). The CUDA context is not counted: free memory is measured after it.
+Free memory can be low for a while after a replica is rebuilt (the killed rank's process may still hold its
+memory): check_fits refuses (ValueError, a config problem) only what exceeds the card's total less CONTEXT_BYTES,
+and wait_until_fits polls up to FREE_WAIT_S for the rest before a retryable MemoryBusy (a RuntimeError).
+
+Known limits, not built:
+    - Tiled decode keeps every tile's causal cache for the whole decode (tile_cache_factor x the untiled cache,
+      13.4 GiB at 720p in fp32). A per-tile-outer, time-inner mode (each tile decoded over all its frames, then
+      blended, as diffusers' tiled_decode does) would need one tile's cache only, ~2 GiB at 720p, but gives up
+      streaming frames in order: not built.
+    - RESERVE_BYTES is a fixed 1 GiB, and NCCL allocates its sub-communicators' buffers lazily, at the first
+      collective of each group, after this check: on a card filled to the brim they can still run it out.
+    - Only the fused-Q/K/V, native-wire Ulysses buffers are traced; the other wire options (separate Q/K/V,
+      fp8_comm, head_chunks) allocate less, so the estimate is an upper bound for them.
 """
 
 from __future__ import annotations
@@ -28,9 +44,11 @@ import functools
 import itertools
 import json
 import math
+import time
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +62,16 @@ from .components import TEXT_ENCODER_DTYPE, encoder_placement, resolve_dtype
 from .dit import WanDiT, WanDiTConfig
 from .vae import tile_cache_factor
 
-__all__ = ["MemoryEstimate", "estimate_rank_memory", "replica_estimates", "check_fits", "LiveBytes", "dit_activation_bytes",
-           "vae_decode_bytes", "WAN21_1_3B", "WAN21_14B", "GiB"]
+__all__ = ["MemoryEstimate", "estimate_rank_memory", "replica_estimates", "check_fits", "check_request",
+           "fit_decision", "wait_until_fits", "MemoryBusy", "fused_attention_available", "LiveBytes",
+           "dit_activation_bytes", "vae_decode_bytes", "WAN21_1_3B", "WAN21_14B", "GiB"]
 
 GiB = 2**30
 RESERVE_BYTES = 1 * GiB
 FRAGMENTATION = 1.1
+CONTEXT_BYTES = GiB // 2  # what no process gets of a card's total: our own CUDA context (~0.5 GiB with CUDA 12)
+FREE_WAIT_S = 60.0  # how long a rank waits for memory another process still holds (a replaced rank exiting)
+POLL_S = 2.0
 
 WAN21_1_3B = WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN21_14B = WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
@@ -91,16 +113,43 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def fused_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA on `device` can run a fused kernel (flash or memory-efficient: no S x S scores) for `dtype`,
+    per torch's rules (sdp_utils): flash needs sm80+, memory-efficient sm50+ and bf16 only from sm80. Otherwise
+    it falls back to the math kernel. A CPU has torch's flash kernel; a "cuda" device in a process without CUDA
+    (an offline report) is assumed to be a card with fused kernels."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= (8, 0):
+        return True
+    return capability >= (5, 0) and dtype in (torch.float16, torch.float32)
+
+
 class _FusedAttention(TorchFunctionMode):
-    """scaled_dot_product_attention as flash / memory-efficient kernels allocate it: the output and an fp32
-    log-sum-exp, never the [S, T] scores (which meta tensors would otherwise materialise)."""
+    """scaled_dot_product_attention ([B, H, S, D]) as it allocates on the GPU. fused: as flash / memory-efficient
+    kernels do, the output and an fp32 log-sum-exp, never the [S, T] scores (which meta tensors would otherwise
+    materialise). Not fused: as torch's math kernel (which upcasts fp16 / bf16 to fp32) and the reference
+    backend do: fp32 q, k, v, then scores and probabilities, both [H, S, T] fp32, alive at once."""
+
+    def __init__(self, fused: bool = True):
+        super().__init__()
+        self.fused = fused
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
-            q, _, v = args[:3]
+            q, k, v = args[:3]
+            if not self.fused:
+                q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
+                probs = torch.softmax(q32 @ k32.transpose(-1, -2), dim=-1)
+                return (probs @ v32).to(q.dtype)
             torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # log-sum-exp, freed on return
             return q.new_empty((*q.shape[:-1], v.shape[-1]))
         return func(*args, **(kwargs or {}))
+
+
+def _sdpa_BSHD(q_BSHD, k_BSHD, v_BSHD) -> torch.Tensor:
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))).transpose(1, 2)
 
 
 class _UlyssesBuffers:
@@ -120,14 +169,14 @@ class _UlyssesBuffers:
 
     def attend(self, q_BLHD, k_BLHD, v_BLHD, seq_len: int, layer: int) -> torch.Tensor:
         if self.world == 1:
-            return F.scaled_dot_product_attention(q_BLHD, k_BLHD, v_BLHD)
+            return _sdpa_BSHD(q_BLHD, k_BLHD, v_BLHD)
         B, L, H, D = q_BLHD.shape
         S, h = L * self.world, self.mine
         send = q_BLHD.new_empty((3 * B * L * H, D))
         recv = q_BLHD.new_empty((3 * B * S * h, D))
         q, k, v = (q_BLHD.new_empty((B, S, h, D)) for _ in range(3))  # decoded contiguous copies
         del send, recv
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = _sdpa_BSHD(q, k, v)
         del q, k, v
         send = out.new_empty((B * S * h, D))
         del out
@@ -139,8 +188,9 @@ class _UlyssesBuffers:
 @functools.lru_cache(maxsize=32)
 @torch.no_grad()
 def dit_activation_bytes(cfg: WanDiTConfig, grid: tuple[int, int, int], ulysses_degree: int,
-                         dtype: torch.dtype) -> int:
-    """Peak bytes alive during one forward_tokens of rank 0 (the rank with the most heads) at this token grid."""
+                         dtype: torch.dtype, fused: bool = True) -> int:
+    """Peak bytes alive during one forward_tokens of rank 0 (the rank with the most heads) at this token grid;
+    fused=False: attention materialises its fp32 scores (see _FusedAttention)."""
     # Blocks are identical and hand on only the residual stream: two of them peak like forty.
     with torch.device("meta"):
         dit = WanDiT(replace(cfg, num_layers=min(cfg.num_layers, 2))).to_compute_dtype(dtype)
@@ -148,7 +198,7 @@ def dit_activation_bytes(cfg: WanDiTConfig, grid: tuple[int, int, int], ulysses_
     S = math.prod(grid)
     x_BLP = torch.empty((1, -(-S // ulysses_degree), cfg.patch_dim), device="meta")
     ctx = torch.empty((1, cfg.text_len, cfg.text_dim), device="meta")
-    with _FusedAttention(), LiveBytes() as live:
+    with _FusedAttention(fused), LiveBytes() as live:
         dit.forward_tokens(x_BLP, grid, torch.ones(1, device="meta"), ctx)
     return live.peak
 
@@ -240,6 +290,7 @@ def _tiny_spec():
         return TinySpec.from_json(f.metadata()["spec"])
 
 
+@functools.lru_cache(maxsize=8)  # read once per process: Runner.generate estimates every request
 def _text_encoder_shape(path: Path | None) -> tuple[int, dict]:
     """(parameter count with tied embeddings once, UMT5 dims for the activations; {} for the embedded model)."""
     if path is None:
@@ -276,6 +327,7 @@ def _text_encode_activations(dims: dict, text_len: int) -> int:
     return N * dims["num_heads"] * T * T * (4 + 2 * 2) + N * T * (3 * dims["d_ff"] + 6 * dims["d_model"]) * 2
 
 
+@functools.lru_cache(maxsize=8)
 def _vae_spec(path: Path | None):
     from .vae import DecoderSpec
 
@@ -340,7 +392,8 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     pt, ph, pw = cfg.patch_size
     h, w = video.height // ss, video.width // ss
     grid = (((video.frames - 1) // ts + 1) // pt, h // ph, w // pw)
-    acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype) * FRAGMENTATION)
+    fused = par.attention_backend != "reference" and fused_attention_available(device, dtype)
+    acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype, fused) * FRAGMENTATION)
 
     text = text_acts = vae = decode = 0
     resident = True
@@ -378,13 +431,39 @@ def _tiny_decoder_bytes() -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in f.keys() if k.startswith("decoder."))
 
 
-def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, *, device_type: str = "cuda",
-               dit_config: WanDiTConfig | None = None) -> MemoryEstimate:
-    """The estimate when it fits in free_bytes; else ValueError, one line: what is needed, what is free, and the
-    settings that would fit (each alone, else together), or that none does."""
+class MemoryBusy(RuntimeError):
+    """The rank would fit this GPU, but other processes hold too much of it now: retryable, unlike ValueError."""
+
+
+def fit_decision(need: int, free: int, total: int | None = None) -> Literal["ok", "wait", "refuse"]:
+    """ok: fits what is free now. refuse: more than the card could ever give this process (its total less our
+    CUDA context; with total unknown, what is free). wait: fits the card, not what others leave free now (a
+    replaced rank's process still exiting holds its memory for a few seconds)."""
+    if need <= free:
+        return "ok"
+    if total is None or need > total - CONTEXT_BYTES:
+        return "refuse"
+    return "wait"
+
+
+def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: int | None = None, *,
+               device_type: str = "cuda", dit_config: WanDiTConfig | None = None,
+               free_label: str = "free") -> MemoryEstimate:
+    """The estimate when it fits in free_bytes. When it cannot fit the card at all (total_bytes less
+    CONTEXT_BYTES; free_bytes when total_bytes is None): ValueError, one line: what is needed, what the card
+    holds, and the settings that would fit (each alone, else together), or that none does. When it fits the
+    card but not what is free now: MemoryBusy (see wait_until_fits)."""
     est = estimate_rank_memory(config, rank, device_type=device_type, dit_config=dit_config)
-    if est.total <= free_bytes:
+    decision = fit_decision(est.total, free_bytes, total_bytes)
+    if decision == "ok":
         return est
+    if decision == "wait":
+        raise MemoryBusy(f"{est.summary()}, which fits this GPU ({total_bytes / GiB:.1f} GiB) but only "
+                         f"{free_bytes / GiB:.1f} GiB is free: other processes hold the rest (a replaced rank "
+                         f"still exiting?)")
+    capacity = free_bytes if total_bytes is None else total_bytes - CONTEXT_BYTES
+    where = (f"{free_bytes / GiB:.1f} GiB {free_label}" if total_bytes is None else
+             f"the {capacity / GiB:.1f} GiB this GPU can hold ({total_bytes / GiB:.1f} GiB less its CUDA context)")
     cfg = dit_config or _dit_config(None if config.model.path is None else Path(config.model.path).expanduser())
 
     def fits(changes: dict) -> bool:
@@ -393,7 +472,7 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, *, device_type
             section, name = key.split(".")
             sections.setdefault(section, {})[name] = value
         changed = replace(config, **{s: replace(getattr(config, s), **kv) for s, kv in sections.items()})
-        return estimate_rank_memory(changed, rank, device_type=device_type, dit_config=cfg).total <= free_bytes
+        return estimate_rank_memory(changed, rank, device_type=device_type, dit_config=cfg).total <= capacity
 
     options = []
     if est.text_encoder:
@@ -402,6 +481,12 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, *, device_type
             options.append({"model.offload_text_encoder": True})
     if rank == 0 and not config.model.vae_tiling and config.model.path is not None:
         options.append({"model.vae_tiling": True})
+    if config.parallel.attention_backend == "reference":
+        options.append({"parallel.attention_backend": "auto"})
+    device = torch.device(device_type)
+    dtype = resolve_dtype(config.model.dtype, device)
+    if not fused_attention_available(device, dtype) and fused_attention_available(device, torch.float16):
+        options.append({"model.dtype": "float16"})  # bf16 before Ampere: the math kernel's S x S scores
     # The fewest changes that fit: each alone, then pairs, ...; Ulysses (which shards activations, not weights)
     # with the smallest degree that fits.
     degrees = [None] + [d for d in (2, 4, 8, 16) if d > config.parallel.ulysses_degree]
@@ -419,8 +504,45 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, *, device_type
             break
 
     def show(o: dict) -> str:
-        return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items())
+        shown = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items())
+        if "parallel.ulysses_degree" in o:
+            shown += f" (needs {config.parallel.cfg_degree * o['parallel.ulysses_degree']} GPUs per replica)"
+        return shown
 
     advice = ("use " + ", or ".join(show(o) for o in working) if working else
               "no setting here makes it fit: use a GPU with more memory or a smaller video")
-    raise ValueError(f"{est.summary()} of {free_bytes / GiB:.1f} GiB free: {advice}")
+    raise ValueError(f"{est.summary()} of {where}: {advice}")
+
+
+def wait_until_fits(config: OdysseyConfig, rank: int, mem_get_info: Callable[[], tuple[int, int]], *,
+                    timeout_s: float | None = None, poll_s: float | None = None, device_type: str = "cuda",
+                    dit_config: WanDiTConfig | None = None, sleep=None, clock=None) -> tuple[MemoryEstimate, int]:
+    """check_fits against mem_get_info() -> (free, total), polled every poll_s (POLL_S) while the rank fits the
+    card but not what is free, for up to timeout_s (FREE_WAIT_S); then MemoryBusy (retryable: the driver rebuilds
+    with backoff). Returns the estimate and the free bytes it fitted in (the budget requests are checked against)."""
+    timeout_s = FREE_WAIT_S if timeout_s is None else timeout_s
+    poll_s = POLL_S if poll_s is None else poll_s
+    sleep, clock = sleep or time.sleep, clock or time.monotonic
+    deadline = clock() + timeout_s
+    while True:
+        free, total = mem_get_info()
+        try:
+            return check_fits(config, rank, free, total, device_type=device_type, dit_config=dit_config), free
+        except MemoryBusy as busy:
+            if clock() >= deadline:
+                raise MemoryBusy(f"{busy} after waiting {timeout_s:.0f} s") from None
+        sleep(poll_s)
+
+
+def check_request(config: OdysseyConfig, rank: int, budget: int, frames: int, height: int, width: int, *,
+                  request_id: str = "", device_type: str = "cuda",
+                  dit_config: WanDiTConfig | None = None) -> MemoryEstimate:
+    """A request's own size (prompt lines may override config.video) against `budget`, the bytes that were free
+    before this rank loaded its models: ValueError, one line, when it would not fit."""
+    video = replace(config.video, frames=frames, height=height, width=width)
+    try:
+        return check_fits(replace(config, video=video), rank, budget, device_type=device_type,
+                          dit_config=dit_config, free_label="free before loading")
+    except ValueError as e:
+        raise ValueError(f"request {request_id!r} ({width}x{height}, {frames} frames) is too large for this "
+                         f"replica: {e}") from None

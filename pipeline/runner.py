@@ -17,7 +17,7 @@ import torch.distributed as dist
 from configs import OdysseyConfig
 
 from .components import Components, load_components
-from .memory import check_fits
+from .memory import check_request, wait_until_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
 from .request import Event, Frame, GenerateRequest, Progress, Result
 from .samplers import make_sampler
@@ -72,6 +72,7 @@ class Runner:
         self.keep_latents_sharded = True  # False gathers the latents every step (benchmarked against)
         self.return_latents = False  # rank 0 puts the final latents in its Result (tests, comparisons)
         self.components: Components | None = None
+        self.memory_budget: int | None = None  # GPU bytes free before loading (load_models); None: no checks
         self.load_s = 0.0
         self.progress = (None, "idle", 0, 0)  # (request id, stage, step, total), read by health checks
         timeout = timedelta(seconds=config.runtime.collective_timeout_s)
@@ -86,13 +87,16 @@ class Runner:
 
     def load_models(self) -> float:
         """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took. On a GPU,
-        first checks that this rank's estimated memory fits what is free (ValueError naming settings that would),
-        before reading any weights and before any collective."""
+        first checks that this rank's estimated memory fits, before reading any weights and before any collective:
+        ValueError naming settings that would when the card is too small; when it fits the card but others still
+        hold memory (a replaced rank exiting), waits up to memory.FREE_WAIT_S, then MemoryBusy (a RuntimeError:
+        retried). The free bytes it fitted in become memory_budget, which every request's size is checked against."""
         par = self.config.parallel
         t0 = time.perf_counter()
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            log.info("%s", check_fits(self.config, self.rank, free).summary())
+            estimate, self.memory_budget = wait_until_fits(self.config, self.rank,
+                                                           lambda: torch.cuda.mem_get_info(self.device))
+            log.info("%s", estimate.summary())
         self.components = load_components(
             self.config.model, device=self.device, encode=self.rank == 0, decode=self.rank == 0,
             attention_backend=par.attention_backend)
@@ -165,6 +169,10 @@ class Runner:
             shape = self.components.latent_shape(request.frames, request.height, request.width)
             if self.mesh.cfg_degree == 2 and request.guidance_scale == 1.0:
                 raise ValueError("CFG-parallel replica (cfg_degree=2) got a request with guidance off")
+            if self.memory_budget is not None:  # prompt lines may ask for more than config.video, checked at load
+                check_request(self.config, self.rank, self.memory_budget, request.frames, request.height,
+                              request.width, request_id=request.request_id, device_type=self.device.type,
+                              dit_config=self.components.dit.config)
         except ValueError as e:
             error = e
         self._agree(request, error)

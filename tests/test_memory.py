@@ -8,8 +8,9 @@ import torch
 
 from configs import load_config
 from pipeline.dit import WanDiT, WanDiTConfig
-from pipeline.memory import (GiB, LiveBytes, check_fits, dit_activation_bytes, estimate_rank_memory,
-                             replica_estimates, vae_decode_bytes)
+from pipeline.memory import (CONTEXT_BYTES, GiB, LiveBytes, MemoryBusy, check_fits, dit_activation_bytes,
+                             estimate_rank_memory, fit_decision, replica_estimates, vae_decode_bytes,
+                             wait_until_fits)
 
 # Published parameter counts (Wan2.1 report / model cards): DiT 14B 14.29e9, 1.3B 1.419e9; umt5-xxl encoder 5.68e9.
 # Named by a folder that is not there, the presets' known shapes are used.
@@ -94,9 +95,10 @@ def test_more_gpus_are_named_when_activations_are_the_problem():
                                             "video.width=1280", "parallel.cfg_degree=2"])
     est = estimate_rank_memory(config, 1)
     assert est.text_encoder == est.vae_decode == 0 and est.dit_activations > 8 * GiB
-    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=2$"):
+    # cfg_degree 2 x ulysses_degree: the GPUs the suggestion costs
+    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=2 \(needs 4 GPUs per replica\)$"):
         check_fits(config, 1, est.total - int(0.4 * est.dit_activations))
-    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=4$"):
+    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=4 \(needs 8 GPUs per replica\)$"):
         check_fits(config, 1, est.total - int(0.6 * est.dit_activations))
 
 
@@ -184,3 +186,94 @@ def test_the_embedded_model_needs_little():
     est = estimate_rank_memory(load_config("tiny", ["parallel.ulysses_degree=2"]), 0)
     assert 0 < est.dit_params < 16 * 2**20 and 0 < est.text_encoder < 16 * 2**20 and est.vae_params > 0
     assert est.total - est.reserve < 64 * 2**20
+
+
+def test_fit_decision():
+    """ok when it fits what is free; refuse only what the card's total (less our CUDA context) cannot hold; in
+    between, wait: another process (a replaced rank still exiting) holds memory that will come back."""
+    total = 80 * GiB
+    assert fit_decision(30 * GiB, 40 * GiB, total) == "ok"
+    assert fit_decision(30 * GiB, 20 * GiB, total) == "wait"
+    assert fit_decision(total - CONTEXT_BYTES, 20 * GiB, total) == "wait"
+    assert fit_decision(total - CONTEXT_BYTES + 1, 20 * GiB, total) == "refuse"
+    assert fit_decision(30 * GiB, 20 * GiB) == "refuse"  # total unknown: what is free is all there is
+
+
+def _memory_sequence(*readings):
+    """A fake mem_get_info: the readings in turn, the last one from then on."""
+    seen = []
+
+    def mem_get_info():
+        seen.append(readings[min(len(seen), len(readings) - 1)])
+        return seen[-1]
+    return mem_get_info, seen
+
+
+def test_memory_held_by_another_process_is_waited_for_then_retryable():
+    config = load_config("wan2.1-t2v-14b", BIG)
+    need = estimate_rank_memory(config, 0).total
+    total, busy, freed = 80 * GiB, need - GiB, need + GiB
+    sleeps = []
+    # the old process lets go after two polls: fits, and the budget is what was free then
+    info, seen = _memory_sequence((busy, total), (busy, total), (freed, total))
+    est, budget = wait_until_fits(config, 0, info, timeout_s=60, poll_s=2, sleep=sleeps.append, clock=lambda: 0)
+    assert (est.total, budget, sleeps, len(seen)) == (need, freed, [2, 2], 3)
+    # it never does: a RuntimeError (the driver retries those), not a ValueError (a config error: fatal)
+    clock = iter(range(0, 1000, 2))
+    info, seen = _memory_sequence((busy, total))
+    with pytest.raises(MemoryBusy, match=r"^rank 0 needs ~.*only .* GiB is free: other processes.* after waiting 60 s"):
+        wait_until_fits(config, 0, info, timeout_s=60, poll_s=2, sleep=lambda s: None, clock=lambda: next(clock))
+    assert not issubclass(MemoryBusy, ValueError) and 25 <= len(seen) <= 35
+    # a card too small whatever is free: refused at once, naming the card's size
+    info, seen = _memory_sequence((20 * GiB, 24 * GiB))
+    with pytest.raises(ValueError, match=r"of the 23\.5 GiB this GPU can hold \(24\.0 GiB less its CUDA context\)"):
+        wait_until_fits(config, 0, info, sleep=sleeps.append)
+    assert len(seen) == 1 and sleeps == [2, 2]
+
+
+def _fake_gpu(monkeypatch, capability):
+    """torch.cuda answering for one card of this compute capability (no GPU needed)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=capability[0], minor=capability[1]))
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_is_fp16_before_ampere(monkeypatch, capability, dtype):
+    from pipeline.components import resolve_dtype
+
+    _fake_gpu(monkeypatch, capability)
+    assert resolve_dtype("auto", torch.device("cuda")) == dtype
+    assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16  # asked for: kept
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_attention_without_a_fused_kernel_is_charged_its_scores(monkeypatch):
+    """bf16 on a T4 (sm75: no fused bf16 SDPA) and the reference backend anywhere hold two fp32 [h, S, S]
+    matrices (scores, probabilities); fp16 there, or bf16 on an A100, does not."""
+    from pipeline.memory import fused_attention_available
+
+    overrides = ["model.path=/nonexistent/Wan2.1-T2V-1.3B", "parallel.ulysses_degree=8"]
+    S, h = 21 * 30 * 52, 2  # 480p tokens; 12 heads on 8 ranks: rank 0 owns 2
+    scores = 2 * h * S * S * 4
+
+    def acts(capability, *extra):
+        _fake_gpu(monkeypatch, capability)
+        return estimate_rank_memory(load_config("wan2.1-t2v-1.3b", overrides + list(extra)), 0).dit_activations
+
+    fused = acts((8, 0))
+    assert acts((7, 5)) == fused  # auto: fp16, memory-efficient kernel
+    assert acts((8, 0), "model.dtype=float16") == fused
+    assert acts((7, 5), "model.dtype=bfloat16") - fused >= scores
+    assert acts((8, 0), "parallel.attention_backend=reference") - fused >= scores
+    assert fused < scores / 10
+    _fake_gpu(monkeypatch, (7, 5))
+    assert not fused_attention_available(torch.device("cuda"), torch.bfloat16)
+    assert fused_attention_available(torch.device("cuda"), torch.float16)
+    config = load_config("wan2.1-t2v-1.3b", overrides + ["model.dtype=bfloat16"])
+    with pytest.raises(ValueError, match=r"use --set model.dtype=float16$"):
+        check_fits(config, 1, 7 * GiB, 8 * GiB)  # Ulysses 16 would still hold 1 head's scores: ~9 GiB

@@ -102,6 +102,47 @@ def test_load_models_refuses_a_gpu_too_small_before_loading(monkeypatch):
     runner = Runner.__new__(Runner)
     runner.config = load_config("wan2.1-t2v-14b", ["model.path=/nonexistent/Wan2.1-T2V-14B"])
     runner.rank, runner.world_size, runner.device = 0, 1, torch.device("cuda", 0)
-    with pytest.raises(ValueError, match=r"^rank 0 needs ~.* of 24\.0 GiB free: no setting here makes it fit"):
+    with pytest.raises(ValueError, match=r"^rank 0 needs ~.* of the 23\.5 GiB this GPU can hold .*: no setting here "
+                                         r"makes it fit"):
         runner.load_models()
     assert loaded == []
+
+
+def test_a_request_too_large_for_the_memory_budget_is_rejected_and_the_group_lives_on(wan_folder):
+    """memory_budget (load_models sets it on a GPU: the bytes free before loading) is checked against each
+    request's own size, which prompt lines may raise above config.video, before the first collective: too large
+    is a rejected request on every rank (no hang), and the group serves the next one. The budget here is what
+    rank 0 needs at the config's size (CPU ranks have none: set by hand)."""
+    from pipeline.memory import estimate_rank_memory
+
+    config = tiny_config(wan_folder, 1, 2)
+    budget = estimate_rank_memory(config, 0, device_type="cpu").total
+    big = dataclasses.replace(REQUEST.resolve(config), height=256, width=384, frames=49)  # over it on both ranks
+    with LocalLauncher(config, timeout_s=120, runner_options={"memory_budget": budget}) as group:
+        with pytest.raises(ValueError, match=r"^request .* \(384x256, 49 frames\) is too large for this replica: "
+                                             r"rank [01] needs ~.* GiB free before loading"):
+            list(group.generate(big))
+        assert isinstance(list(group.generate(REQUEST))[-1], Result)
+
+
+def test_load_models_waits_for_memory_a_replaced_rank_still_holds(monkeypatch):
+    """Fits the card but another process still holds memory: load_models polls until it is free, loads, and
+    records what was free then as the budget requests are checked against."""
+    from types import SimpleNamespace
+
+    import pipeline.memory as memory
+    import pipeline.runner as runner_module
+    from pipeline.runner import Runner
+
+    loaded = []
+    monkeypatch.setattr(runner_module, "load_components", lambda *a, **k: loaded.append(a) or SimpleNamespace(dit=None))
+    monkeypatch.setattr(runner_module, "apply_sequence_parallel", lambda *a, **k: None)
+    monkeypatch.setattr(memory, "POLL_S", 0.01)
+    readings = iter([(10 * 2**30, 80 * 2**30)] * 3 + [(79 * 2**30, 80 * 2**30)])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: next(readings))
+    runner = Runner.__new__(Runner)
+    runner.config = load_config("wan2.1-t2v-14b", ["model.path=/nonexistent/Wan2.1-T2V-14B"])
+    runner.rank, runner.world_size, runner.device = 0, 1, torch.device("cuda", 0)
+    runner.mesh = SimpleNamespace(sp_group=None)
+    runner.load_models()
+    assert runner.memory_budget == 79 * 2**30 and len(loaded) == 1
