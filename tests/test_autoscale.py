@@ -24,7 +24,7 @@ psutil = pytest.importorskip("psutil")
 
 from cluster.driver import Driver, Job  # noqa: E402
 from cluster.video import read_mp4  # noqa: E402
-from pipeline.request import Frame, GenerateRequest  # noqa: E402
+from pipeline.request import GenerateRequest  # noqa: E402
 from tests.ray_helpers import ray_config  # noqa: E402
 from tests.tiny_models import wan_pipeline_folder  # noqa: E402
 
@@ -111,24 +111,19 @@ def test_a_batch_with_two_replicas_scales_the_cluster_up_and_uses_both(autoscali
     config = ray_config(folder, "parallel.replicas=2", "parallel.ulysses_degree=2", "runtime.device=cuda",
                         "runtime.accelerator_check=false",  # fake GPUs: torch sees none
                         "runtime.scale_up_timeout_s=300", "runtime.placement_timeout_s=120")
-    jobs = [Job(i, GenerateRequest(f"prompt {i}", seed=i).resolve(config), tmp_path / f"{i}.mp4") for i in range(4)]
-    both_up = []
-
-    def on_event(job, event):
-        # Hold the batch at its first frame until the second replica is up, so both take prompts (which replica
-        # comes up first, and how long the other takes, is the autoscaler's business).
-        if isinstance(event, Frame) and not both_up:
-            both_up.append(driver.wait_ready(2, timeout_s=240))
-            spawned.update({p.pid: p for p in psutil.Process(head.pid).children(recursive=True)})
-
+    jobs = [Job(i, GenerateRequest(f"prompt {i}", seed=i).resolve(config), tmp_path / f"{i}.mp4") for i in range(6)]
     t0 = time.time()
-    with Driver(config, progress=False, on_event=on_event) as driver:
+    with Driver(config, progress=False) as driver:
         # start() returned: a replica is up, on GPUs that only exist because the driver asked for them
         assert ray.cluster_resources().get("GPU", 0) >= 2
         assert driver.shape.num_gpus == 1 and driver.shape.bundles() == [{"CPU": 2.0, "GPU": 2.0}]
+        # Both replicas idle before the batch, so both take prompts (these take a fraction of a second each: one
+        # replica alone could finish them before the other node has joined).
+        both_up = driver.wait_ready(2, timeout_s=240)
+        spawned.update({p.pid: p for p in psutil.Process(head.pid).children(recursive=True)})
         outcomes = driver.run(jobs)
         nodes = [{i.node_id for i in r.infos} for r in driver.replicas]
-    assert both_up == [2]
+    assert both_up == 2
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert {o.replica for o in outcomes} == {0, 1}, "one replica served every prompt"
     assert all(len(n) == 1 for n in nodes) and nodes[0] != nodes[1] and FAKE_HEAD_NODE_ID not in nodes[0] | nodes[1]
