@@ -253,7 +253,8 @@ def submit(address, working_dir, token_file, no_wait, odyssey_args):
 @click.argument("action", type=click.Choice(["up", "down", "status"]))
 @click.argument("cluster_yaml", type=click.Path(exists=True, dir_okay=False))
 def cluster_cmd(action, cluster_yaml):
-    """Start, stop or inspect a cluster from a Ray cluster-launcher YAML (see cluster/launch/)."""
+    """Start, stop or inspect a cluster from a Ray cluster-launcher YAML (see cluster/launch/). Run it from an
+    Odyssey checkout: `up` copies that repository to every node (and on AWS pins the images per cluster)."""
     from .submit import cluster_command, validate_cluster_yaml
 
     try:

@@ -9,7 +9,9 @@ import asyncio
 import copy
 import json
 import os
+import re
 import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,8 @@ from pathlib import Path
 import yaml
 
 __all__ = ["submit_job", "enable_token_auth", "check_job_output", "in_ray_job", "validate_cluster_yaml",
-           "check_file_mounts", "node_command", "pin_ssm_images", "cluster_command"]
+           "check_file_mounts", "node_command", "pin_ssm_images", "repo_root", "prepare_cluster_yaml",
+           "cluster_command"]
 
 # gitignore-style patterns (Ray's working_dir excludes): a bare name matches that file or folder at any depth.
 EXCLUDES = [".git", ".venv", "venv", "outputs", "__pycache__", "*.mp4", "*.safetensors", "*.pth", "*.pt", "*.bin",
@@ -108,13 +111,64 @@ def validate_cluster_yaml(path: str | Path) -> dict:
 
 
 def check_file_mounts(config: dict, yaml_path: str | Path) -> None:
-    """Every local source of file_mounts must exist before `ray up` (it would fail halfway through otherwise);
-    the cluster's auth token is the one users forget."""
+    """Every local source of file_mounts must exist before `ray up` (it would fail halfway through otherwise), and
+    the cluster's auth token must be private here: rsync copies its mode to every node, where other users could
+    read it until setup's chmod runs."""
     for remote, local in (config.get("file_mounts") or {}).items():
-        if not Path(os.path.expanduser(local)).exists():
+        path = Path(os.path.expanduser(local))
+        is_token = path.name == "auth_token"
+        if not path.exists():
             hint = (" (the cluster's auth token: create it with `ray get-auth-token --generate && chmod 600 "
-                    "~/.ray/auth_token`)" if Path(local).name == "auth_token" else "")
+                    "~/.ray/auth_token`)" if is_token else "")
             raise ValueError(f"{yaml_path}: file_mounts {remote}: {local} does not exist here{hint}")
+        if is_token and path.stat().st_mode & 0o077:
+            raise ValueError(f"{yaml_path}: file_mounts {remote}: {local} is readable by others (mode "
+                             f"{stat.S_IMODE(path.stat().st_mode):04o}), and rsync copies that mode to every node: "
+                             f"chmod 600 {local}")
+
+
+def _is_checkout(folder: Path) -> bool:
+    try:
+        text = (folder / "pyproject.toml").read_text()
+    except OSError:
+        return False
+    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    return bool(project and re.search(r'^name\s*=\s*"odyssey"\s*$', project.group(1), re.M))
+
+
+def repo_root() -> Path:
+    """The Odyssey checkout that `file_mounts: {~/odyssey: .}` means: the one this package runs from (an editable
+    install), else the current directory if it is one. Ray resolves `.` against the current directory, so from
+    HOME it would copy all of HOME (~/.ssh, ~/.aws) to every node."""
+    for folder in (Path(__file__).resolve().parents[1], Path.cwd().resolve()):
+        if _is_checkout(folder):
+            return folder
+    raise ValueError("the cluster YAMLs copy the Odyssey repository to every node (file_mounts ~/odyssey: .): run "
+                     "`odyssey cluster` from an Odyssey checkout (a folder whose pyproject.toml names odyssey)")
+
+
+def prepare_cluster_yaml(config: dict, yaml_path: str | Path, state_dir: Path) -> Path:
+    """The copy of the YAML that `ray up` gets, under state_dir: relative file_mounts sources made absolute against
+    the repository (repo_root), and on AWS the SSM image aliases pinned (pin_ssm_images)."""
+    prepared = copy.deepcopy(config)
+    root = None
+    for remote, local in (prepared.get("file_mounts") or {}).items():
+        if not os.path.isabs(os.path.expanduser(local)):
+            root = root or repo_root()
+            prepared["file_mounts"][remote] = str((root / local).resolve())
+    if prepared["provider"]["type"] == "aws":
+        pins_file = state_dir / f"{config['cluster_name']}-images.json"
+        resolve = _ssm_resolver(prepared["provider"]["region"])
+        pinned = pin_ssm_images(prepared, pins_file, resolve)
+        if pinned != prepared:
+            print(f"odyssey: images pinned for {config['cluster_name']} in {pins_file} (delete it to take the "
+                  f"newest on the next up)", file=sys.stderr)
+        prepared = pinned
+    state_dir.mkdir(parents=True, exist_ok=True)
+    out = state_dir / f"{config['cluster_name']}.yaml"
+    out.write_text(f"# Prepared by `odyssey cluster up` from {Path(yaml_path).resolve()}: edit that file instead.\n"
+                   + yaml.safe_dump(prepared, sort_keys=False))
+    return out
 
 
 def node_command(command: str) -> str:
@@ -161,28 +215,23 @@ def _ssm_resolver(region: str):
 
 
 def cluster_command(action: str, yaml_path: str, state_dir: Path | None = None) -> int:
-    """ray up / ray down / ray exec 'ray status' on a validated cluster YAML. For `up`, SSM image aliases are pinned
-    to AMI ids first (see pin_ssm_images), in a copy of the YAML under state_dir (~/.odyssey/clusters)."""
+    """ray up / ray down / ray exec 'ray status' on a validated cluster YAML. `up` hands Ray a prepared copy under
+    state_dir (~/.odyssey/clusters): see prepare_cluster_yaml. `down` on the local provider first stops Ray on the
+    head inside its venv: the provider's terminate only forgets the machines, so Ray's own bare `ray stop` is all
+    that would stop it (it finds `ray` only through the PATH line of setup_commands)."""
     config = validate_cluster_yaml(yaml_path)
     state_dir = state_dir or Path.home() / ".odyssey" / "clusters"
-    pins_file = state_dir / f"{config['cluster_name']}-images.json"
     ray_cli = str(Path(sys.executable).with_name("ray"))
     if action == "up":
         check_file_mounts(config, yaml_path)
-        if config["provider"]["type"] == "aws":
-            pinned = pin_ssm_images(config, pins_file, _ssm_resolver(config["provider"]["region"]))
-            if pinned != config:
-                yaml_path = str(state_dir / f"{config['cluster_name']}.yaml")
-                Path(yaml_path).write_text(yaml.safe_dump(pinned, sort_keys=False))
-                print(f"odyssey: images pinned for {config['cluster_name']} in {pins_file} (delete it to take "
-                      f"the newest on the next up)", file=sys.stderr)
-    commands = {
-        "up": [ray_cli, "up", "--yes", yaml_path],
-        "down": [ray_cli, "down", "--yes", yaml_path],
-        "status": [ray_cli, "exec", yaml_path, node_command("ray status")],
-    }
-    code = subprocess.call(commands[action])
-    if action == "down" and code == 0:  # the next cluster of this name takes the newest images
-        pins_file.unlink(missing_ok=True)
+        yaml_path = str(prepare_cluster_yaml(config, yaml_path, state_dir))
+        return subprocess.call([ray_cli, "up", "--yes", yaml_path])
+    if action == "status":
+        return subprocess.call([ray_cli, "exec", yaml_path, node_command("ray status")])
+    if config["provider"]["type"] == "local":
+        subprocess.call([ray_cli, "exec", yaml_path, node_command("ray stop")])  # a head already down: fine
+    code = subprocess.call([ray_cli, "down", "--yes", yaml_path])
+    if code == 0:  # the next cluster of this name takes the newest images
+        (state_dir / f"{config['cluster_name']}-images.json").unlink(missing_ok=True)
         (state_dir / f"{config['cluster_name']}.yaml").unlink(missing_ok=True)
     return code

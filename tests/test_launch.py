@@ -179,7 +179,37 @@ def local_head(tmp_path_factory):
     finally:
         _kill_group(proc)
         log.close()
+        # Job entrypoints run in sessions of their own and escape the group: end every process of this head,
+        # which is any naming its --temp-dir or living in its (or a test worker's) HOME, then check none is left.
+        homes = [node, *tmp_path_factory.getbasetemp().glob("test_workers_join*/worker")]
+        leftover = _processes_of(temp, homes)
+        for pid in leftover:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 20
+        while (left := _processes_of(temp, homes)) and time.time() < deadline:
+            time.sleep(0.3)
         shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"processes of the local.yaml head survived its teardown: {left}"
+
+
+def _processes_of(temp: str, homes: list[Path]) -> list[int]:
+    """Live processes that name temp in their command line or have one of homes as HOME (only this module's head
+    and workers have either: both are fresh temporary folders)."""
+    marks = [temp.encode(), *(b"HOME=" + str(h).encode() + b"\0" for h in homes)]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            seen = (entry / "cmdline").read_bytes() + b"\0" + (entry / "environ").read_bytes()
+        except OSError:
+            continue  # gone, or not ours to read
+        if any(m in seen for m in marks):
+            found.append(int(entry.name))
+    return found
 
 
 def _accepts_jobs(address: str, token: str) -> str | None:
@@ -249,10 +279,27 @@ def test_cluster_status_runs_inside_the_node_environment(local_head):
     done = _node_shell(node_command(status), local_head.node)
     assert done.returncode == 0, done.stderr
     assert "status" in done.stdout.lower(), done.stdout
-    bare = _node_shell(status, local_head.node)  # what a login shell alone has: no `ray`
-    assert bare.returncode == 127, bare.stderr
     tokenless = _node_shell(f"source ~/odyssey-env/bin/activate && {status}", local_head.node)
     assert tokenless.returncode != 0 and "AuthenticationError" in tokenless.stderr
+
+
+def test_node_shells_find_ray_so_ray_down_can_stop_it(local_head):
+    """`ray down` runs a bare `ray stop` on the head through SSH as `bash --login -c -i 'source ~/.bashrc; ...'`;
+    setup's PATH lines (run verbatim by the fixture in the head's fresh HOME) must make `ray` resolve there and in
+    plain login shells, and running setup again must not add them twice. (`ray stop` itself is not run: it would
+    stop every Ray process on this machine.)"""
+    ray = str(local_head.node / "odyssey-env" / "bin" / "ray")
+    for argv in (["bash", "-lc", "command -v ray"],
+                 ["bash", "--login", "-c", "-i", "source ~/.bashrc; command -v ray"]):
+        found = subprocess.run(argv, env=_login_env(local_head.node), cwd=local_head.node, capture_output=True,
+                               text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert found.returncode == 0 and found.stdout.strip().splitlines()[-1] == ray, (argv, found.stderr)
+    path_lines = [c for c in local_head.config["setup_commands"] if "odyssey-env/bin:$PATH" in c]
+    for line in path_lines:  # a second `odyssey cluster up` reruns setup
+        assert _node_shell(line, local_head.node).returncode == 0
+    for rc in (".profile", ".bashrc"):
+        lines = (local_head.node / rc).read_text().splitlines()
+        assert lines.count('export PATH="$HOME/odyssey-env/bin:$PATH"') == 1, rc
 
 
 def _alive_nodes(head: LocalHead) -> int:
@@ -345,10 +392,10 @@ def test_cluster_up_without_the_token_is_a_usage_error(tmp_path):
 
 # -- what the cloud YAMLs install and call ----------------------------------------------------------------------------
 
-# Present on the images the YAMLs boot (Ubuntu 22.04 DLAMI / Deep Learning VM): shell builtins, coreutils, apt,
+# Present on the images the YAMLs boot (Ubuntu DLAMI / Deep Learning VM): shell builtins, coreutils, apt,
 # the system python3 and, on GPU images, nvidia-smi. Everything else must be installed by an earlier line.
 SYSTEM_TOOLS = {"source", ".", "export", "ulimit", "test", "[", "cd", "echo", "true", "exit", "set", "chmod", "mkdir",
-                "cp", "mv", "ln", "cat", "sudo", "apt-get", "python3", "nvidia-smi"}
+                "cp", "mv", "ln", "cat", "grep", "sudo", "apt-get", "python3", "nvidia-smi"}
 VENV_TOOLS = {"python", "python3", "pip", "pip3"}
 OPERATORS = {"&&", "||", ";", "|", "(", ")", ";;", "&"}
 
@@ -409,7 +456,8 @@ def _constraints() -> dict[str, str]:
         if line:
             req = Requirement(line)
             assert str(req.specifier).startswith("=="), f"constraints.txt must pin exact versions: {line}"
-            pins[req.name.lower().replace("_", "-")] = str(req.specifier)[2:]
+            if req.marker is None or req.marker.evaluate():  # the pin for this Python
+                pins[req.name.lower().replace("_", "-")] = str(req.specifier)[2:]
     return pins
 
 
@@ -544,27 +592,100 @@ def test_aws_images_are_pinned_once_per_cluster(tmp_path):
     assert fresh["available_node_types"]["gpu_8x"]["node_config"]["ImageId"] == "ami-0bbbbbbbbbbbbbbb2"
 
 
-def test_cluster_up_hands_ray_the_pinned_images_and_down_forgets_them(tmp_path, monkeypatch):
+def _laptop(tmp_path, monkeypatch, token_mode=0o600):
+    """A HOME with the cluster token (as the README makes it) and a current directory outside the repository;
+    subprocess.call (ray up/down/exec) recorded instead of run."""
     import cluster.submit as submit
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("t" * 64)
-    monkeypatch.chdir(ROOT)
+    (tmp_path / ".ray" / "auth_token").chmod(token_mode)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     calls = []
     monkeypatch.setattr(submit.subprocess, "call", lambda args: calls.append(args) or 0)
     monkeypatch.setattr(submit, "_ssm_resolver", lambda region: lambda name: "ami-0ccccccccccccccc3")
+    return calls
+
+
+def test_cluster_up_hands_ray_the_repository_and_pinned_images_and_down_forgets_them(tmp_path, monkeypatch):
+    import cluster.submit as submit
+
+    calls = _laptop(tmp_path, monkeypatch)
     state, source = tmp_path / "state", tmp_path / "aws.yaml"
     shutil.copy(LAUNCH / "aws.yaml", source)
     assert submit.cluster_command("up", str(source), state) == 0
     assert calls[-1][1:3] == ["up", "--yes"] and Path(calls[-1][-1]) != source
     handed = yaml.safe_load(Path(calls[-1][-1]).read_text())
     assert {n["node_config"]["ImageId"] for n in handed["available_node_types"].values()} == {"ami-0ccccccccccccccc3"}
+    # `.` is this repository even from another directory (Ray would resolve it against the cwd: from HOME, all of
+    # HOME with ~/.ssh would go to every node); nothing else of the YAML changes.
+    assert handed["file_mounts"] == {"~/odyssey": str(ROOT), "~/.ray/auth_token": "~/.ray/auth_token"}
+    assert {k: v for k, v in handed.items() if k not in ("file_mounts", "available_node_types")} == \
+        {k: v for k, v in _yaml("aws.yaml").items() if k not in ("file_mounts", "available_node_types")}
+    assert handed["rsync_filter"] == [".gitignore"]
     assert source.read_text() == (LAUNCH / "aws.yaml").read_text(), "the user's YAML is never rewritten"
     assert submit.cluster_command("status", str(source), state) == 0
     assert calls[-1][-1] == submit.node_command("ray status")
     assert submit.cluster_command("down", str(source), state) == 0
-    assert not list(state.iterdir())
+    assert calls[-1][1:3] == ["down", "--yes"] and not list(state.iterdir())
+
+
+def test_cluster_down_on_own_machines_stops_ray_inside_the_venv_first(tmp_path, monkeypatch):
+    import cluster.submit as submit
+
+    calls = _laptop(tmp_path, monkeypatch)
+    source = str(LAUNCH / "local.yaml")
+    assert submit.cluster_command("up", source, tmp_path / "state") == 0
+    handed = yaml.safe_load(Path(calls[-1][-1]).read_text())
+    assert handed["file_mounts"]["~/odyssey"] == str(ROOT) and handed["provider"] == _yaml("local.yaml")["provider"]
+    calls.clear()
+    assert submit.cluster_command("down", source, tmp_path / "state") == 0
+    # The local provider's terminate only forgets the machines: Ray stops only if `ray stop` runs on the head.
+    assert [c[1:] for c in calls] == [["exec", source, submit.node_command("ray stop")], ["down", "--yes", source]]
+    assert "source ~/odyssey-env/bin/activate" in calls[0][-1]
+
+
+def test_cluster_up_refuses_a_token_others_can_read(tmp_path, monkeypatch, capsys):
+    from cluster.cli import main
+
+    calls = _laptop(tmp_path, monkeypatch, token_mode=0o644)  # what `ray get-auth-token --generate` writes
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["cluster", "up", str(LAUNCH / "local.yaml")])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert exit_.value.code == 2 and not calls, "nothing may reach `ray up`"
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chmod 600" in err and "0644" in err, err
+
+
+def test_cluster_up_outside_a_checkout_is_refused(tmp_path, monkeypatch):
+    import cluster.submit as submit
+
+    calls = _laptop(tmp_path, monkeypatch)
+    monkeypatch.setattr(submit, "__file__", str(tmp_path / "site-packages" / "cluster" / "submit.py"))  # a wheel
+    with pytest.raises(ValueError, match="from an Odyssey checkout"):
+        submit.cluster_command("up", str(LAUNCH / "local.yaml"), tmp_path / "state")
+    assert not calls
+    monkeypatch.chdir(ROOT)  # a checkout as the current directory is enough
+    assert submit.cluster_command("up", str(LAUNCH / "local.yaml"), tmp_path / "state") == 0
+    assert yaml.safe_load(Path(calls[-1][-1]).read_text())["file_mounts"]["~/odyssey"] == str(ROOT)
+
+
+def test_laptop_extras_pin_the_cluster_versions():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = _constraints()
+    for extra, sdk in (("aws", "boto3"), ("gcp", "googleapiclient")):
+        reqs = [Requirement(r) for r in extras[extra]]
+        assert SDK_DISTRIBUTIONS[sdk] in {r.name for r in reqs}, f"`pip install odyssey[{extra}]` misses {sdk}"
+        for r in reqs:
+            assert str(r.specifier) == f"=={pins[r.name]}", f"{extra}: {r} differs from constraints.txt"
 
 
 # 14B on 8 GPUs: rank 0 holds the DiT (27 GiB) and umt5-xxl (10.6 GiB) and decodes; 40 GB cards run out of memory.
@@ -576,7 +697,9 @@ def test_gpu_nodes_have_80_gb_cards_and_drivers():
     aws = _yaml("aws.yaml")["available_node_types"]
     for node in aws.values():
         assert "latest_dlami" not in node["node_config"]["ImageId"]
-        assert "ubuntu-22.04" in node["node_config"]["ImageId"] or node["node_config"]["ImageId"].startswith("ami-")
+        assert "ubuntu-24.04" in node["node_config"]["ImageId"] or node["node_config"]["ImageId"].startswith("ami-")
+        assert node["node_config"]["IamInstanceProfile"]["Arn"], "never Ray's default role (EC2 and S3 full access)"
+    assert aws["head"]["node_config"]["IamInstanceProfile"] != aws["gpu_8x"]["node_config"]["IamInstanceProfile"]
     assert GPU_MEMORY_GB[aws["gpu_8x"]["node_config"]["InstanceType"]] >= 80
     gcp = _yaml("gcp.yaml")["available_node_types"]["gpu_8x"]["node_config"]
     assert GPU_MEMORY_GB[gcp["machineType"]] >= 80
