@@ -7,6 +7,7 @@ Runner knows nothing of Ray, and all collectives run on the one thread that serv
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -17,7 +18,12 @@ import torch
 from configs import OdysseyConfig
 from pipeline.request import Event, GenerateRequest, Result
 
-__all__ = ["SPWorker", "WorkerInfo"]
+__all__ = ["SPWorker", "WorkerInfo", "AcceleratorMissing"]
+
+
+class AcceleratorMissing(RuntimeError):
+    """Ray gave this worker a GPU that torch cannot use: a fault of that node (driver, container), not of the config,
+    so the driver builds the replica again (it may land elsewhere) instead of ending the batch."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,11 @@ class SPWorker:
         gpu_ids = tuple(sorted(str(g) for g in ray.get_gpu_ids()))
         node_id, ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
         if gpu_ids and self.config.runtime.accelerator_check and not torch.cuda.is_available():
-            raise ValueError(
-                f"Ray gave this worker GPU(s) {list(gpu_ids)} on {ip} but torch sees no CUDA device "
-                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__} built "
-                f"for CUDA {torch.version.cuda}): check the node's driver and torch build (runtime.accelerator_check="
-                f"false is only for clusters with fake GPU resources)")
+            raise AcceleratorMissing(
+                f"Ray gave this worker GPU(s) {list(gpu_ids)} on node {ip} ({node_id[:12]}) but torch sees no CUDA "
+                f"device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__} "
+                f"built for CUDA {torch.version.cuda}): check the node's driver and torch build "
+                f"(runtime.accelerator_check=false is only for clusters with fake GPU resources)")
         return WorkerInfo(node_id, ip, gpu_ids, os.getpid())
 
     def open_store(self) -> tuple[str, int]:
@@ -65,9 +71,17 @@ class SPWorker:
         import torch.distributed as dist
 
         ip = ray.util.get_node_ip_address()
-        self._store = dist.TCPStore(ip, 0, is_master=True, wait_for_workers=False,
-                                    timeout=timedelta(seconds=self.config.runtime.collective_timeout_s))
-        return ip, self._store.port
+        # TCPStore(ip, 0, is_master=True) would listen on every interface: bind the node's address ourselves and
+        # hand the listening socket over. The store owns it from then on (closes it when it goes).
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind((ip, 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            self._store = dist.TCPStore(ip, port, is_master=True, wait_for_workers=False,
+                                        master_listen_fd=listener.fileno(),
+                                        timeout=timedelta(seconds=self.config.runtime.collective_timeout_s))
+            listener.detach()
+        return ip, port
 
     def rendezvous(self, rank: int, world_size: int, host: str, port: int) -> None:
         """Join the replica's process group through rank 0's store; every rank must be called at once."""

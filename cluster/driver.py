@@ -32,6 +32,8 @@ __all__ = ["Driver", "Job", "Outcome", "connect_ray"]
 
 log = logging.getLogger(__name__)
 
+CLOSE_JOIN_S = 120.0  # close() waits this long at most for the replica slot threads to end
+
 
 @dataclass
 class Job:
@@ -96,7 +98,6 @@ class Driver:
         self._fatal: BaseException | None = None
         self._no_replica_since = 0.0
         self._run_id = 0
-        self._requested = False
         self._owns_ray = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -135,10 +136,12 @@ class Driver:
             raise PlacementError(f"{layout} {missing} (Ray on this machine only; join a cluster with --address, "
                                  f"lower --replicas / --ulysses, or --set runtime.device=cpu)")
         if missing:
-            self._request_resources(self.shape.bundles() * par.replicas)
-            log.warning("%s %s now: asked the autoscaler (if the cluster has one) for the rest; starting on the "
-                        "first replica placed, waiting up to %g s (runtime.scale_up_timeout_s)", layout, missing,
-                        rt.scale_up_timeout_s)
+            # No request_resources: the replicas' pending placement groups are the autoscaler's demand already,
+            # and they belong to this job (Ray removes them when the driver dies, even by SIGKILL), while a stored
+            # request is cluster-wide, last writer wins, and outlives a killed driver, keeping GPU nodes up.
+            log.warning("%s %s now: the pending placement groups ask the autoscaler (if the cluster has one) for "
+                        "the rest; starting on the first replica placed, waiting up to %g s "
+                        "(runtime.scale_up_timeout_s)", layout, missing, rt.scale_up_timeout_s)
         self.replicas = [None] * par.replicas
         self._no_replica_since = time.monotonic()
         self._slots = [threading.Thread(target=self._slot, args=(i,), daemon=True, name=f"odyssey-replica-{i}")
@@ -166,30 +169,28 @@ class Driver:
 
     def close(self) -> None:
         self.stop.set()
+        # Every wait of a slot thread notices the stop within POLL_S, or is bounded by a few seconds (a health
+        # ping, a kill): the bound below is only a guard against a wedged Ray call.
+        deadline = time.monotonic() + CLOSE_JOIN_S
         for t in self._slots:
-            t.join(timeout=15)
-        for r in self.replicas:
-            if r is not None:
-                r.kill()
-        self.replicas, self._slots = [], []
-        if self._requested:  # let the autoscaler scale down again
-            self._request_resources([])
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._slots if t.is_alive()]
+        if alive:
+            log.warning("replica slot thread(s) %s still running after %g s; tearing down anyway", alive,
+                        CLOSE_JOIN_S)
+        with self._changed:  # in place: a slot thread still running indexes this list
+            for i, r in enumerate(self.replicas):
+                if r is not None:
+                    r.kill()
+                    self.replicas[i] = None
+        if not alive:
+            self._slots = []
         self.reporter.close()
         if self._owns_ray:
             import ray
 
             ray.shutdown()
             self._owns_ray = False
-
-    def _request_resources(self, bundles: list[dict]) -> None:
-        """Ask the autoscaler for every bundle at once (a no-op on clusters without one)."""
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=bundles)
-            self._requested = bool(bundles)
-        except Exception as e:  # noqa: BLE001 - the pending placement groups ask for the same, only slower
-            log.warning("could not ask the autoscaler for %s: %s", bundles, e)
 
     # -- replica slots ------------------------------------------------------------------------------------------
 
@@ -214,8 +215,7 @@ class Driver:
         while not self.stop.is_set() and self._fatal is None:
             replica = self.replicas[slot]
             if replica is None:
-                if failures and self.stop.wait(min(rt.rebuild_backoff_s * 2 ** (failures - 1),
-                                                   rt.rebuild_backoff_max_s)):
+                if failures and self.stop.wait(_backoff(rt, failures)):
                     return
                 try:
                     replica = Replica(slot, self.config, self.shape, self.stop).start()
@@ -238,14 +238,16 @@ class Driver:
             try:
                 for event in replica.run(job.request):
                     self._events.put((run_id, "event", job, event))
-            except RequestRejected as e:
-                self._events.put((run_id, "failed", job, (f"rejected: {e}", False)))
-            except RequestFailed as e:  # the prompt's own error: retrying would fail again
+            except RequestRejected as e:  # every rank refused it in the first collective: the group is in step
+                self._events.put((run_id, "failed", job, (f"rejected: {e}", 0)))
+            except RequestFailed as e:  # the prompt's own error: retrying would fail again; ranks may be stuck
                 self._replica_lost(slot, replica)
-                self._events.put((run_id, "failed", job, (str(e), False)))
+                self._events.put((run_id, "failed", job, (str(e), 0)))
             except BaseException as e:  # noqa: BLE001 - a death: the prompt deserves another replica
                 self._replica_lost(slot, replica)
-                self._events.put((run_id, "failed", job, (str(e), not self.stop.is_set())))
+                retries = getattr(e, "retries", None)
+                retries = rt.max_retries if retries is None else min(retries, rt.max_retries)
+                self._events.put((run_id, "failed", job, (str(e), 0 if self.stop.is_set() else retries)))
 
     def _replica_up(self, slot: int, replica: Replica) -> bool:
         with self._changed:
@@ -279,7 +281,7 @@ class Driver:
                             ReplicaFailed(f"no replica could be started in {waited:.0f} s: {error}"))
             return
         log.warning("replica %d could not be started (attempt %d): %s; trying again in %g s", slot, failures, error,
-                    min(rt.rebuild_backoff_s * 2 ** (failures - 1), rt.rebuild_backoff_max_s))
+                    _backoff(rt, failures))
 
     # -- the batch ----------------------------------------------------------------------------------------------
 
@@ -318,10 +320,10 @@ class Driver:
                 elif kind == "event":
                     self._on_event(job, payload, writers, outcomes, marks[job.index])
                 elif kind == "failed":
-                    message, retryable = payload
+                    message, retries = payload  # how many retries this kind of failure allows a prompt
                     if job.index in writers:
                         writers.pop(job.index).abort()
-                    if retryable and job.attempts < self.config.runtime.max_retries:
+                    if job.attempts < retries:
                         log.warning("prompt %d failed (%s); retrying on another replica", job.index, message)
                         job.attempts += 1
                         self._jobs.put((run_id, job))
@@ -404,6 +406,12 @@ class Driver:
         }
         del line["request"]["prompt"]  # once is enough: it can be 10,000 characters
         append_manifest_line(self.manifest, line)
+
+
+def _backoff(rt, failures: int) -> float:
+    """Seconds before the next build after `failures` failed ones: doubling, capped (and no float overflow after a
+    thousand failures of a slot that waits days for capacity)."""
+    return min(rt.rebuild_backoff_s * 2.0 ** min(failures - 1, 30), rt.rebuild_backoff_max_s)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,11 @@ from configs import OdysseyConfig
 
 __all__ = ["PlacementError", "WorkerShape", "plan_placement", "shortfall", "cluster_nodes", "cluster_totals"]
 
+# Rank 0 encoding prompts on CPU next to GPU ranks (model.text_encoder_device=cpu, runtime.encoder_cpus null):
+ENCODER_CPUS_DEFAULT = 8.0  # its extra CPUs when no GPU node is up yet to size them from (autoscaling clusters)
+ENCODER_CPUS_MAX = 16.0  # at most this many: a T5 encoder gains little beyond, and the node's other replicas need room
+NODE_CPUS_RESERVED = 2.0  # per GPU node, never given to the encoder: Ray's own processes, the object store, ffmpeg
+
 
 class PlacementError(ValueError):
     """The cluster can never hold this job."""
@@ -47,7 +52,9 @@ class WorkerShape:
         return self.num_cpus + (self.encoder_cpus if group == 0 and member == 0 else 0.0)
 
     def worker_threads(self, group: int, member: int) -> int:
-        return max(self.threads, int(self.worker_cpus(group, member))) if group == 0 and member == 0 else self.threads
+        if group == 0 and member == 0:  # rank 0 uses its encoder CPUs (an explicit runtime.encoder_cpus included)
+            return max(self.threads, int(self.worker_cpus(group, member)))
+        return self.threads
 
 
 def cluster_nodes() -> list[dict]:
@@ -98,8 +105,12 @@ def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
         num_cpus = min([1.0] + [math.floor(n.get("CPU", 0.0) / n["GPU"] * 100) / 100 for n in gpu_nodes])
         encoder_cpus = 0.0
         if config.model.text_encoder_device == "cpu":
-            encoder_cpus = rt.encoder_cpus if rt.encoder_cpus is not None else _spare_cpus(gpu_nodes, num_cpus,
-                                                                                           par.group_size)
+            if rt.encoder_cpus is not None:
+                encoder_cpus = rt.encoder_cpus
+            elif gpu_nodes:
+                encoder_cpus = min(_spare_cpus(gpu_nodes, num_cpus, par.group_size), ENCODER_CPUS_MAX)
+            else:  # nothing to size it from yet: a default a GPU node is sure to have (not the 1 thread of a rank)
+                encoder_cpus = ENCODER_CPUS_DEFAULT
         threads = 1
     else:
         if rt.num_cpus_per_worker is not None:
@@ -125,9 +136,11 @@ def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
 
 
 def _spare_cpus(gpu_nodes: list[dict], cpus_per_gpu: float, replica_gpus: int) -> float:
-    """CPUs of the smallest GPU node beyond its GPU workers' share, split among the replicas it can hold."""
+    """CPUs of the smallest GPU node beyond its GPU workers' share and NODE_CPUS_RESERVED, split among the replicas
+    it can hold."""
     spare = []
     for n in gpu_nodes:
         replicas_here = max(1, int(n["GPU"] // replica_gpus))
-        spare.append(math.floor(max(0.0, n.get("CPU", 0.0) - n["GPU"] * cpus_per_gpu) / replicas_here))
+        free = n.get("CPU", 0.0) - n["GPU"] * cpus_per_gpu - NODE_CPUS_RESERVED
+        spare.append(math.floor(max(0.0, free) / replicas_here))
     return float(min(spare, default=0))

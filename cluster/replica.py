@@ -7,7 +7,11 @@ Failures are told apart, because they call for different cures:
 - RequestFailed: a worker raised while serving (out of memory on an oversized prompt, a collective timeout). The
   prompt fails with that message and is not retried (it would fail again); the replica is rebuilt because the
   other ranks may be stuck in a collective.
-- RequestRejected: every rank refused the request before the first collective; the replica is intact.
+- RequestRejected: every rank refused the request in its first collective (RequestRejectedError from
+  Runner._agree, and only that: a ValueError raised later may leave other ranks in a collective, so it is a
+  RequestFailed); the replica is intact.
+Ray's memory monitor killing a worker (OutOfMemoryError) is a ReplicaFailed whose prompt is retried at most once: the
+pressure may have come from elsewhere on the node, or from the prompt itself.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import time
 from typing import Iterator
 
 import ray
-from ray.exceptions import (GetTimeoutError, NodeDiedError, ObjectLostError, OwnerDiedError, RayActorError,
-                            RayTaskError, WorkerCrashedError)
+from ray.exceptions import (GetTimeoutError, NodeDiedError, ObjectLostError, OutOfMemoryError, OwnerDiedError,
+                            RayActorError, RayError, RayTaskError, WorkerCrashedError)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import SPWorker
 from configs import OdysseyConfig
-from pipeline.request import Event, GenerateRequest
+from pipeline.memory import MemoryBusy
+from pipeline.request import Event, GenerateRequest, RequestRejectedError
 
 from .placement import WorkerShape, cluster_nodes, cluster_totals
 
@@ -42,11 +47,12 @@ DEATHS = (RayActorError, NodeDiedError, WorkerCrashedError, OwnerDiedError, Obje
 
 class ReplicaFailed(RuntimeError):
     """The replica is gone (a rank died, or it could not be placed or started in time); retry elsewhere.
-    deterministic: a worker raised while starting (not a death), so starting again will likely fail the same way."""
+    deterministic: a worker raised while starting (not a death), so starting again will likely fail the same way.
+    retries: at most this many retries of the prompt (None: runtime.max_retries)."""
 
-    def __init__(self, message: str, deterministic: bool = False):
+    def __init__(self, message: str, deterministic: bool = False, retries: int | None = None):
         super().__init__(message)
-        self.deterministic = deterministic
+        self.deterministic, self.retries = deterministic, retries
 
 
 class RequestFailed(RuntimeError):
@@ -137,9 +143,15 @@ class Replica:
             except GetTimeoutError:
                 raise ReplicaFailed(f"replica {self.index}: {what()}") from None
             except DEATHS as e:
-                raise ReplicaFailed(f"replica {self.index}: a worker died while starting: {_describe(e)}") from None
+                # a worker whose constructor raised (a bad image, an ImportError) will raise again: no waiting
+                raise ReplicaFailed(f"replica {self.index}: a worker died while starting: {_describe(e)}",
+                                    deterministic=bool(getattr(e, "actor_init_failed", False))) from None
+            except OutOfMemoryError as e:  # Ray's memory monitor: the node was short, maybe only for now
+                raise ReplicaFailed(f"replica {self.index}: killed while starting: {_describe(e)}") from None
             except RayTaskError as e:
                 cause = _cause(e)
+                if isinstance(cause, MemoryBusy):  # a killed predecessor still holds the GPU: it will let go
+                    raise ReplicaFailed(f"replica {self.index}: {_describe(cause)}") from None
                 if isinstance(cause, ValueError):  # the config or the weights can never work: tell the user
                     raise cause from None
                 raise ReplicaFailed(f"replica {self.index}: {_describe(cause)}", deterministic=True) from None
@@ -181,10 +193,22 @@ class Replica:
     def run(self, request: GenerateRequest) -> Iterator[Event]:
         """Rank 0's events as they happen, while watching every other rank: a dead or failing rank anywhere ends
         the stream within about POLL_S (not after the collective timeout), with ReplicaFailed when a rank died and
-        RequestFailed when one raised."""
+        RequestFailed when one raised, RequestRejected only when every rank rejected it in its first collective."""
         stream = self.workers[0].stream.remote(request)
         others = {w.run.remote(request): r for r, w in enumerate(self.workers) if r > 0}
-        streaming, failure = True, None
+        streaming, failure, rejected = True, None, set()
+
+        def note(rank, err):
+            nonlocal failure
+            f = self._failure(rank, err)
+            if isinstance(f, RequestRejected):
+                rejected.add(rank)
+            # anything worse than a rejection wins; among rejections, rank 0's (it names the reason, the others
+            # only say which ranks rejected)
+            if failure is None or (isinstance(failure, RequestRejected) and (rank == 0 or not isinstance(
+                    f, RequestRejected))):
+                failure = f
+
         while streaming or others:
             if self.stop.is_set():
                 raise ReplicaFailed(f"replica {self.index}: stopped")
@@ -197,18 +221,23 @@ class Replica:
                     except StopIteration:
                         streaming = False
                         continue
-                    except (RayActorError, RayTaskError, *DEATHS) as e:
-                        streaming, failure = False, failure or self._failure(0, e)
+                    except RayError as e:
+                        streaming = False
+                        note(0, e)
                         continue
                     yield event
                 else:
                     rank = others.pop(ref)
                     try:
                         ray.get(ref)
-                    except (RayActorError, RayTaskError, *DEATHS) as e:
-                        failure = failure or self._failure(rank, e)
+                    except RayError as e:
+                        note(rank, e)
             if isinstance(failure, (ReplicaFailed, RequestFailed)):
                 raise failure
+        if isinstance(failure, RequestRejected) and len(rejected) < len(self.workers):
+            # _agree rejects on every rank or on none: a lone rejection means the group is out of step
+            raise RequestFailed(f"replica {self.index}: only rank(s) {sorted(rejected)} rejected the request: "
+                                f"{failure}")
         if failure is not None:  # every rank has returned: the replica is ready for the next request
             raise failure
 
@@ -216,8 +245,10 @@ class Replica:
         where = f"replica {self.index} rank {rank}"
         if isinstance(err, DEATHS):
             return ReplicaFailed(f"{where} died: {_describe(err)}")
+        if isinstance(err, OutOfMemoryError):
+            return ReplicaFailed(f"{where} was killed by Ray's memory monitor: {_describe(err)}", retries=1)
         cause = _cause(err)
-        if isinstance(cause, ValueError):
+        if isinstance(cause, RequestRejectedError):
             return RequestRejected(str(cause))
         # A rank's collective also fails when a peer died (gloo: "Connection closed by peer"): that is a death,
         # and the prompt deserves a retry. Only when every rank is alive is the error the request's own.

@@ -184,8 +184,8 @@ class RuntimeConfig:
     encoder_cpus: float | None = None
     """Extra CPUs reserved for rank 0, whose torch then uses that many more threads, when the text encoder runs on
     CPU next to GPU ranks (model.text_encoder_device=cpu). null: the spare cores of the GPU nodes up when the job
-    starts (a node's CPUs beyond one per GPU, shared by the replicas it can hold); 0 when none is up yet, so set it
-    on autoscaling clusters."""
+    starts (a node's CPUs beyond one per GPU and 2 left for Ray, shared by the replicas it can hold), at most 16;
+    8 when no GPU node is up yet (an autoscaling cluster right after `up`): set it when your GPU nodes have fewer."""
 
     load_timeout_s: float = 1800.0
     """How long loading the models on a replica may take."""

@@ -12,7 +12,13 @@ import numpy as np
 
 from configs import OdysseyConfig, SamplingConfig, VideoConfig
 
-__all__ = ["GenerateRequest", "Progress", "Frame", "Result", "Event"]
+__all__ = ["GenerateRequest", "Progress", "Frame", "Result", "Event", "RequestRejectedError"]
+
+
+class RequestRejectedError(ValueError):
+    """Raised by every rank of a replica when any rank refused a request in its first collective (Runner._agree):
+    no rank went further, so the group is intact and serves the next request. Any other error while serving may
+    leave ranks inside a collective."""
 
 
 @dataclass(frozen=True)

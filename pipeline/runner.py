@@ -19,7 +19,7 @@ from configs import OdysseyConfig
 from .components import Components, load_components
 from .memory import check_request, wait_until_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
-from .request import Event, Frame, GenerateRequest, Progress, Result
+from .request import Event, Frame, GenerateRequest, Progress, RequestRejectedError, Result
 from .samplers import make_sampler
 
 __all__ = ["Runner", "pick_device", "guided_velocity", "cfg_combine"]
@@ -117,19 +117,19 @@ class Runner:
 
     def _agree(self, request: GenerateRequest, error: Exception | None) -> None:
         """The first collective of a request: every rank shows (valid?, fingerprint); any invalid or different
-        request is a ValueError on every rank."""
+        request is a RequestRejectedError on every rank (and only here: the group is still in step)."""
         mine = torch.tensor([0 if error else 1, request.fingerprint() if not error else -1], dtype=torch.int64,
                             device=self._comm_device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine)
         table = torch.stack(every).cpu().tolist()
         if error is not None:
-            raise error
+            raise RequestRejectedError(str(error)) from error
         bad = [r for r, (ok, _) in enumerate(table) if not ok]
         if bad:
-            raise ValueError(f"rank(s) {bad} rejected request {request.request_id!r}")
+            raise RequestRejectedError(f"rank(s) {bad} rejected request {request.request_id!r}")
         if len({fp for _, fp in table}) > 1:
-            raise ValueError(f"ranks received different versions of request {request.request_id!r}")
+            raise RequestRejectedError(f"ranks received different versions of request {request.request_id!r}")
 
     def _context(self, request: GenerateRequest) -> torch.Tensor:
         """[1 or 2, T, C] text embeddings (conditional, then unconditional when guidance is on): encoded on rank 0,

@@ -5,6 +5,7 @@ job only, and that a signal inside the file-and-manifest commit waits for the ma
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -271,3 +272,81 @@ def test_a_crashed_slot_thread_ends_the_start_instead_of_hanging_it(script, monk
     with pytest.raises(RuntimeError, match="replica slot 0 crashed: KeyError"):
         with Driver(make_config(), progress=False):
             pass
+
+
+def test_a_slot_that_failed_a_thousand_builds_keeps_its_backoff_bounded(script, tmp_path):
+    """A slot waiting days for capacity: the doubling backoff must not overflow (2 ** 1024 as a float) and end the
+    batch; after 1100 failed builds the slot still builds and serves."""
+    config = make_config("runtime.rebuild_backoff_s=0.000000001", "runtime.rebuild_backoff_max_s=0.000001",
+                         "runtime.scale_up_timeout_s=600")
+    script.build_errors[0] = [ReplicaFailed("replica 0: no node yet")] * 1100
+    logging.getLogger("cluster.driver").setLevel(logging.ERROR)  # 1100 warnings
+    try:
+        with Driver(config, progress=False) as driver:
+            (outcome,) = driver.run(make_jobs(config, tmp_path, ["x"]))
+    finally:
+        logging.getLogger("cluster.driver").setLevel(logging.NOTSET)
+    assert outcome.ok and script.build_errors[0] == []
+
+
+def test_an_out_of_memory_kill_is_retried_once_then_fails_the_prompt(script, tmp_path):
+    """Ray's memory monitor killed a worker: maybe the node was busy (one retry), maybe the prompt is too big
+    (no more: each retry reloads a replica)."""
+    from cluster.replica import Replica
+
+    oom = Replica.__new__(Replica)
+    oom.index = 0
+    killed = oom._failure(1, ray_oom("Task was killed due to the node running low on memory."))
+    assert isinstance(killed, ReplicaFailed) and killed.retries == 1 and "low on memory" in str(killed)
+    config = make_config("runtime.max_retries=3")
+    script.fail["big"] = [killed] * 3
+    with Driver(config, progress=False) as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["big", "small"]))
+    assert [o.ok for o in outcomes] == [False, True]
+    assert "low on memory" in outcomes[0].error and outcomes[0].job.attempts == 1
+    assert [p for _, p in script.served].count("big") == 2
+
+
+def ray_oom(message):
+    from ray.exceptions import OutOfMemoryError
+
+    return OutOfMemoryError(message)
+
+
+def test_a_bad_gpu_node_does_not_end_the_batch_while_another_replica_serves(script, tmp_path):
+    """Replica 1 keeps landing on a node whose GPU torch cannot see (deterministic): replica 0 serves the batch."""
+    config = make_config("parallel.replicas=2", "runtime.max_retries=1")
+    script.build_errors[1] = [ReplicaFailed("replica 1: AcceleratorMissing: Ray gave this worker GPU(s) ['0'] on "
+                                            "node 10.0.0.7", deterministic=True)] * 1000
+    with Driver(config, progress=False) as driver:
+        outcomes = driver.run(make_jobs(config, tmp_path, ["a", "b", "c"]))
+    assert all(o.ok for o in outcomes) and {o.replica for o in outcomes} == {0}
+
+
+def test_close_keeps_the_replica_list_for_a_slot_thread_that_outlives_it(script, tmp_path, monkeypatch, caplog):
+    """A slot thread still inside a replica call when close() gives up waiting for it later reports its replica
+    lost: no IndexError, no false "slot crashed"."""
+    monkeypatch.setattr(driver_mod, "CLOSE_JOIN_S", 0.5, raising=False)
+    release, entered = threading.Event(), threading.Event()
+    real_run = FakeReplica.run
+
+    def run(self, request):
+        if request.prompt == "stuck":
+            entered.set()
+            release.wait(60)  # a call that ignores the stop request (a wedged Ray call)
+            raise ReplicaFailed(f"replica {self.index}: stopped")
+        yield from real_run(self, request)
+
+    monkeypatch.setattr(FakeReplica, "run", run)
+    config = make_config()
+    driver = Driver(config, progress=False)
+    driver.start()
+    driver._jobs.put((driver._run_id, make_jobs(config, tmp_path, ["stuck"])[0]))
+    assert entered.wait(10)
+    driver.close()
+    release.set()
+    for t in threading.enumerate():
+        if t.name == "odyssey-replica-0":
+            t.join(10)
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert driver._fatal is None

@@ -66,13 +66,31 @@ def test_rank0_gets_the_spare_cores_when_it_encodes_on_cpu():
     plain = plan_placement(config(*base), nodes)
     assert plain.encoder_cpus == 0 and plain.worker_threads(0, 0) == 1
     shape = plan_placement(config(*base, "model.text_encoder_device=cpu"), nodes)
-    # two replicas fit the node: each rank 0 gets half of the 24 cores beyond one per GPU
-    assert shape.encoder_cpus == 12 and shape.bundles() == [{"CPU": 16.0, "GPU": 4.0}]
-    assert shape.worker_cpus(0, 0) == 13 and shape.worker_threads(0, 0) == 13
+    # two replicas fit the node: each rank 0 gets half of the 22 cores beyond one per GPU and 2 left for Ray
+    assert shape.encoder_cpus == 11 and shape.bundles() == [{"CPU": 15.0, "GPU": 4.0}]
+    assert shape.worker_cpus(0, 0) == 12 and shape.worker_threads(0, 0) == 12
     assert shape.worker_cpus(0, 1) == 1 and shape.worker_threads(0, 1) == 1
     assert shortfall(shape, 2, nodes) is None
     explicit = plan_placement(config(*base, "model.text_encoder_device=cpu", "runtime.encoder_cpus=3"), nodes)
     assert explicit.worker_threads(0, 0) == 4
+
+
+def test_rank0_takes_a_bounded_share_of_a_big_node():
+    """A 96-core node with 8 GPUs: rank 0 does not take all 88 spare cores (other replicas, Ray need some)."""
+    nodes = [{"CPU": 96.0, "GPU": 8.0}]
+    shape = plan_placement(config("parallel.ulysses_degree=8", "runtime.device=cuda",
+                                  "model.text_encoder_device=cpu"), nodes)
+    assert shape.encoder_cpus == 16 and shape.bundles() == [{"CPU": 24.0, "GPU": 8.0}]
+    assert shape.worker_threads(0, 0) == 17 and shape.worker_threads(0, 1) == 1
+
+
+def test_rank0_gets_a_default_share_when_no_gpu_node_is_up_yet():
+    """Autoscaling cluster right after `up`: only the CPU head is there to size from; rank 0 still gets real cores
+    (a fixed default), not one thread for the whole batch."""
+    shape = plan_placement(config("parallel.ulysses_degree=2", "runtime.device=cuda",
+                                  "model.text_encoder_device=cpu"), [{"CPU": 4.0}])
+    assert shape.encoder_cpus == 8 and shape.bundles() == [{"CPU": 10.0, "GPU": 2.0}]
+    assert shape.worker_threads(0, 0) == 9 and shape.worker_threads(0, 1) == 1
 
 
 @pytest.mark.parametrize("override, message", [

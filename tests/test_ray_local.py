@@ -109,7 +109,8 @@ def test_sigkilled_worker_costs_a_retry_not_the_batch(local_ray, wan_folder, tmp
     def on_event(job, event):
         if (job.index == 0 and not killed and isinstance(event, Progress) and event.stage == "denoise"
                 and event.step == 2):
-            replica = next(r for r in driver.replicas if r is not None and r.workers)
+            replica = next(r for r in driver.replicas if r is not None and r.workers
+                           and r.health()[0]["request_id"] == job.request.request_id)  # the one serving job 0
             pid = replica.pids()[victim]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
@@ -181,8 +182,29 @@ def test_rank0_publishes_a_port_its_store_already_holds(local_ray, wan_folder):
         with socket.socket() as s, pytest.raises(OSError) as err:
             s.bind((host, port))
         assert err.value.errno == errno.EADDRINUSE
+        # and it listens on the node's address only, not on every interface (0.0.0.0 / ::)
+        assert listening_addresses(port) == {host}
     finally:
         ray.kill(worker)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the listening TCP sockets on `port`, from /proc/net/tcp{,6} (hex, little-endian)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is host order
+                ip = ipaddress.ip_address(raw)
+                found.add(str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip))
+    return found
 
 
 def test_gpus_that_never_arrive_fail_after_the_scale_up_timeout(local_ray, wan_folder):
@@ -199,3 +221,94 @@ def test_gpus_that_never_arrive_fail_after_the_scale_up_timeout(local_ray, wan_f
             pass
     assert 3 <= time.time() - t0 < 60
     assert_cluster_clean()
+
+
+@ray.remote(num_cpus=0.1, max_restarts=0, concurrency_groups={"control": 1})
+class ScriptedRank:
+    """A stand-in SPWorker whose serving calls raise what the test says (by rank), and whose peers hang the way
+    ranks left in a collective do."""
+
+    def __init__(self, rank, errors, init_error=None):
+        if init_error is not None:
+            raise init_error
+        self.rank, self.errors = rank, errors
+
+    def stream(self, request):
+        yield "progress"
+        if self.errors.get(0):
+            raise self.errors[0]
+
+    def run(self, request):
+        error = self.errors.get(self.rank)
+        if error == "hang":  # stuck in the broadcast rank 0 never reached, until the collective timeout
+            time.sleep(30)
+            raise RuntimeError("collective timed out")
+        if error is not None:
+            raise error
+
+    def fail(self, error):
+        raise error
+
+    @ray.method(concurrency_group="control")
+    def health(self):
+        return {}
+
+
+def scripted_replica(errors, n=2):
+    import threading
+
+    from cluster.replica import Replica
+
+    r = Replica.__new__(Replica)
+    r.index, r.stop, r.pg = 0, threading.Event(), None
+    r.workers = [ScriptedRank.remote(k, errors) for k in range(n)]
+    return r
+
+
+def test_only_a_rejection_in_the_first_collective_keeps_the_replica(local_ray):
+    """A ValueError rank 0 raises after _agree (a tokenizer, a torch op) leaves its peers in a collective: the
+    prompt fails at once (RequestFailed: the replica is rebuilt), never "rejected, replica intact" after the
+    collective timeout. Only RequestRejectedError on every rank keeps the replica."""
+    from cluster.replica import RequestFailed, RequestRejected
+    from pipeline.request import RequestRejectedError
+
+    cases = [({0: ValueError("late error on rank 0"), 1: "hang"}, RequestFailed, "late error on rank 0"),
+             ({0: RequestRejectedError("width must be a multiple of 16"),
+               1: RequestRejectedError("rank(s) [0] rejected")}, RequestRejected, "multiple of 16"),
+             ({0: RequestRejectedError("width must be a multiple of 16")}, RequestFailed, r"only rank\(s\) \[0\]")]
+    for errors, expected, message in cases:
+        replica = scripted_replica(errors)
+        t0 = time.time()
+        try:
+            with pytest.raises(expected, match=message):
+                list(replica.run(None))
+            assert time.time() - t0 < 15  # not after the peer's collective timeout
+        finally:
+            replica.kill()
+
+
+def test_start_failures_are_classified_for_the_rebuild_policy(local_ray):
+    """Retryable: a predecessor still holds the GPU (MemoryBusy). Deterministic (give up after max_retries when no
+    replica is up): a node whose GPU torch cannot see, a worker whose constructor raises (bad image)."""
+    import threading
+
+    from actors.worker import AcceleratorMissing
+    from cluster.replica import Replica, ReplicaFailed
+    from pipeline.memory import MemoryBusy
+
+    r = Replica.__new__(Replica)
+    r.index, r.stop = 0, threading.Event()
+    worker = ScriptedRank.remote(0, {})
+    broken = ScriptedRank.remote(0, {}, ImportError("no module named flash_attn"))
+    try:
+        for ref, deterministic, message in [
+                (worker.fail.remote(MemoryBusy("GPU 0 still holds 70 GB")), False, "MemoryBusy"),
+                (worker.fail.remote(AcceleratorMissing("Ray gave this worker GPU(s) ['0'] on node 10.0.0.7")), True,
+                 r"AcceleratorMissing: .* on node 10\.0\.0\.7"),
+                (broken.health.remote(), True, "a worker died while starting")]:
+            with pytest.raises(ReplicaFailed, match=message) as failed:
+                r._wait([ref], 60, lambda: "timed out")
+            assert failed.value.deterministic is deterministic, message
+    finally:
+        ray.kill(worker)
+        ray.kill(broken)

@@ -55,9 +55,15 @@ def test_two_replicas_on_two_nodes(two_nodes, folder, tmp_path):
 
 
 def test_a_worker_given_a_gpu_that_torch_cannot_see_fails_clearly(two_nodes, folder, tmp_path):
-    config = ray_config(folder, "parallel.ulysses_degree=2", "runtime.device=auto")  # accelerator_check on
-    with pytest.raises(ValueError, match=r"Ray gave this worker GPU\(s\) \['\d'\] on .* but torch sees no CUDA "
-                                         r"device \(CUDA_VISIBLE_DEVICES="):
+    """A node fault, not a config error: rebuilt (it might land on a good node), and the batch ends only when no
+    replica could be started after runtime.max_retries such failures, naming the node."""
+    from cluster.replica import ReplicaFailed
+
+    config = ray_config(folder, "parallel.ulysses_degree=2", "runtime.device=auto",  # accelerator_check on
+                        "runtime.max_retries=1", "runtime.rebuild_backoff_s=0.1", "runtime.rebuild_backoff_max_s=0.2")
+    with pytest.raises(ReplicaFailed, match=r"no replica could be started in \d+ s: replica 0: AcceleratorMissing: "
+                                            r"Ray gave this worker GPU\(s\) \['\d'\] on node [\d.]+ \(\w+\) but "
+                                            r"torch sees no CUDA device \(CUDA_VISIBLE_DEVICES="):
         with Driver(config, progress=False):
             pass
     assert_cluster_clean()
