@@ -25,7 +25,7 @@ psutil = pytest.importorskip("psutil")
 from cluster.driver import Driver, Job  # noqa: E402
 from cluster.video import read_mp4  # noqa: E402
 from pipeline.request import GenerateRequest  # noqa: E402
-from tests.ray_helpers import ray_config  # noqa: E402
+from tests.ray_helpers import assert_cluster_clean, ray_config  # noqa: E402
 from tests.tiny_models import wan_pipeline_folder  # noqa: E402
 
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # what the fake provider calls its head
@@ -104,7 +104,36 @@ def autoscaling_cluster(tmp_path_factory):
         log.close()
 
 
-def test_a_batch_with_two_replicas_scales_the_cluster_up_and_uses_both(autoscaling_cluster, tmp_path):
+def test_a_batch_with_two_replicas_scales_the_cluster_up_and_uses_both(autoscaling_cluster, tmp_path, monkeypatch):
+    """The replicas' pending placement groups alone make the autoscaler add nodes: no request_resources, whose
+    cluster-wide request would outlive a killed driver. The batch starts on the first replica; the second joins
+    mid-batch; a second batch uses both."""
+    import threading
+
+    import ray.autoscaler.sdk
+
+    import cluster.driver
+    from cluster.replica import Replica
+
+    requests = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda *a, **k: requests.append((a, k)))
+    batch_started, joined_mid_batch = threading.Event(), []
+
+    class SecondJoinsMidBatch(Replica):
+        def start(self):  # replica 1 is built only once the first batch runs (its node may be up already)
+            while self.index == 1 and not batch_started.wait(0.5) and not self.stop.is_set():
+                pass
+            return super().start()
+
+    def on_event(job, event):
+        if not batch_started.is_set():
+            batch_started.set()
+            deadline = time.time() + 240
+            while driver.replicas[1] is None and time.time() < deadline:
+                time.sleep(0.2)
+            joined_mid_batch.append(driver.replicas[1] is not None)
+
+    monkeypatch.setattr(cluster.driver, "Replica", SecondJoinsMidBatch)
     head, spawned = autoscaling_cluster
     assert ray.cluster_resources().get("GPU", 0) == 0  # only the CPU head: the GPUs do not exist yet
     folder = wan_pipeline_folder(tmp_path / "wan")
@@ -113,22 +142,26 @@ def test_a_batch_with_two_replicas_scales_the_cluster_up_and_uses_both(autoscali
                         "runtime.scale_up_timeout_s=300", "runtime.placement_timeout_s=120")
     jobs = [Job(i, GenerateRequest(f"prompt {i}", seed=i).resolve(config), tmp_path / f"{i}.mp4") for i in range(6)]
     t0 = time.time()
-    with Driver(config, progress=False) as driver:
-        # start() returned: a replica is up, on GPUs that only exist because the driver asked for them
+    with Driver(config, progress=False, on_event=on_event) as driver:
+        # start() returned: a replica is up, on GPUs that only exist because the driver's placement groups asked
         assert ray.cluster_resources().get("GPU", 0) >= 2
         assert driver.shape.num_gpus == 1 and driver.shape.bundles() == [{"CPU": 2.0, "GPU": 2.0}]
-        # Both replicas idle before the batch, so both take prompts (these take a fraction of a second each: one
-        # replica alone could finish them before the other node has joined).
+        up_at_first_batch = sum(r is not None for r in driver.replicas)
+        first = driver.run(jobs[:2])  # starts on replica 0 alone; replica 1 joins while it runs
+        # Both replicas idle before the second batch, so both take prompts (these take a fraction of a second each:
+        # one replica alone could finish them before the other node has joined).
         both_up = driver.wait_ready(2, timeout_s=240)
         spawned.update({p.pid: p for p in psutil.Process(head.pid).children(recursive=True)})
-        outcomes = driver.run(jobs)
+        outcomes = driver.run(jobs[2:])
         nodes = [{i.node_id for i in r.infos} for r in driver.replicas]
-    assert both_up == 2
-    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert_cluster_clean()  # every placement group removed: the autoscaler's demand is gone with them
+    assert requests == []
+    assert up_at_first_batch == 1 and joined_mid_batch == [True] and both_up == 2
+    assert all(o.ok for o in first + outcomes), [o.error for o in first + outcomes]
     assert {o.replica for o in outcomes} == {0, 1}, "one replica served every prompt"
     assert all(len(n) == 1 for n in nodes) and nodes[0] != nodes[1] and FAKE_HEAD_NODE_ID not in nodes[0] | nodes[1]
     gpu_nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
     assert len(gpu_nodes) == 2
-    for o in outcomes:
+    for o in first + outcomes:
         assert read_mp4(o.path)[0].shape == (9, 32, 48, 3)
     assert time.time() - t0 < 600
