@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from configs import OdysseyConfig
 
-from .request import Event, GenerateRequest, Result
+from .request import Event, GenerateRequest, RequestRejectedError, Result
 
 __all__ = ["LocalLauncher"]
 
@@ -85,8 +85,8 @@ class LocalLauncher:
 
     def _raise(self, rank, payload):
         name, message, tb = payload
-        if name == "ValueError":  # a rejected request: every rank said no, the group is intact
-            raise ValueError(message)
+        if name == "RequestRejectedError":  # refused in the first collective: every rank said no, the group is intact
+            raise RequestRejectedError(message)
         self.close()
         raise RuntimeError(f"rank {rank} failed: {name}: {message}\n{tb}")
 
