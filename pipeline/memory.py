@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import time
 import weakref
@@ -255,20 +254,9 @@ def _dit_config(path: Path | None) -> WanDiTConfig:
         return _tiny_spec().dit_config()
     if not path.exists():
         return _known_by_name(path)
-    from safetensors import safe_open
+    from .weights import read_dit_headers
 
-    from .weights import _dit_folder, _our_name, dit_weight_files, read_dit_config
-
-    folder = _dit_folder(path)
-    raw = json.loads((folder / "config.json").read_text())
-    shapes = {}
-    for file in dit_weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-            diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in keys) or (
-                "_diffusers_version" in raw)
-            shapes.update({_our_name(k, diffusers): tuple(f.get_slice(k).get_shape()) for k in keys})
-    return read_dit_config(raw, shapes)
+    return read_dit_headers(path)[1]
 
 
 def _known_by_name(path: Path) -> WanDiTConfig:

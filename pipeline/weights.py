@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from .dit import WanDiT, WanDiTConfig
 
-__all__ = ["load_dit", "dit_weight_files", "read_dit_config", "check_keys", "rename_first", "WeightsError",
-           "model_root", "inside_model"]
+__all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
+           "WeightsError", "model_root", "inside_model"]
 
 _COMFY_PREFIX = "model.diffusion_model."
 
@@ -198,18 +198,17 @@ def read_dit_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> WanDiTConf
     return cfg
 
 
-def load_dit(path, *, device="cpu", dtype: torch.dtype | None = None, attention_backend: str = "auto") -> WanDiT:
+def read_dit_headers(path) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, str]], dict[str, tuple[int, ...]]]:
+    """(DiT folder, its config, our name -> (file, key in file), our name -> shape) from config.json and the
+    safetensors headers only: no tensor is read."""
     folder = _dit_folder(Path(path))
     try:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(f"cannot read {folder / 'config.json'}: {e}") from None
-    files = dit_weight_files(folder)
-
-    # Shapes first (headers only): the config needs them and every mismatch is reported before any tensor loads.
     source: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
+    for file in dit_weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
             diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in keys) or (
@@ -219,7 +218,12 @@ def load_dit(path, *, device="cpu", dtype: torch.dtype | None = None, attention_
                 ours = _our_name(key, diffusers)
                 source[ours] = (file, key)
                 shapes[ours] = tuple(f.get_slice(key).get_shape())
-    cfg = read_dit_config(raw, shapes)
+    return folder, read_dit_config(raw, shapes), source, shapes
+
+
+def load_dit(path, *, device="cpu", dtype: torch.dtype | None = None, attention_backend: str = "auto") -> WanDiT:
+    # Shapes first (headers only): the config needs them and every mismatch is reported before any tensor loads.
+    folder, cfg, source, shapes = read_dit_headers(path)
 
     with torch.device("meta"):
         model = WanDiT(cfg, attention_backend=attention_backend)
