@@ -56,6 +56,19 @@ def port_taken(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0 or s.connect_ex((ray.util.get_node_ip_address(), port)) == 0
 
 
+def set_auth_mode(mode: str | None) -> None:
+    """RAY_AUTH_MODE for this process (None: unset), re-read by Ray's cached config as ray.init() itself does; the
+    token loader caches its answer too (without the reset the driver's server still demands the token)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture(scope="module")
 def autoscaling_cluster(tmp_path_factory):
     if ray.is_initialized():
@@ -66,10 +79,13 @@ def autoscaling_cluster(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    # Whether a client uses token authentication is fixed when Ray is imported (here: at collection), while
-    # `ray start` turns it on whenever ~/.ray/auth_token exists. This throwaway test cluster runs without it,
-    # like the in-process clusters of the other Ray tests.
+    # `ray start` turns token authentication on whenever ~/.ray/auth_token exists. This throwaway test cluster runs
+    # without it, and so must this process: an earlier local ray.init() in it (other test modules) left
+    # RAY_AUTH_MODE=token in os.environ and Ray's cached config, and the driver's own gRPC server would then refuse
+    # the head's unauthenticated calls (the GCS, refused when it asks the owner about its actors, destroys every
+    # actor before it starts: "all references to the actor were removed").
     env["RAY_AUTH_MODE"] = "disabled"
+    saved_auth_mode = os.environ.get("RAY_AUTH_MODE")
     log = open(tmp / "head.log", "w")
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={PORT}", "--num-cpus=1", "--num-gpus=0",
@@ -77,6 +93,7 @@ def autoscaling_cluster(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     spawned: dict[int, psutil.Process] = {}
     try:
+        set_auth_mode("disabled")
         deadline = time.time() + 120
         while "Ray runtime started" not in (tmp / "head.log").read_text():  # a failed ray.init leaves state behind
             if head.poll() is not None or time.time() > deadline:
@@ -102,6 +119,7 @@ def autoscaling_cluster(tmp_path_factory):
             except psutil.NoSuchProcess:
                 pass
         log.close()
+        set_auth_mode(saved_auth_mode)
 
 
 def test_a_batch_with_two_replicas_scales_the_cluster_up_and_uses_both(autoscaling_cluster, tmp_path, monkeypatch):
