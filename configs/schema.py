@@ -30,6 +30,9 @@ def _finite(owner: object, *names: str) -> None:
         _require(value is None or math.isfinite(value), f"{name} must be a finite number, got {{}}", value)
 
 
+CACHE_POLICIES = ("off", "teacache", "fbcache", "easycache")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None
@@ -118,8 +121,24 @@ class SamplingConfig:
     seed: int | None = None
     """Seed of the initial noise; null draws one per prompt (recorded in the manifest)."""
 
+    cache: Literal["off", "teacache", "fbcache", "easycache"] = "off"
+    """Step caching: on steps where the DiT's input changed little since the last computed step, reuse that step's
+    block-stack residual instead of running the blocks (patch embedding, text conditioning and the head always
+    run). teacache: TeaCache's rescaled timestep-modulation rule (Wan2.1 1.3B and 14B weights only); fbcache: the
+    first block runs every step and the rest are skipped while its residual barely changes (any model); easycache:
+    EasyCache's transformation-rate estimate on the block stack's input (any model). Faster, not identical: see
+    docs/benchmarks.md for what each costs in quality."""
+
+    cache_threshold: float | None = None
+    """How much accumulated change a cached step may hide before the blocks run again: higher skips more steps.
+    null: the policy's measured default."""
+
     def __post_init__(self) -> None:
-        _finite(self, "guidance_scale", "shift")
+        _finite(self, "guidance_scale", "shift", "cache_threshold")
+        _require(self.cache in CACHE_POLICIES, "cache must be one of {}, got {}", ", ".join(CACHE_POLICIES),
+                 self.cache)
+        _require(self.cache_threshold is None or self.cache_threshold > 0,
+                 "cache_threshold must be > 0, got {}", self.cache_threshold)
         _require(self.steps >= 1, "steps must be >= 1, got {}", self.steps)
         _require(self.guidance_scale >= 0, "guidance_scale must be >= 0, got {}", self.guidance_scale)
         _require(self.shift >= 1e-3, "shift must be >= 0.001, got {}", self.shift)

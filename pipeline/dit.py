@@ -18,7 +18,7 @@ from torch import nn
 
 from attention import local_attention
 
-__all__ = ["WanDiT", "WanDiTConfig", "TokenLayout", "LocalLayout"]
+__all__ = ["WanDiT", "WanDiTConfig", "TokenLayout", "LocalLayout", "StackInput"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class TokenLayout(Protocol):
     def attend(self, q_BLHD, k_BLHD, v_BLHD, seq_len: int, layer: int) -> torch.Tensor:
         """Self-attention over the whole sequence for this rank's query tokens."""
 
+    def valid_tokens(self, seq_len: int) -> int:
+        """How many of this rank's L tokens are real (the rest is padding)."""
+
 
 class LocalLayout:
     """Every token on this device."""
@@ -83,6 +86,9 @@ class LocalLayout:
 
     def attend(self, q_BLHD, k_BLHD, v_BLHD, seq_len: int, layer: int) -> torch.Tensor:
         return local_attention(q_BLHD, k_BLHD, v_BLHD, backend=self.backend)
+
+    def valid_tokens(self, seq_len: int) -> int:
+        return seq_len
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -298,8 +304,16 @@ class WanDiT(nn.Module):
     def forward_tokens(self, x_BLP: torch.Tensor, grid: tuple[int, int, int], timestep: torch.Tensor,
                        context: torch.Tensor) -> torch.Tensor:
         """Velocity of this rank's patch tokens [B, L, P] (layout.shard of patchify's output), float32."""
+        s = self.embed(x_BLP, grid, timestep, context)
+        return self.head_out(s, self.run_blocks(s, s.x_BLC))
+
+    # The three stages of forward_tokens, for callers that decide between them (pipeline.step_cache reuses the
+    # block stack's residual on some steps; the embeddings and the head always run).
+
+    def embed(self, x_BLP: torch.Tensor, grid: tuple[int, int, int], timestep: torch.Tensor,
+              context: torch.Tensor) -> "StackInput":
+        """Everything the block stack reads: the embedded tokens, time modulation, text and RoPE."""
         cfg, dtype = self.config, self.compute_dtype
-        seq_len = math.prod(grid)
         timestep = timestep.reshape(-1).expand(x_BLP.shape[0]) if timestep.numel() == 1 else timestep
         e_BC = self.time_embedding(timestep_embedding(timestep, cfg.freq_dim))
         e0_B6C = self.time_projection(e_BC).unflatten(1, (6, cfg.dim))
@@ -308,7 +322,27 @@ class WanDiT(nn.Module):
         # (pt, ph, pw, c) channel order that the head produces, so the sampler can step on tokens directly).
         w = self.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)
         x_BLC = F.linear(x_BLP.to(dtype), w, self.patch_embedding.bias).float()
-        rope = self._rope(grid, x_BLP.device)
-        for i, block in enumerate(self.blocks):
-            x_BLC = block(x_BLC, e0_B6C, ctx_BTC, rope, self.layout, seq_len, i)
-        return self.head(x_BLC, e_BC).float()
+        return StackInput(x_BLC, e_BC, e0_B6C, ctx_BTC, self._rope(grid, x_BLP.device), math.prod(grid))
+
+    def run_blocks(self, s: "StackInput", x_BLC: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The residual stream after blocks[start:stop] (fp32)."""
+        stop = len(self.blocks) if stop is None else stop
+        for i in range(start, stop):
+            x_BLC = self.blocks[i](x_BLC, s.e0_B6C, s.ctx_BTC, s.rope, self.layout, s.seq_len, i)
+        return x_BLC
+
+    def head_out(self, s: "StackInput", x_BLC: torch.Tensor) -> torch.Tensor:
+        """Velocity [B, L, P] (float32) from the block stack's output."""
+        return self.head(x_BLC, s.e_BC).float()
+
+
+@dataclass
+class StackInput:
+    """What WanDiT.embed computes once per forward: the stack's input tokens and its conditioning."""
+
+    x_BLC: torch.Tensor  # fp32 residual stream entering block 0
+    e_BC: torch.Tensor  # time embedding (the head's modulation input)
+    e0_B6C: torch.Tensor  # time projection (every block's modulation input)
+    ctx_BTC: torch.Tensor  # embedded text
+    rope: tuple[torch.Tensor, torch.Tensor]
+    seq_len: int

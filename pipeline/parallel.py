@@ -46,6 +46,10 @@ class UlyssesLayout:
         pad = x_BS.new_zeros((x_BS.shape[0], L - part.shape[1], *x_BS.shape[2:]))
         return torch.cat([part, pad], dim=1)
 
+    def valid_tokens(self, seq_len: int) -> int:
+        L = self.local_len(seq_len)
+        return max(0, min(L, seq_len - self.rank * L))
+
     def gather(self, x_BL: torch.Tensor, seq_len: int) -> torch.Tensor:
         if self.world == 1:
             return x_BL[:, :seq_len]

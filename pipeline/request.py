@@ -12,6 +12,8 @@ import numpy as np
 
 from configs import OdysseyConfig, SamplingConfig, VideoConfig
 
+from .step_cache import check_cache
+
 __all__ = ["GenerateRequest", "Progress", "Frame", "Result", "Event", "RequestRejectedError"]
 
 
@@ -38,6 +40,8 @@ class GenerateRequest:
     guidance_scale: float | None = None
     shift: float | None = None
     sampler: str | None = None
+    cache: str | None = None
+    cache_threshold: float | None = None  # stays None when resolved: the policy's default for the model
 
     def resolve(self, config: OdysseyConfig) -> "GenerateRequest":
         """Every field concrete and validated (ValueError): types, ranges, and config.limits (so a request can never
@@ -48,7 +52,13 @@ class GenerateRequest:
             sampler=self.sampler or s.sampler, steps=_pick(self.steps, s.steps),
             guidance_scale=float(_pick(self.guidance_scale, s.guidance_scale)), shift=float(_pick(self.shift, s.shift)),
             negative_prompt=_pick(self.negative_prompt, s.negative_prompt), seed=_pick(self.seed, s.seed),
+            cache=self.cache or s.cache,
+            # a threshold is on its policy's scale: the config's applies only to the config's policy
+            cache_threshold=self.cache_threshold if self.cache_threshold is not None
+            else s.cache_threshold if (self.cache or s.cache) == s.cache else None,
         )
+        if sampling.cache != "off":
+            check_cache(sampling.cache, sampling.cache_threshold, sampling.steps)
         if sampling.sampler not in ("unipc", "euler"):
             raise ValueError(f"sampler must be unipc or euler, got {sampling.sampler!r}")
         video = VideoConfig(height=_pick(self.height, v.height), width=_pick(self.width, v.width),
@@ -61,7 +71,9 @@ class GenerateRequest:
             prompt=self.prompt, request_id=self.request_id or f"req-{seed:x}", seed=seed,
             negative_prompt=sampling.negative_prompt, height=video.height, width=video.width, frames=video.frames,
             fps=video.fps, steps=sampling.steps, guidance_scale=sampling.guidance_scale, shift=sampling.shift,
-            sampler=sampling.sampler,
+            sampler=sampling.sampler, cache=sampling.cache,
+            cache_threshold=float(sampling.cache_threshold)
+            if sampling.cache != "off" and sampling.cache_threshold is not None else None,
         )
 
     def validate(self, config: OdysseyConfig) -> None:
@@ -74,7 +86,7 @@ class GenerateRequest:
 
     def _check_types(self) -> None:
         """Requests can come from JSON or code, where any type can appear: no bool for an int, no NaN or inf."""
-        for name in ("prompt", "request_id", "negative_prompt", "sampler"):
+        for name in ("prompt", "request_id", "negative_prompt", "sampler", "cache"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {type(value).__name__}")
@@ -84,7 +96,7 @@ class GenerateRequest:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an integer, got {value!r:.40}")
-        for name in ("guidance_scale", "shift"):
+        for name in ("guidance_scale", "shift", "cache_threshold"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -93,7 +105,7 @@ class GenerateRequest:
 
     @property
     def is_resolved(self) -> bool:
-        return all(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+        return all(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "cache_threshold")
 
     def fingerprint(self) -> int:
         """63-bit digest of every field: ranks compare it before the first collective."""
@@ -118,6 +130,7 @@ class Progress:
     stage: str  # "encode" | "denoise"
     step: int
     total: int
+    computed: int | None = None  # denoise with a step cache: steps so far that ran the DiT's blocks
 
 
 @dataclass
@@ -140,6 +153,7 @@ class Result:
     shapes: dict = field(default_factory=dict)
     latents: object = None  # final latents [1, z, T, h, w] when the Runner was asked to return them
     finished_at: float = 0.0  # wall clock on the worker when the generation finished
+    cache: dict | None = None  # step cache: policy, threshold, computed_steps, steps, skipped (step indices)
 
 
 Event = Progress | Frame | Result

@@ -21,6 +21,7 @@ from .memory import check_request, wait_until_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
 from .request import Event, Frame, GenerateRequest, Progress, RequestRejectedError, Result
 from .samplers import make_sampler
+from .step_cache import StepCache, check_cache
 
 __all__ = ["Runner", "pick_device", "guided_velocity", "cfg_combine"]
 
@@ -144,18 +145,50 @@ class Runner:
             dist.broadcast(ctx, src=0)
         return ctx.to(self.device)
 
-    def _velocity(self, x_BLP, grid, t, ctx, guidance: float) -> torch.Tensor:
+    def _branch_contexts(self, ctx: torch.Tensor) -> list[torch.Tensor]:
+        """The text of each CFG branch this rank runs: cond (and uncond when sequential), or its half's branch."""
+        if ctx.shape[0] == 1:
+            return [ctx[:1]]
+        if self.mesh.cfg_degree == 2:
+            return [ctx[self.mesh.cfg_rank : self.mesh.cfg_rank + 1]]
+        return [ctx[:1], ctx[1:]]
+
+    def _velocity(self, step: int, x_BLP, grid, t, ctx, guidance: float, cache: StepCache | None) -> torch.Tensor:
         dit = self.components.dit
         t_B = torch.full((1,), float(t), device=self.device)
+        contexts = self._branch_contexts(ctx)
+        if cache is not None:
+            v = cache.velocities(dit, step, x_BLP, grid, t_B, contexts)
+        elif len(contexts) == 2:
+            return guided_velocity(dit, x_BLP, grid, t_B, contexts[0], contexts[1], guidance)
+        else:
+            v = [dit.forward_tokens(x_BLP, grid, t_B, contexts[0])]
         if ctx.shape[0] == 1:
-            return dit.forward_tokens(x_BLP, grid, t_B, ctx[:1])
+            return v[0]
         if self.mesh.cfg_degree == 2:
-            # This half of the ranks runs one branch; partners (same tokens, other branch) swap results.
-            v_BLP = dit.forward_tokens(x_BLP, grid, t_B, ctx[self.mesh.cfg_rank : self.mesh.cfg_rank + 1])
+            # This half of the ranks ran one branch; partners (same tokens, other branch) swap results.
+            v_BLP = v[0]
             both = v_BLP.new_empty((2, *v_BLP.shape))
             _all_gather_dim0(both.view(-1, *v_BLP.shape[1:]), v_BLP.contiguous(), self.mesh.cfg_group)
             return cfg_combine(both[0], both[1], guidance)
-        return guided_velocity(dit, x_BLP, grid, t_B, ctx[:1], ctx[1:], guidance)
+        return cfg_combine(v[0], v[1], guidance)
+
+    def _gather_table(self, vec: torch.Tensor) -> torch.Tensor:
+        """[world, n]: every rank's vec, the same table on every rank (the step cache's one collective per step)."""
+        if self.world_size == 1:
+            return vec[None]
+        mine = vec.to(self._comm_device)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        return torch.stack(every).cpu()
+
+    def _step_cache(self, request: GenerateRequest, ctx: torch.Tensor, seq_len: int) -> StepCache | None:
+        if request.cache == "off":
+            return None
+        dit = self.components.dit
+        return StepCache(request.cache, request.cache_threshold, request.steps, dit.config,
+                         branches=len(self._branch_contexts(ctx)), valid=dit.layout.valid_tokens(seq_len),
+                         agree=self._gather_table, stats_rank=self.rank == 0)
 
     # -- the job ----------------------------------------------------------------------------------------------
 
@@ -169,6 +202,7 @@ class Runner:
             shape = self.components.latent_shape(request.frames, request.height, request.width)
             if self.mesh.cfg_degree == 2 and request.guidance_scale == 1.0:
                 raise ValueError("CFG-parallel replica (cfg_degree=2) got a request with guidance off")
+            check_cache(request.cache, request.cache_threshold, request.steps, self.components.dit.config)
             if self.memory_budget is not None:  # prompt lines may ask for more than config.video, checked at load
                 check_request(self.config, self.rank, self.memory_budget, request.frames, request.height,
                               request.width, request_id=request.request_id, device_type=self.device.type,
@@ -193,16 +227,18 @@ class Runner:
         layout = dit.layout
         x_BLP = layout.shard(dit.patchify(noise)).to(self.device)
         sampler = make_sampler(request.sampler, request.steps, request.shift)
+        cache = self._step_cache(request, ctx, seq_len)
         t0 = time.perf_counter()
         for i, t in enumerate(sampler.timesteps.tolist()):
-            v_BLP = self._velocity(x_BLP, grid, t, ctx, request.guidance_scale)
+            v_BLP = self._velocity(i, x_BLP, grid, t, ctx, request.guidance_scale, cache)
             if self.keep_latents_sharded:
                 x_BLP = sampler.step(i, v_BLP, x_BLP)
             else:
                 x_full = sampler.step(i, layout.gather(v_BLP, seq_len), layout.gather(x_BLP, seq_len))
                 x_BLP = layout.shard(x_full)
             self.progress = (rid, "denoise", i + 1, request.steps)
-            yield Progress(rid, "denoise", i + 1, request.steps)
+            yield Progress(rid, "denoise", i + 1, request.steps, len(cache.computed) if cache else None)
+        cache_summary, cache = (cache.summary() if cache else None), None  # frees its residuals before the decode
         latents = dit.unpatchify(layout.gather(x_BLP, seq_len), grid)
         self._sync()
         timings["denoise_s"] = time.perf_counter() - t0
@@ -221,4 +257,5 @@ class Runner:
         yield Result(rid, request.seed, num_frames, timings,
                      {"latents": list(shape), "tokens": seq_len, "tokens_per_rank": x_BLP.shape[1],
                       "video": [num_frames, request.height, request.width, 3]},
-                     latents.cpu() if self.return_latents and self.rank == 0 else None, time.time())
+                     latents.cpu() if self.return_latents and self.rank == 0 else None, time.time(),
+                     cache_summary)
