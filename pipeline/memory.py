@@ -19,6 +19,8 @@ tensors under LiveBytes, which adds up the bytes of every tensor alive at once (
       on every causal cache holds its 2 frames), scaled by area: every conv activation and cache scales with the
       pixels it covers. Untiled: the whole frame; tiled: every tile's cache (tile_cache_factor x the untiled
       cache) plus one tile's activations. fp32 at 720p: 19.4 GiB untiled, 14.4 tiled; 480p: 8.4, 6.7.
+    - Step cache (sampling.cache): step_cache.cache_buffers, alive next to the DiT's activations, freed before
+      the decode (an upper bound; 14B at 720p on one GPU with guidance: 5.8 GiB teacache, 11.5 the others).
 Assumptions: batch 1, the size is config.video (Runner.generate checks each request's own size against the
 free memory it measured before loading: check_request), the text encoder encodes two prompts of 512 tokens.
 Then the allocator's share: activation peaks x 1.1 (fragmentation) and RESERVE_BYTES (NCCL buffers, cuBLAS
@@ -59,6 +61,7 @@ from configs import OdysseyConfig
 
 from .components import TEXT_ENCODER_DTYPE, encoder_placement, resolve_dtype
 from .dit import WanDiT, WanDiTConfig
+from .step_cache import cache_buffers
 from .vae import tile_cache_factor
 
 __all__ = ["MemoryEstimate", "estimate_rank_memory", "replica_estimates", "check_fits", "check_request",
@@ -342,6 +345,7 @@ class MemoryEstimate:
     dit_activations: int
     vae_decode: int  # caches + the peak of one latent chunk
     text_activations: int = 0  # encoding on this GPU
+    step_cache: int = 0  # residuals a step cache keeps between denoising steps (freed before the decode)
     reserve: int = RESERVE_BYTES
 
     @property
@@ -349,13 +353,13 @@ class MemoryEstimate:
         resident = self.dit_params + self.vae_params + self.reserve
         resident += self.text_encoder if self.text_encoder_resident else 0
         encode = (0 if self.text_encoder_resident else self.text_encoder) + self.text_activations
-        return resident + max(encode, self.dit_activations, self.vae_decode)
+        return resident + max(encode, self.dit_activations + self.step_cache, self.vae_decode)
 
     def summary(self) -> str:
         parts = [("DiT", self.dit_params), ("T5" + ("" if self.text_encoder_resident else " while encoding"),
                                                   self.text_encoder),
                  ("VAE", self.vae_params), ("T5 activations", self.text_activations),
-                 ("DiT activations", self.dit_activations),
+                 ("DiT activations", self.dit_activations), ("step cache", self.step_cache),
                  ("VAE decode", self.vae_decode), ("reserve", self.reserve)]
         shown = " + ".join(f"{name} {b / GiB:.1f}" for name, b in parts if b)
         return f"rank {self.rank} needs ~{self.total / GiB:.1f} GiB ({shown}; the largest phase counts)"
@@ -382,6 +386,9 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     grid = (((video.frames - 1) // ts + 1) // pt, h // ph, w // pw)
     fused = par.attention_backend != "reference" and fused_attention_available(device, dtype)
     acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype, fused) * FRAGMENTATION)
+    sampling = config.sampling
+    branches = 2 if sampling.guidance_scale != 1.0 and par.cfg_degree == 1 else 1
+    cached = cache_buffers(sampling.cache, -(-math.prod(grid) // par.ulysses_degree), cfg.dim, branches)
 
     text = text_acts = vae = decode = 0
     resident = True
@@ -400,7 +407,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
             decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
         else:  # the embedded model's 32 x 32 frames: its decoder is a few MB
             vae = _tiny_decoder_bytes()
-    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts)
+    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts, cached)
 
 
 def replica_estimates(config: OdysseyConfig, *, device_type: str = "cuda") -> list[MemoryEstimate]:
@@ -490,6 +497,8 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
                 working.append(changes if d is None else {**changes, "parallel.ulysses_degree": d})
         if working:
             break
+    if est.step_cache and fits({"sampling.cache": "off"}):
+        working.insert(0, {"sampling.cache": "off"})  # the one change that costs no GPU and no setting
 
     def show(o: dict) -> str:
         shown = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items())
@@ -523,13 +532,16 @@ def wait_until_fits(config: OdysseyConfig, rank: int, mem_get_info: Callable[[],
 
 
 def check_request(config: OdysseyConfig, rank: int, budget: int, frames: int, height: int, width: int, *,
-                  request_id: str = "", device_type: str = "cuda",
-                  dit_config: WanDiTConfig | None = None) -> MemoryEstimate:
-    """A request's own size (prompt lines may override config.video) against `budget`, the bytes that were free
-    before this rank loaded its models: ValueError, one line, when it would not fit."""
+                  request_id: str = "", device_type: str = "cuda", dit_config: WanDiTConfig | None = None,
+                  cache: str | None = None, guidance_scale: float | None = None) -> MemoryEstimate:
+    """A request's own size (prompt lines may override config.video, the step cache and guidance) against
+    `budget`, the bytes that were free before this rank loaded its models: ValueError, one line, when it would
+    not fit."""
     video = replace(config.video, frames=frames, height=height, width=width)
+    sampling = replace(config.sampling, cache=config.sampling.cache if cache is None else cache,
+                       guidance_scale=config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
     try:
-        return check_fits(replace(config, video=video), rank, budget, device_type=device_type,
+        return check_fits(replace(config, video=video, sampling=sampling), rank, budget, device_type=device_type,
                           dit_config=dit_config, free_label="free before loading")
     except ValueError as e:
         raise ValueError(f"request {request_id!r} ({width}x{height}, {frames} frames) is too large for this "

@@ -206,7 +206,8 @@ class Runner:
             if self.memory_budget is not None:  # prompt lines may ask for more than config.video, checked at load
                 check_request(self.config, self.rank, self.memory_budget, request.frames, request.height,
                               request.width, request_id=request.request_id, device_type=self.device.type,
-                              dit_config=self.components.dit.config)
+                              dit_config=self.components.dit.config, cache=request.cache,
+                              guidance_scale=request.guidance_scale)
         except ValueError as e:
             error = e
         self._agree(request, error)

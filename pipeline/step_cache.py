@@ -101,8 +101,10 @@ def check_cache(policy: str, threshold: float | None, steps: int, dit_config: Wa
 
 
 def cache_buffers(policy: str, tokens_per_rank: int, dim: int, branches: int) -> int:
-    """Bytes a StepCache keeps alive on one rank between steps (fp32 tensors of [L, C] per branch)."""
-    per_branch = {"off": 0, "teacache": 1, "fbcache": 2, "easycache": 3}[policy]
+    """Bytes a StepCache adds on one rank during denoising, fp32 [L, C] tensors per branch: what it keeps between
+    steps (teacache: the residual; fbcache: + block 0's residual; easycache: + two stack inputs) and, during a
+    step, every branch's embedded tokens (and fbcache's block-0 output) held at once while the replica decides."""
+    per_branch = {"off": 0, "teacache": 2, "fbcache": 4, "easycache": 4}[policy]
     return per_branch * branches * tokens_per_rank * dim * 4
 
 
