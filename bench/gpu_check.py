@@ -20,6 +20,9 @@ single-process ones before anything starts NCCL):
 3. vae_stream       WanVAEDecoder.decode_stream at 480p, 21 latent frames, random Wan2.1 VAE, fp32 with TF32 off:
                     first frame, total, peak memory; vs diffusers' AutoencoderKLWan.decode when it imports (max
                     level difference).
+   step_cache       every sampling.cache policy on the 1.3B shape (random weights, bf16, guidance on, 20 steps,
+                    half of 480p's tokens): computed steps, time vs cache off in the same run, rel. error of the final
+                    latents (FAIL when not finite, or when steps were skipped but nothing changed).
 4. ulysses_nccl     one-rank NCCL group: (a) validation and the P=1 path of ulysses_attention for every option
                     combination (with one rank it attends locally before any codec, so fp8/fused/chunked are not
                     exercised there); (c) the real SeqToHead/HeadToSeq all-to-alls, native and fp8, fused or not,
@@ -78,8 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_attention_checks import check_local_attention, check_ulysses  # noqa: E402
 from bench.gpu_common import CheckFailed, Ctx, Row, Skip, sizes_for  # noqa: E402
-from bench.gpu_model_checks import (check_ray_generate, check_runner, check_runner_embedded, check_vae,  # noqa: E402
-                                    check_wan_dit)
+from bench.gpu_model_checks import (check_ray_generate, check_runner, check_runner_embedded,  # noqa: E402
+                                    check_step_cache, check_vae, check_wan_dit)
 
 __all__ = ["CHECKS", "main", "run_check"]
 
@@ -94,6 +97,7 @@ CHECKS: dict[str, Callable[[Ctx, Row], None]] = {
     "local_attention": check_local_attention,
     "wan_dit": check_wan_dit,
     "vae_stream": check_vae,
+    "step_cache": check_step_cache,
     "ulysses_nccl": check_ulysses,
     "runner": check_runner,
     "runner_embedded": check_runner_embedded,
@@ -104,7 +108,7 @@ CHECKS: dict[str, Callable[[Ctx, Row], None]] = {
 # H100 estimates (attention ~10 s, DiT ~60 s with diffusers, VAE ~30 s, Ulysses ~5 s, Runner ~15 s, embedded
 # ~60 s), so a hang (a stuck NCCL call, a wedged kernel) leaves a trace well inside the device call's limit instead
 # of burning it. The whole run is also held to --time-limit (default 400 s, under the documented 420 s call).
-TIMEOUT_S = {"local_attention": 50, "wan_dit": 240, "vae_stream": 150, "ulysses_nccl": 30, "runner": 75,
+TIMEOUT_S = {"local_attention": 50, "wan_dit": 240, "vae_stream": 150, "step_cache": 120, "ulysses_nccl": 30, "runner": 75,
              "runner_embedded": 240, "ray_generate": 320}
 DEFAULT_TIMEOUT_S = 120
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bench.gpu_common import (BF16, CheckFailed, Ctx, Row, Skip, diffusers_class, loopback_gloo, median_time,
-                              no_tf32, optional, peak_gib, rel_l2, reset_peak, store_url)
+                              no_tf32, optional, peak_gib, rel_l2, reset_peak, store_url, sync)
 
 # --------------------------------------------------------------------------------------------------------------
 # 2. WanDiT at the 1.3B shape
@@ -110,6 +110,66 @@ def check_wan_dit(ctx: Ctx, row: Row) -> None:
             bad.append(f"{layers} layers rel err {err:.2e} (bound {bound:g})")
     if bad:
         raise CheckFailed("WanDiT vs diffusers: " + "; ".join(bad))
+
+
+def _cached_loop(dit, policy: str | None, latent: tuple, steps: int, dev: torch.device):
+    """UniPC with guidance over a fixed noise / text: final latents, seconds (synced), the cache's summary."""
+    from pipeline.samplers import make_sampler
+    from pipeline.step_cache import StepCache
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, dit.config.in_dim, *latent)
+    noise = torch.randn(shape, generator=gen).to(dev)
+    ctx = torch.randn((2, 64, dit.config.text_dim), generator=gen).to(dev, BF16)
+    grid, x = dit.grid(shape), dit.patchify(noise)
+    cache = None if policy is None else StepCache(policy, None, steps, dit.config, branches=2, valid=x.shape[1],
+                                                  agree=lambda v: v[None])
+    sampler = make_sampler("unipc", steps, 5.0)
+    sync(dev)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i, t in enumerate(sampler.timesteps.tolist()):
+            t_B = torch.full((1,), float(t), device=dev)
+            if cache is None:
+                v = [dit.forward_tokens(x, grid, t_B, ctx[b : b + 1]) for b in range(2)]
+            else:
+                v = cache.velocities(dit, i, x, grid, t_B, [ctx[:1], ctx[1:]])
+            x = sampler.step(i, v[1] + 5.0 * (v[0] - v[1]), x)
+    sync(dev)
+    return x.float(), time.perf_counter() - t0, (cache.summary() if cache else None)
+
+
+def check_step_cache(ctx: Ctx, row: Row) -> None:
+    """Every step-cache policy on the 1.3B shape (random weights, bf16, guidance on), 20 steps at half of 480p's
+    tokens: time vs cache off measured in this run, computed steps, relative error of the final latents."""
+    from bench.dit_vs_diffusers import WAN_1_3B
+    from pipeline import WanDiT
+    from pipeline.step_cache import POLICIES
+
+    s, dev = ctx.sizes, ctx.device
+    cfg = dataclasses.replace(WAN_1_3B, num_layers=s.dit_layers, **s.dit_dims)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        dit = WanDiT(cfg).eval().requires_grad_(False)
+    dit.to_compute_dtype(BF16)
+    latent = (s.dit_latent[0], max(2, s.dit_latent[1] // 2), s.dit_latent[2]) if dev.type == "cuda" else s.dit_latent
+    steps = 10 if ctx.quick else 20
+    _cached_loop(dit, None, latent, 3, dev)  # warm-up: kernels, allocator
+    want, base_s, _ = _cached_loop(dit, None, latent, steps, dev)
+    row.figures.update(layers=cfg.num_layers, tokens=math.prod(dit.grid((1, 16, *latent))), steps=steps,
+                       off_s=round(base_s, 2))
+    bad = []
+    for policy in POLICIES:
+        got, sec, summary = _cached_loop(dit, policy, latent, steps, dev)
+        err = rel_l2(got, want)
+        row.figures[policy] = (f"{summary['computed_steps']}/{steps} computed, {sec / base_s:.2f}x time, "
+                               f"rel err {err:.1e}")
+        if not math.isfinite(err):
+            bad.append(f"{policy}: latents not finite")
+        elif summary["computed_steps"] < steps and err == 0:
+            bad.append(f"{policy}: skipped steps but the latents equal cache off (residual not applied)")
+    if bad:
+        raise CheckFailed("; ".join(bad))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from bench import gpu_check  # noqa: E402
 from bench.gpu_attention_checks import check_local_attention, reference_fp64  # noqa: E402
 
 # single-process checks first, then the ones that start NCCL
-EXPECTED = ["local_attention", "wan_dit", "vae_stream", "ulysses_nccl", "runner", "runner_embedded", "ray_generate"]
+EXPECTED = ["local_attention", "wan_dit", "vae_stream", "step_cache", "ulysses_nccl", "runner", "runner_embedded", "ray_generate"]
 
 
 @pytest.fixture
@@ -62,7 +62,9 @@ def test_cpu_quick_run_is_clean(tmp_path):
     assert rows["runner"]["figures"]["psnr_dB"] >= 25
     assert rows["vae_stream"]["figures"]["frames"] == 5
     assert "| local_attention | ok |" in done.stdout
-    assert "summary: 6 ok, 0 FAIL, 1 skipped" in done.stdout
+    cached = rows["step_cache"]["figures"]  # every policy ran, and a cached run differs from the uncached one
+    assert {"teacache", "fbcache", "easycache"} <= set(cached) and "computed" in cached["fbcache"]
+    assert "summary: 7 ok, 0 FAIL, 1 skipped" in done.stdout
 
 
 def test_wrong_attention_kernel_fails_the_run(tmp_path, monkeypatch, keep_threads):
