@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import stat
@@ -55,8 +56,44 @@ def _config_options(fn):
     return wrapper
 
 
+def parse_cache(text: str) -> tuple[str, float | None]:
+    """--cache POLICY[:THRESHOLD] -> (policy, threshold or None for the policy's default); ValueError, one line."""
+    from configs.schema import CACHE_POLICIES
+
+    policy, sep, threshold = text.strip().partition(":")
+    policy = policy.strip().lower()
+    if not policy:
+        raise ValueError(f"no policy given; choose one of {', '.join(CACHE_POLICIES)} (POLICY or POLICY:THRESHOLD)")
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}; choose one of {', '.join(CACHE_POLICIES)} "
+                         f"(POLICY or POLICY:THRESHOLD)")
+    if not sep:
+        return policy, None
+    if policy == "off":
+        raise ValueError("off takes no threshold")
+    try:
+        value = float(threshold)
+    except ValueError:
+        raise ValueError(f"the threshold must be a number, got {threshold.strip()!r:.40}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"the threshold must be a finite number > 0, got {threshold.strip():.40}")
+    return policy, value
+
+
+def _cache_option(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_cache(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
 def _run_options(fn):
     @_config_options
+    @click.option("--cache", callback=_cache_option, metavar="POLICY[:THRESHOLD]",
+                  help="Step caching: off, teacache, fbcache or easycache, optionally with its threshold "
+                       "(fbcache:0.1); a shortcut for sampling.cache and sampling.cache_threshold.")
     @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed of the initial noise (batch: seed + index).")
     @click.option("--negative-prompt", help="What guidance steers away from.")
     @click.option("--ulysses", type=click.IntRange(1), help="Ranks per video (sequence parallel degree).")
@@ -73,8 +110,17 @@ def _run_options(fn):
 
 
 def resolve_config(config_source, overrides, *, ulysses=None, cfg_parallel=False, replicas=None,
-                   negative_prompt=None) -> OdysseyConfig:
+                   negative_prompt=None, cache=None) -> OdysseyConfig:
     flags = list(overrides)
+    if cache is not None:
+        policy, threshold = cache
+        # a threshold is on its policy's scale: a YAML's threshold for another policy must not carry over, but a
+        # --set sampling.cache_threshold beside --cache POLICY still applies (hence before the user's overrides)
+        if threshold is None:
+            flags.insert(0, "sampling.cache_threshold=null")
+        flags.append(f"sampling.cache={policy}")
+        if threshold is not None:
+            flags.append(f"sampling.cache_threshold={threshold!r}")
     if ulysses:
         flags.append(f"parallel.ulysses_degree={ulysses}")
     if cfg_parallel:
@@ -142,7 +188,7 @@ def _unique(path: Path) -> Path:
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="Append a JSON line about the result to this file.")
 @_run_options
-def generate(prompt, output, manifest, config_source, overrides, seed, negative_prompt, ulysses, cfg_parallel,
+def generate(prompt, output, manifest, config_source, overrides, cache, seed, negative_prompt, ulysses, cfg_parallel,
              replicas, address, progress):
     """Generate one video from PROMPT."""
     from pipeline.request import GenerateRequest
@@ -151,12 +197,13 @@ def generate(prompt, output, manifest, config_source, overrides, seed, negative_
     from .manifest import check_manifest
     from .prompts import slugify
     from .submit import check_job_output
+    from .validate import check_request_cache
 
     check_job_output(output or Path("outputs"), "-o")  # a Ray Job's relative paths land in Ray's cache
     if manifest is not None:
         check_job_output(manifest, "--manifest")
     config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
-                            negative_prompt=negative_prompt)
+                            negative_prompt=negative_prompt, cache=cache)
     if not prompt.strip():
         raise InputError("the prompt is empty")
     if output is None:
@@ -165,6 +212,7 @@ def generate(prompt, output, manifest, config_source, overrides, seed, negative_
         raise InputError(f"--output must end in .mp4, got {output}")
     try:
         request = GenerateRequest(prompt, seed=seed).resolve(config)
+        check_request_cache(request, config)  # the model's DiT read here: refused before Ray starts
         if manifest is not None:
             check_manifest(manifest)  # the user chose the path; still never through a link
     except ValueError as e:
@@ -179,8 +227,8 @@ def generate(prompt, output, manifest, config_source, overrides, seed, negative_
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip prompts whose output is already complete.")
 @_run_options
-def batch(prompts_file, output_dir, resume, config_source, overrides, seed, negative_prompt, ulysses, cfg_parallel,
-          replicas, address, progress):
+def batch(prompts_file, output_dir, resume, config_source, overrides, cache, seed, negative_prompt, ulysses,
+          cfg_parallel, replicas, address, progress):
     """Generate a video per prompt of PROMPTS_FILE (.txt: a prompt per line; .jsonl: objects with 'prompt' and
     optional name, seed, negative_prompt and sampling/video settings)."""
     from pipeline.request import GenerateRequest
@@ -189,13 +237,18 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
     from .manifest import check_manifest
     from .prompts import output_path, read_prompt_file
     from .submit import check_job_output
+    from .validate import check_config_cache, check_request_cache
     from .video import clean_stale_partials
 
     check_job_output(output_dir, "-o")  # a Ray Job's relative paths land in Ray's cache
     if output_dir.is_symlink():  # videos, manifest and the partials' cleanup would all happen where it points
         raise InputError(f"the output folder {output_dir} is a symbolic link; pass the folder it points to")
     config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
-                            negative_prompt=negative_prompt)
+                            negative_prompt=negative_prompt, cache=cache)
+    try:
+        check_config_cache(config)  # even when every line sets its own: the Driver refuses such a config
+    except ValueError as e:
+        raise InputError(f"config: {e}") from None
     specs = read_prompt_file(prompts_file, config.limits)
     jobs, skipped = [], 0
     for i, spec in enumerate(specs):  # every line is checked before anything runs
@@ -204,6 +257,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, seed, nega
             request = GenerateRequest(spec.prompt, seed=spec.seed if spec.seed is not None else
                                       (seed + i if seed is not None else None),
                                       negative_prompt=spec.negative_prompt, **spec.overrides).resolve(config)
+            check_request_cache(request, config)
         except ValueError as e:
             raise InputError(f"{prompts_file}:{spec.line}: {e}") from None
         if resume and _complete(path):

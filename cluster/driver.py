@@ -22,10 +22,10 @@ from pipeline.request import Frame, GenerateRequest, Result
 
 from .placement import PlacementError, WorkerShape, cluster_nodes, plan_placement, shortfall
 from .manifest import append_manifest_line
-from .progress import ProgressReporter, make_reporter
+from .progress import ProgressReporter, cache_note, make_reporter
 from .replica import POLL_S, Replica, ReplicaFailed, RequestFailed, RequestRejected
 from .token_file import secure_default_token
-from .validate import check_batch
+from .validate import check_batch, check_config_cache
 from .video import StreamingMP4
 
 __all__ = ["Driver", "Job", "Outcome", "connect_ray"]
@@ -114,12 +114,14 @@ class Driver:
         self.close()
 
     def validate(self) -> None:
-        """Checks that need no cluster: the weights folder (when this machine is the cluster)."""
+        """Checks that need no cluster: the weights folder (when this machine is the cluster), and that the model
+        can use the configured step cache."""
         path = self.config.model.path
         if path is not None and self.address is None and not os.environ.get("RAY_ADDRESS"):
             if not Path(path).expanduser().exists():
                 raise ValueError(f"model.path {path} does not exist (download the weights there or "
                                  f"--set model.path=/path/to/Wan2.1-folder)")
+        check_config_cache(self.config)
 
     def start(self) -> None:
         """Plan, ask for what the cluster lacks, start every replica slot, and return once the first replica is up
@@ -392,7 +394,7 @@ class Driver:
                 path.unlink(missing_ok=True)
                 raise
             outcomes[job.index] = outcome
-        self.reporter.finish(job.index, True, str(path))
+        self.reporter.finish(job.index, True, f"{path}{cache_note(event.cache)}")
 
     def _write_manifest(self, outcome: Outcome) -> None:
         if self.manifest is None:
@@ -403,6 +405,7 @@ class Driver:
             "negative_prompt": job.request.negative_prompt, "output": str(outcome.path),
             "frames": outcome.result.num_frames, "attempts": job.attempts + 1,
             "request": dataclasses.asdict(job.request), "config": to_dict(self.config), "timings": outcome.timings,
+            "cache": outcome.result.cache,  # policy, threshold, computed_steps, steps, skipped; null when off
         }
         del line["request"]["prompt"]  # once is enough: it can be 10,000 characters
         append_manifest_line(self.manifest, line)

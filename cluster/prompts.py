@@ -15,7 +15,7 @@ __all__ = ["PromptSpec", "PromptFileError", "read_prompt_file", "slugify", "outp
 
 # Per-prompt settings a .jsonl line may set (GenerateRequest fields).
 OVERRIDABLE = {"steps": int, "guidance_scale": (int, float), "shift": (int, float), "sampler": str, "height": int,
-               "width": int, "frames": int, "fps": int}
+               "width": int, "frames": int, "fps": int, "cache": str, "cache_threshold": (int, float)}
 _KEYS = {"prompt", "name", "seed", "negative_prompt", *OVERRIDABLE}
 
 
