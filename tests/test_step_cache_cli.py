@@ -65,11 +65,13 @@ def test_parse_cache_accepts(text, expected):
 ])
 @pytest.mark.parametrize("command", ["generate", "batch"])
 def test_bad_cache_values_exit_2_with_one_line_and_write_nothing(tmp_path, command, value, message):
-    target = ["generate", "a red circle moving right", "-o", tmp_path / "out" / "x.mp4"] if command == "generate" \
-        else ["batch", tmp_path / "p.txt", "-o", tmp_path / "out"]
     (tmp_path / "p.txt").write_text("a red circle moving right\n")
-    result = odyssey(*target, f"--cache={value}", "--manifest" if command == "generate" else "--resume",
-                     *([tmp_path / "m.jsonl"] if command == "generate" else []), timeout=60)
+    if command == "generate":
+        args = ["generate", "a red circle moving right", "-o", tmp_path / "out" / "x.mp4", "--manifest",
+                tmp_path / "m.jsonl"]
+    else:
+        args = ["batch", tmp_path / "p.txt", "-o", tmp_path / "out"]
+    result = odyssey(*args, f"--cache={value}", timeout=60)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--cache" in lines[0] and message in lines[0], lines
@@ -107,7 +109,8 @@ def test_jsonl_cache_keys(tmp_path):
 
 @pytest.mark.parametrize("line", ['{"prompt": "x", "cache": 3}', '{"prompt": "x", "cache": true}',
                                   '{"prompt": "x", "cache": null}', '{"prompt": "x", "cache_threshold": "0.1"}',
-                                  '{"prompt": "x", "cache_threshold": true}', '{"prompt": "x", "cache_threshold": [1]}'])
+                                  '{"prompt": "x", "cache_threshold": true}',
+                                  '{"prompt": "x", "cache_threshold": [1]}'])
 def test_jsonl_cache_key_types(tmp_path, line):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "fine", "cache": "fbcache"}\n' + line + "\n")
@@ -178,7 +181,7 @@ def test_dit_config_of_a_weights_folder_is_read_from_its_headers(tmp_path):
     check_config_cache(remote)
 
 
-# -- progress -----------------------------------------------------------------------------------------------------------
+# -- progress ---------------------------------------------------------------------------------------------------
 
 
 def test_progress_shows_computed_steps(capsys):
