@@ -75,6 +75,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         # YAML 1.1 reads a bare `off` / `on` as false / true: a choice spelled that way means the word.
         if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
             return "on" if value else "off"
+        if isinstance(value, bool) and "off" in typing.get_args(tp):
+            raise ConfigError(f"{path}: expected one of {_type_name(tp)}, got {str(value).lower()} (YAML reads "
+                              f"on / yes / true as a boolean: name one of the choices)")
         # bool is an int in Python: True must not match a Literal[1] or the reverse.
         for choice in typing.get_args(tp):
             if value == choice and type(value) is type(choice):

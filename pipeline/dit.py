@@ -311,18 +311,23 @@ class WanDiT(nn.Module):
     # block stack's residual on some steps; the embeddings and the head always run).
 
     def embed(self, x_BLP: torch.Tensor, grid: tuple[int, int, int], timestep: torch.Tensor,
-              context: torch.Tensor) -> "StackInput":
-        """Everything the block stack reads: the embedded tokens, time modulation, text and RoPE."""
-        cfg, dtype = self.config, self.compute_dtype
+              context: torch.Tensor, tokens_BLC: torch.Tensor | None = None) -> "StackInput":
+        """Everything the block stack reads: the embedded tokens (tokens_BLC when the caller already has
+        embed_tokens(x_BLP): it does not depend on the text), time modulation, text and RoPE."""
+        cfg = self.config
         timestep = timestep.reshape(-1).expand(x_BLP.shape[0]) if timestep.numel() == 1 else timestep
         e_BC = self.time_embedding(timestep_embedding(timestep, cfg.freq_dim))
         e0_B6C = self.time_projection(e_BC).unflatten(1, (6, cfg.dim))
-        ctx_BTC = self.text_embedding(context.to(dtype))
+        ctx_BTC = self.text_embedding(context.to(self.compute_dtype))
+        x_BLC = self.embed_tokens(x_BLP) if tokens_BLC is None else tokens_BLC
+        return StackInput(x_BLC, e_BC, e0_B6C, ctx_BTC, self._rope(grid, x_BLP.device), math.prod(grid))
+
+    def embed_tokens(self, x_BLP: torch.Tensor) -> torch.Tensor:
+        """Patch vectors [B, L, P] -> the fp32 residual stream [B, L, C] entering block 0."""
         # The patch embedding is a Conv3d with kernel == stride: a matmul on patch vectors (weights reordered to the
         # (pt, ph, pw, c) channel order that the head produces, so the sampler can step on tokens directly).
         w = self.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)
-        x_BLC = F.linear(x_BLP.to(dtype), w, self.patch_embedding.bias).float()
-        return StackInput(x_BLC, e_BC, e0_B6C, ctx_BTC, self._rope(grid, x_BLP.device), math.prod(grid))
+        return F.linear(x_BLP.to(self.compute_dtype), w, self.patch_embedding.bias).float()
 
     def run_blocks(self, s: "StackInput", x_BLC: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The residual stream after blocks[start:stop] (fp32)."""

@@ -7,6 +7,7 @@ P ranks in the Ulysses group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -89,20 +90,21 @@ class Mesh:
     cfg_group: object | None
 
 
-def build_mesh(cfg_degree: int, ulysses_degree: int) -> Mesh:
+def build_mesh(cfg_degree: int, ulysses_degree: int, timeout: timedelta | None = None) -> Mesh:
     """Create the mesh's groups; every rank of the default group must call this with the same degrees (new_group
-    is collective and must be called in the same order everywhere)."""
+    is collective and must be called in the same order everywhere). timeout: of every collective in the groups
+    (None: torch's default, 10 min on NCCL, 30 on gloo; the Runner passes runtime.collective_timeout_s)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if cfg_degree * ulysses_degree != world:
         raise ValueError(f"cfg_degree {cfg_degree} x ulysses_degree {ulysses_degree} != world size {world}")
     sp_group = cfg_group = None
     for c in range(cfg_degree):
-        g = dist.new_group([c * ulysses_degree + s for s in range(ulysses_degree)])
+        g = dist.new_group([c * ulysses_degree + s for s in range(ulysses_degree)], timeout=timeout)
         if rank // ulysses_degree == c:
             sp_group = g
     if cfg_degree > 1:
         for s in range(ulysses_degree):
-            g = dist.new_group([c * ulysses_degree + s for c in range(cfg_degree)])
+            g = dist.new_group([c * ulysses_degree + s for c in range(cfg_degree)], timeout=timeout)
             if rank % ulysses_degree == s:
                 cfg_group = g
     return Mesh(cfg_degree, ulysses_degree, rank // ulysses_degree, rank % ulysses_degree, sp_group, cfg_group)

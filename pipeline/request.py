@@ -59,6 +59,9 @@ class GenerateRequest:
         )
         if sampling.cache != "off":
             check_cache(sampling.cache, sampling.cache_threshold, sampling.steps)
+        elif self.cache_threshold is not None:
+            raise ValueError(f"cache_threshold {self.cache_threshold} is given but the step cache is off: set cache "
+                             f"too (teacache, fbcache or easycache)")
         if sampling.sampler not in ("unipc", "euler"):
             raise ValueError(f"sampler must be unipc or euler, got {sampling.sampler!r}")
         video = VideoConfig(height=_pick(self.height, v.height), width=_pick(self.width, v.width),

@@ -82,7 +82,7 @@ class Runner:
         rendezvous = {"store": store} if store is not None else {"init_method": init_method}
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **rendezvous, **kwargs)
         self._comm_device = self.device if backend == "nccl" else torch.device("cpu")
-        self.mesh: Mesh = build_mesh(par.cfg_degree, par.ulysses_degree)
+        self.mesh: Mesh = build_mesh(par.cfg_degree, par.ulysses_degree, timeout)
         if load:
             self.load_models()
 

@@ -47,7 +47,7 @@ class CachePolicy:
 
 
 POLICIES: dict[str, CachePolicy] = {
-    "teacache": CachePolicy("teacache", 0.08, 0.0, 1, 3, 0),
+    "teacache": CachePolicy("teacache", 0.08, 0.1, 1, 3, 0),
     "fbcache": CachePolicy("fbcache", 0.08, 0.2, 2, 3, 1),
     "easycache": CachePolicy("easycache", 0.05, 0.2, 2, 3, 0),
 }
@@ -75,6 +75,13 @@ def warmup_steps(policy: CachePolicy, steps: int) -> int:
     return max(policy.min_warmup, math.ceil(policy.warmup * steps))
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def check_cache(policy: str, threshold: float | None, steps: int, dit_config: WanDiTConfig | None = None) -> None:
     """ValueError (one line) unless `policy` can cache a `steps`-step run of this model (None: not known here)."""
     if policy == "off":
@@ -82,7 +89,7 @@ def check_cache(policy: str, threshold: float | None, steps: int, dit_config: Wa
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; choose one of off, {', '.join(POLICIES)}")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not math.isfinite(threshold) or threshold <= 0):
+                                  or not _finite(threshold) or threshold <= 0):
         raise ValueError(f"cache_threshold must be a number > 0, got {threshold!r:.40}")
     spec = POLICIES[policy]
     forced = warmup_steps(spec, steps) + 1  # the warm-up and the last step
@@ -101,23 +108,23 @@ def check_cache(policy: str, threshold: float | None, steps: int, dit_config: Wa
 
 
 def cache_buffers(policy: str, tokens_per_rank: int, dim: int, branches: int) -> int:
-    """Bytes a StepCache adds on one rank during denoising, fp32 [L, C] tensors per branch: what it keeps between
-    steps (teacache: the residual; fbcache: + block 0's residual; easycache: + two stack inputs) and, during a
-    step, every branch's embedded tokens (and fbcache's block-0 output) held at once while the replica decides."""
-    per_branch = {"off": 0, "teacache": 2, "fbcache": 4, "easycache": 4}[policy]
-    return per_branch * branches * tokens_per_rank * dim * 4
+    """Bytes a StepCache adds on one rank during denoising, in fp32 [L, C] tensors: what it keeps between steps
+    (teacache: each branch's residual; fbcache: + each branch's block-0 residual; easycache: + the stack input at
+    the last step and at the last computed step, shared by the branches), and within a step fbcache's block-0
+    output per branch and one temporary of the statistics."""
+    tensors = {"off": 0, "teacache": branches, "fbcache": 3 * branches + 1, "easycache": branches + 3}[policy]
+    return tensors * tokens_per_rank * dim * 4
 
 
-def _abs_sum(x: torch.Tensor) -> float:
-    return float(x.abs().sum(dtype=torch.float64))
+def _l1(x: torch.Tensor) -> torch.Tensor:
+    """sum |x| as a float64 scalar on x's device (no abs() copy, no host sync)."""
+    return torch.linalg.vector_norm(x, 1).double()
 
 
 class StepCache:
     """The cache state of one request on one rank. `agree(vec)` all-gathers a float64 vector over the replica's
     group and returns the [ranks, n] table (single-rank: vec[None]); `valid` is this rank's count of real tokens;
-    `branches` the number of CFG branches this rank runs per step (each keeps its own residuals)."""
-
-    _STATE = 5  # step, computed, skips in a row, policy code, threshold
+    `branches` the number of CFG branches this rank runs per step (each keeps its own residual)."""
 
     def __init__(self, policy: str, threshold: float | None, steps: int, dit_config: WanDiTConfig, *,
                  branches: int, valid: int, agree: Callable[[torch.Tensor], torch.Tensor], stats_rank: bool = True):
@@ -137,11 +144,13 @@ class StepCache:
         self.skips_in_row = 0
         self.accumulated = 0.0
         self.residual: list[torch.Tensor | None] = [None] * branches  # out - in of the skipped blocks
-        self.prev: list[torch.Tensor | None] = [None] * branches  # teacache: e; fbcache: r1; easycache: stack input
-        self.anchor: list[torch.Tensor | None] = [None] * branches  # easycache: stack input at the last computed step
-        self.k_sums = (0.0, 0.0)  # easycache: |out - out_prev|, |in - in_prev| between the last two computed steps
+        self.prev_r1: list[torch.Tensor | None] = [None] * branches  # fbcache: block 0's residual, last computed
+        self.prev_e: torch.Tensor | None = None  # teacache: the time embedding at the last step
+        # easycache: the stack input (the same for every branch) at the last step and the last computed step
+        self.prev_x: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
+        self.rate_sums: torch.Tensor | None = None  # easycache: [sum|out - out_prev|, sum|in - in_prev|, sum|out|]
         self.k: float | None = None
-        self.out_norm = 0.0  # easycache: |out| at the last computed step
 
     @property
     def probe_blocks(self) -> int:
@@ -149,32 +158,36 @@ class StepCache:
 
     # -- the decision ---------------------------------------------------------------------------------------------
 
-    def _local_stats(self, inputs: Sequence[StackInput], probes: Sequence[torch.Tensor]) -> list[float]:
-        n = self.valid
-        name = self.spec.name
+    def _local_stats(self, inputs: Sequence[StackInput], probes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's sums over its real tokens and its branches, float64 on the compute device: [numerator,
+        denominator, easycache's rate numerator, rate denominator]."""
+        n, name = self.valid, self.spec.name
+        zero = torch.zeros((), dtype=torch.float64, device=inputs[0].x_BLC.device)
+        num = den = rate_num = rate_den = zero
         if name == "teacache":
-            if not self.stats_rank or self.prev[0] is None:
-                return [0.0, 0.0, 0.0, 0.0]
-            e = inputs[0].e_BC
-            return [_abs_sum(e - self.prev[0]), _abs_sum(self.prev[0]), 0.0, 0.0]
-        if name == "fbcache":
-            num = den = 0.0
+            if self.stats_rank and self.prev_e is not None:
+                num, den = _l1(inputs[0].e_BC - self.prev_e), _l1(self.prev_e)
+        elif name == "fbcache":
             for b, (s, h) in enumerate(zip(inputs, probes)):
-                if self.prev[b] is not None:
-                    r1 = (h - s.x_BLC)[:, :n]
-                    num, den = num + _abs_sum(r1 - self.prev[b]), den + _abs_sum(self.prev[b])
-            return [num, den, 0.0, 0.0]
-        num = 0.0
-        for b, s in enumerate(inputs):
-            if self.prev[b] is not None:
-                num += _abs_sum(s.x_BLC[:, :n] - self.prev[b])
-        return [num, self.out_norm, *self.k_sums]
+                if self.prev_r1[b] is not None:
+                    num = num + _l1((h - s.x_BLC)[:, :n] - self.prev_r1[b])
+                    den = den + _l1(self.prev_r1[b])
+        else:
+            # Every branch sees the same input change; counted once per branch so that a CFG-parallel replica (one
+            # branch per rank, twice the ranks) and a sequential one add up the same totals.
+            if self.prev_x is not None:
+                num = _l1(inputs[0].x_BLC[:, :n] - self.prev_x) * len(inputs)
+            if self.rate_sums is not None:
+                rate_num, rate_den, den = self.rate_sums.unbind()
+                rate_den = rate_den * len(inputs)
+        return torch.stack([num, den, rate_num, rate_den])
 
     def decide(self, step: int, inputs: Sequence[StackInput], probes: Sequence[torch.Tensor]) -> bool:
         """True: run the blocks this step. Collective: every rank of the replica calls it at every step."""
-        state = [step, len(self.computed), self.skips_in_row, _CODES[self.spec.name], self.threshold]
-        table = self.agree(torch.tensor(self._local_stats(inputs, probes) + state, dtype=torch.float64))
-        rows = table.tolist()
+        stats = self._local_stats(inputs, probes)
+        state = torch.tensor([step, len(self.computed), self.skips_in_row, _CODES[self.spec.name], self.threshold],
+                             dtype=torch.float64)
+        rows = self.agree(torch.cat([stats, state.to(stats.device)])).tolist()  # the one host sync of a step
         if any(row[4:] != rows[0][4:] for row in rows):
             raise StepCacheMismatch(f"step cache states differ across the replica's ranks at step {step}: "
                                     f"{[row[4:] for row in rows]}")
@@ -191,27 +204,29 @@ class StepCache:
         return compute
 
     def _rule(self, step: int, s0: float, s1: float, s2: float, s3: float) -> bool:
-        """True to compute, from the replica's totals; sets the accumulator for a skipped step."""
+        """True to compute, from the replica's totals; sets the accumulator for a skipped step. Any statistic
+        that is not a finite number computes."""
+        name = self.spec.name
+        if name == "easycache" and s3 > 0:
+            self.k = s2 / s3
         forced = (step < self.warmup or step == self.steps - 1 or self.residual[0] is None
                   or self.skips_in_row >= self.spec.max_skips)
-        name = self.spec.name
+        if forced or not s1 > 0:
+            return True
         if name == "teacache":
-            if s1 <= 0:
-                return True
-            ratio = _TEACACHE_FIT_STEPS / self.steps  # fitted intervals per step
-            change = max(0.0, ratio * float(self.poly(s0 / s1 / ratio)))
-            estimate = self.accumulated + change
+            intervals = _TEACACHE_FIT_STEPS / self.steps  # fitted intervals one step spans
+            d = s0 / s1 / intervals
+            # The polynomial is TeaCache's fit over the changes it saw; outside them it can dip below the change
+            # itself or below zero: never count less than the input's own relative change.
+            change = intervals * max(float(self.poly(d)), d)
         elif name == "fbcache":
-            if s1 <= 0:
-                return True
-            estimate = s0 / s1
+            change = s0 / s1
         else:
-            if s3 > 0:
-                self.k = s2 / s3
-            if self.k is None or s1 <= 0:
+            if self.k is None:
                 return True
-            estimate = self.accumulated + self.k * s0 / s1
-        if forced or not math.isfinite(estimate) or estimate >= self.threshold:
+            change = self.k * s0 / s1
+        estimate = (self.accumulated if name != "fbcache" else 0.0) + change
+        if not math.isfinite(estimate) or estimate >= self.threshold:
             return True
         self.accumulated = estimate
         return False
@@ -219,35 +234,32 @@ class StepCache:
     def _remember(self, inputs, probes, compute: bool) -> None:
         """What the next step compares against: teacache's and easycache's inputs every step, fbcache's probe
         residual only on computed steps (so slow drift accumulates against the last computed step)."""
-        n = self.valid
-        name = self.spec.name
-        for b, s in enumerate(inputs):
-            if name == "teacache":
-                self.prev[b] = s.e_BC.clone()
-            elif name == "fbcache" and compute:
-                self.prev[b] = (probes[b] - s.x_BLC)[:, :n].clone()
-            elif name == "easycache":
-                self.prev[b] = s.x_BLC[:, :n].clone()
+        n, name = self.valid, self.spec.name
+        if name == "teacache":
+            self.prev_e = inputs[0].e_BC
+        elif name == "easycache":
+            self.prev_x = inputs[0].x_BLC[:, :n]
+        elif compute:
+            for b, (s, h) in enumerate(zip(inputs, probes)):
+                self.prev_r1[b] = (h - s.x_BLC)[:, :n]
 
     # -- residuals ------------------------------------------------------------------------------------------------
 
-    def store(self, branch: int, s: StackInput, probe: torch.Tensor, out: torch.Tensor) -> None:
-        """After a computed step: keep the skipped blocks' residual (and easycache's rate statistics)."""
+    def _store(self, outs: Sequence[torch.Tensor], inputs: Sequence[StackInput], probes) -> None:
+        """After a computed step: keep the skipped blocks' residual of each branch (and easycache's rate sums:
+        how much the stack's output moved against its input since the last computed step)."""
         if self.spec.name == "easycache":
             n = self.valid
-            x, y = s.x_BLC[:, :n], out[:, :n]
-            if branch == 0:
-                self.k_sums, self.out_norm = (0.0, 0.0), 0.0
-            if self.anchor[branch] is not None:
-                y_prev = self.anchor[branch] + self.residual[branch][:, :n]
-                d_out, d_in = self.k_sums
-                self.k_sums = (d_out + _abs_sum(y - y_prev), d_in + _abs_sum(x - self.anchor[branch]))
-            self.out_norm += _abs_sum(y)
-            self.anchor[branch] = x.clone()
-        self.residual[branch] = out - probe
-
-    def reuse(self, branch: int, probe: torch.Tensor) -> torch.Tensor:
-        return probe + self.residual[branch]
+            x = inputs[0].x_BLC[:, :n]
+            out_norm = sum(_l1(y[:, :n]) for y in outs)
+            if self.anchor is not None:
+                d_out = sum(_l1(y[:, :n] - self.anchor - r[:, :n]) for y, r in zip(outs, self.residual))
+                self.rate_sums = torch.stack([d_out, _l1(x - self.anchor), out_norm])
+            else:
+                self.rate_sums = torch.stack([torch.zeros_like(out_norm), torch.zeros_like(out_norm), out_norm])
+            self.anchor = x
+        for b, (y, h) in enumerate(zip(outs, probes)):
+            self.residual[b] = y - h
 
     def summary(self) -> dict:
         return {"policy": self.spec.name, "threshold": self.threshold, "computed_steps": len(self.computed),
@@ -257,18 +269,15 @@ class StepCache:
 
     def velocities(self, dit: WanDiT, step: int, x_BLP: torch.Tensor, grid, t_B: torch.Tensor,
                    contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The velocity of each CFG branch this rank runs (contexts[b] is branch b's text), reusing the residual
+        """The velocity of each CFG branch this rank runs (contexts[b] is branch b's text), reusing the residuals
         when the replica decides so."""
         assert len(contexts) == self.branches, (len(contexts), self.branches)
-        inputs = [dit.embed(x_BLP, grid, t_B, ctx) for ctx in contexts]
+        tokens_BLC = dit.embed_tokens(x_BLP)  # shared by the branches: the patch embedding reads no text
+        inputs = [dit.embed(x_BLP, grid, t_B, ctx, tokens_BLC) for ctx in contexts]
         probes = [dit.run_blocks(s, s.x_BLC, 0, self.probe_blocks) for s in inputs]
-        compute = self.decide(step, inputs, probes)
-        out = []
-        for b, (s, h) in enumerate(zip(inputs, probes)):
-            if compute:
-                y = dit.run_blocks(s, h, self.probe_blocks)
-                self.store(b, s, h, y)
-            else:
-                y = self.reuse(b, h)
-            out.append(dit.head_out(s, y))
-        return out
+        if self.decide(step, inputs, probes):
+            outs = [dit.run_blocks(s, h, self.probe_blocks) for s, h in zip(inputs, probes)]
+            self._store(outs, inputs, probes)
+        else:
+            outs = [h + r for h, r in zip(probes, self.residual)]
+        return [dit.head_out(s, y) for s, y in zip(inputs, outs)]

@@ -280,13 +280,14 @@ def test_attention_without_a_fused_kernel_is_charged_its_scores(monkeypatch):
 
 
 def test_a_step_cache_is_charged_and_turning_it_off_is_named():
-    """The cache's residuals live next to the DiT's activations (not the decode): 14B at 480p on one GPU with
-    guidance keeps two branches of [32760 / 2, 5120] fp32 tensors; when only that overflows, the refusal says so."""
+    """The cache's residuals live next to the DiT's activations (not the decode): 14B at 480p on two ranks with
+    guidance keeps 3 [32760 / 2, 5120] fp32 tensors per branch and one temporary; when only that overflows, the
+    refusal says so."""
     two = ["model.path=/nonexistent/Wan2.1-T2V-14B", "parallel.ulysses_degree=2"]
     plain = load_config("wan2.1-t2v-14b", two)
     cached = load_config("wan2.1-t2v-14b", two + ["sampling.cache=fbcache"])
     off, on = estimate_rank_memory(plain, 1), estimate_rank_memory(cached, 1)  # rank 1: no decode phase
-    assert on.step_cache == 4 * 2 * 16380 * 5120 * 4 and off.step_cache == 0
+    assert on.step_cache == (3 * 2 + 1) * 16380 * 5120 * 4 and off.step_cache == 0
     assert on.total == off.total + on.step_cache
     with pytest.raises(ValueError, match="--set sampling.cache=off"):
         check_fits(cached, 1, off.total)
