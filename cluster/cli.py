@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -71,12 +71,14 @@ def parse_cache(text: str) -> tuple[str, float | None]:
         return policy, None
     if policy == "off":
         raise ValueError("off takes no threshold")
+    if not re.fullmatch(r"\s*[0-9.eE+-]+\s*", threshold):  # float() also takes '1_0', 'nan' and other digits
+        raise ValueError(f"the threshold must be a number, got {threshold.strip()!r:.40}")
     try:
         value = float(threshold)
     except ValueError:
         raise ValueError(f"the threshold must be a number, got {threshold.strip()!r:.40}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"the threshold must be a finite number > 0, got {threshold.strip():.40}")
+    if not 0 < value <= 1:
+        raise ValueError(f"the threshold must be a number in (0, 1], got {threshold.strip():.40}")
     return policy, value
 
 
@@ -109,14 +111,24 @@ def _run_options(fn):
     return wrapper
 
 
+def _config_policy(config_source) -> str | None:
+    """The step cache policy a config file or preset names (None when it cannot be read: loading it again with
+    the flags reports why)."""
+    try:
+        return load_config(config_source or DEFAULT_PRESET).sampling.cache
+    except ValueError:
+        return None
+
+
 def resolve_config(config_source, overrides, *, ulysses=None, cfg_parallel=False, replicas=None,
                    negative_prompt=None, cache=None) -> OdysseyConfig:
     flags = list(overrides)
     if cache is not None:
         policy, threshold = cache
-        # a threshold is on its policy's scale: a YAML's threshold for another policy must not carry over, but a
-        # --set sampling.cache_threshold beside --cache POLICY still applies (hence before the user's overrides)
-        if threshold is None:
+        # a threshold is on its policy's scale: a YAML's threshold for another policy must not carry over (its own
+        # policy's does, as on a prompt line), but a --set sampling.cache_threshold beside --cache POLICY still
+        # applies (hence before the user's overrides)
+        if threshold is None and _config_policy(config_source) != policy:
             flags.insert(0, "sampling.cache_threshold=null")
         flags.append(f"sampling.cache={policy}")
         if threshold is not None:

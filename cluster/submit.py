@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from .prompts import printable
+
 __all__ = ["submit_job", "enable_token_auth", "check_job_output", "in_ray_job", "validate_cluster_yaml",
            "check_file_mounts", "node_command", "pin_ssm_images", "repo_root", "prepare_cluster_yaml",
            "cluster_command"]
@@ -88,7 +90,14 @@ def submit_job(address: str, odyssey_args: list[str], working_dir: str | None, w
     if status == JobStatus.SUCCEEDED:
         return 0
     info = client.get_job_info(job_id)
-    print(f"odyssey: job {job_id} {status.value.lower()}: {info.message or ''}".rstrip(": "), file=sys.stderr)
+    code = getattr(info, "driver_exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256:
+        # The command ran and said why above (its logs were streamed): pass its exit code on (2: input error).
+        print(f"odyssey: job {job_id} {status.value.lower()}: odyssey exited with {code}", file=sys.stderr)
+        return code
+    lines = (info.message or "").strip().splitlines()  # Ray's first line says what; the rest are the logs again
+    reason = printable(lines[0], 2000) if lines else ""
+    print(f"odyssey: job {job_id} {status.value.lower()}: {reason}".rstrip(": "), file=sys.stderr)
     return 1
 
 

@@ -130,15 +130,17 @@ class SamplingConfig:
     docs/benchmarks.md for what each costs in quality."""
 
     cache_threshold: float | None = None
-    """How much accumulated change a cached step may hide before the blocks run again: higher skips more steps.
-    null: the policy's measured default."""
+    """How much accumulated change a cached step may hide before the blocks run again: higher skips more steps
+    (a relative change, at most 1). null: the policy's measured default."""
 
     def __post_init__(self) -> None:
         _finite(self, "guidance_scale", "shift", "cache_threshold")
         _require(self.cache in CACHE_POLICIES, "cache must be one of {}, got {}", ", ".join(CACHE_POLICIES),
                  self.cache)
-        _require(self.cache_threshold is None or self.cache_threshold > 0,
-                 "cache_threshold must be > 0, got {}", self.cache_threshold)
+        _require(self.cache_threshold is None or 0 < self.cache_threshold <= 1,
+                 "cache_threshold must be in (0, 1], got {}", self.cache_threshold)
+        _require(self.cache != "off" or self.cache_threshold is None,
+                 "cache_threshold is set but cache is off: set a cache policy, or cache_threshold null")
         _require(self.steps >= 1, "steps must be >= 1, got {}", self.steps)
         _require(self.guidance_scale >= 0, "guidance_scale must be >= 0, got {}", self.guidance_scale)
         _require(self.shift >= 1e-3, "shift must be >= 0.001, got {}", self.shift)

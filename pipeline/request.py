@@ -52,16 +52,13 @@ class GenerateRequest:
             sampler=self.sampler or s.sampler, steps=_pick(self.steps, s.steps),
             guidance_scale=float(_pick(self.guidance_scale, s.guidance_scale)), shift=float(_pick(self.shift, s.shift)),
             negative_prompt=_pick(self.negative_prompt, s.negative_prompt), seed=_pick(self.seed, s.seed),
-            cache=self.cache or s.cache,
+            cache=_pick(self.cache, s.cache),
             # a threshold is on its policy's scale: the config's applies only to the config's policy
             cache_threshold=self.cache_threshold if self.cache_threshold is not None
-            else s.cache_threshold if (self.cache or s.cache) == s.cache else None,
+            else s.cache_threshold if _pick(self.cache, s.cache) == s.cache else None,
         )
         if sampling.cache != "off":
             check_cache(sampling.cache, sampling.cache_threshold, sampling.steps)
-        elif self.cache_threshold is not None:
-            raise ValueError(f"cache_threshold {self.cache_threshold} is given but the step cache is off: set cache "
-                             f"too (teacache, fbcache or easycache)")
         if sampling.sampler not in ("unipc", "euler"):
             raise ValueError(f"sampler must be unipc or euler, got {sampling.sampler!r}")
         video = VideoConfig(height=_pick(self.height, v.height), width=_pick(self.width, v.width),

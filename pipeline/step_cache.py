@@ -89,8 +89,8 @@ def check_cache(policy: str, threshold: float | None, steps: int, dit_config: Wa
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; choose one of off, {', '.join(POLICIES)}")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not _finite(threshold) or threshold <= 0):
-        raise ValueError(f"cache_threshold must be a number > 0, got {threshold!r:.40}")
+                                  or not _finite(threshold) or not 0 < threshold <= 1):
+        raise ValueError(f"cache_threshold must be a number in (0, 1], got {threshold!r:.40}")
     spec = POLICIES[policy]
     forced = warmup_steps(spec, steps) + 1  # the warm-up and the last step
     if steps <= forced:

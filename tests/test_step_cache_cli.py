@@ -51,7 +51,7 @@ def run_main(args, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("text, expected", [
     ("fbcache", ("fbcache", None)), ("teacache:0.1", ("teacache", 0.1)), ("off", ("off", None)),
-    ("EasyCache:1e-3", ("easycache", 0.001)), (" fbcache : 2 ", ("fbcache", 2.0)),
+    ("EasyCache:1e-3", ("easycache", 0.001)), (" fbcache : 1 ", ("fbcache", 1.0)),
 ])
 def test_parse_cache_accepts(text, expected):
     assert parse_cache(text) == expected
@@ -60,8 +60,9 @@ def test_parse_cache_accepts(text, expected):
 @pytest.mark.parametrize("value, message", [
     ("nope", "unknown cache policy 'nope'"), ("", "no policy given"), (":0.1", "no policy given"),
     ("fbcache:", "the threshold must be a number"), ("fbcache:x", "the threshold must be a number, got 'x'"),
-    ("fbcache:0", "> 0, got 0"), ("fbcache:-0.5", "> 0, got -0.5"), ("fbcache:nan", "> 0, got nan"),
-    ("easycache:inf", "> 0, got inf"), ("off:0.1", "off takes no threshold"),
+    ("fbcache:0", "in (0, 1], got 0"), ("fbcache:-0.5", "in (0, 1], got -0.5"), ("fbcache:2", "in (0, 1], got 2"),
+    ("fbcache:nan", "must be a number, got 'nan'"), ("easycache:inf", "must be a number, got 'inf'"),
+    ("fbcache:1_0", "must be a number, got '1_0'"), ("off:0.1", "off takes no threshold"),
 ])
 @pytest.mark.parametrize("command", ["generate", "batch"])
 def test_bad_cache_values_exit_2_with_one_line_and_write_nothing(tmp_path, command, value, message):
@@ -89,8 +90,11 @@ def test_cache_flag_sets_the_config_and_its_threshold(tmp_path):
     assert (s.cache, s.cache_threshold) == ("fbcache", 0.15), "--set of the threshold beside --cache POLICY"
     s = resolve_config(teacache, ["sampling.cache_threshold=0.15"], cache=("easycache", 0.25)).sampling
     assert (s.cache, s.cache_threshold) == ("easycache", 0.25), "the flag wins, like --ulysses over --set"
-    assert resolve_config(teacache, [], cache=("off", None)).sampling.cache == "off"
+    off = resolve_config(teacache, [], cache=("off", None)).sampling  # its threshold goes with it
+    assert (off.cache, off.cache_threshold) == ("off", None)
     assert resolve_config(teacache, []).sampling.cache_threshold == 0.3
+    s = resolve_config(teacache, [], cache=("teacache", None)).sampling
+    assert (s.cache, s.cache_threshold) == ("teacache", 0.3), "the YAML's threshold for this very policy stays"
 
 
 # -- prompt files -----------------------------------------------------------------------------------------------------
@@ -120,7 +124,10 @@ def test_jsonl_cache_key_types(tmp_path, line):
 
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "x", "cache": "turbo"}', "cache must be one of off, teacache, fbcache, easycache, got turbo"),
-    ('{"prompt": "x", "cache": "fbcache", "cache_threshold": -1}', "cache_threshold must be > 0, got -1"),
+    ('{"prompt": "x", "cache": "fbcache", "cache_threshold": -1}', "cache_threshold must be in (0, 1], got -1"),
+    ('{"prompt": "x", "cache": "fbcache", "cache_threshold": 3}', "cache_threshold must be in (0, 1], got 3"),
+    ('{"prompt": "x", "cache": ""}', "cache must be one of off, teacache, fbcache, easycache, got "),
+    ('{"prompt": "x", "cache_threshold": 0.3}', "cache_threshold is set but cache is off"),
     ('{"prompt": "x", "cache": "fbcache", "cache_threshold": NaN}', "cache_threshold must be a finite number"),
     ('{"prompt": "x", "cache_threshold": 1e400}', "cache_threshold must be a finite number"),
     ('{"prompt": "x", "cache": "fbcache", "steps": 3}', "cache fbcache cannot skip anything in 3 steps"),
