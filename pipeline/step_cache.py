@@ -48,8 +48,8 @@ class CachePolicy:
 
 POLICIES: dict[str, CachePolicy] = {
     "teacache": CachePolicy("teacache", 0.08, 0.1, 1, 3, 0),
-    "fbcache": CachePolicy("fbcache", 0.08, 0.2, 2, 3, 1),
-    "easycache": CachePolicy("easycache", 0.05, 0.2, 2, 3, 0),
+    "fbcache": CachePolicy("fbcache", 0.16, 0.2, 2, 3, 1),
+    "easycache": CachePolicy("easycache", 0.3, 0.2, 2, 3, 0),
 }
 
 # TeaCache's polynomials (highest power first), input `e` ("no ret-steps"), keyed by the DiT's width: the time
