@@ -82,6 +82,11 @@ class ParallelConfig:
     head_chunks: int = 1
     """Attend each rank's heads in this many chunks, overlapping chunk i+1's all-to-all with chunk i's attention."""
 
+    vae_parallel: bool = True
+    """Decode each video on every rank of its replica, each a band of rows of every frame (exact: the same frames
+    as one rank decoding alone), instead of on rank 0 while the others wait. Rank 0 still streams the frames. Not
+    combined with model.vae_tiling (then rank 0 decodes alone, tiled); the embedded model decodes on rank 0."""
+
     attention_backend: Literal["auto", "flash", "sdpa", "reference"] = "auto"
     """Local attention kernel: flash (flash-attn, CUDA fp16/bf16), sdpa (torch), reference (slow, exact) or auto."""
 

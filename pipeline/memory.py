@@ -19,6 +19,8 @@ tensors under LiveBytes, which adds up the bytes of every tensor alive at once (
       on every causal cache holds its 2 frames), scaled by area: every conv activation and cache scales with the
       pixels it covers. Untiled: the whole frame; tiled: every tile's cache (tile_cache_factor x the untiled
       cache) plus one tile's activations. fp32 at 720p: 19.4 GiB untiled, 14.4 tiled; 480p: 8.4, 6.7.
+    - Split decode (parallel.vae_parallel, a replica of several ranks, no tiling): every rank holds the VAE and
+      decodes the tallest band of rows plus its 2 halo rows, with the gathered mid-block keys and values.
     - Step cache (sampling.cache): step_cache.cache_buffers, alive next to the DiT's activations, freed before
       the decode (an upper bound; 14B at 720p on one GPU with guidance: 5.8 GiB teacache, 11.5 the others).
 Assumptions: batch 1, the size is config.video (Runner.generate checks each request's own size against the
@@ -392,6 +394,8 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
 
     text = text_acts = vae = decode = 0
     resident = True
+    # parallel.vae_parallel: every rank decodes a band of rows (pipeline.vae_parallel), rank 0 alone otherwise
+    split = par.vae_parallel and par.group_size > 1 and path is not None and not model.vae_tiling
     if rank == 0:
         place = encoder_placement(model.text_encoder_device, model.offload_text_encoder, device)
         if place.run.type != "cpu":
@@ -399,14 +403,21 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
             text = n * (4 if path is None else TEXT_ENCODER_DTYPE.itemsize)
             text_acts = _text_encode_activations(dims, cfg.text_len)
             resident = place.home.type != "cpu"
-        if path is not None:
-            from .vae import WanVAEDecoder
-
-            with torch.device("meta"):
-                vae = _meta_bytes(WanVAEDecoder(spec), lambda name: torch.float32)
-            decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
-        else:  # the embedded model's 32 x 32 frames: its decoder is a few MB
+        if path is None:  # the embedded model's 32 x 32 frames: its decoder is a few MB
             vae = _tiny_decoder_bytes()
+    if path is not None and (rank == 0 or split):
+        from .vae import WanVAEDecoder
+
+        with torch.device("meta"):
+            vae = _meta_bytes(WanVAEDecoder(spec), lambda name: torch.float32)
+        if split:
+            # the tallest band and the halo rows it reads; plus the mid-block's gathered keys and values (2 x
+            # mid_dim channels of the whole latent frame) and every rank's uint8 rows of one decoded chunk
+            band = -(-h // min(par.group_size, h)) + 2
+            gathered = 2 * spec.mid_dim * h * w * 4 + 3 * ts * h * ss * w * ss
+            decode = int(vae_decode_bytes(spec, band, w, False) * FRAGMENTATION) + gathered
+        else:
+            decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
     return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts, cached)
 
 

@@ -86,6 +86,13 @@ class Runner:
         if load:
             self.load_models()
 
+    @property
+    def split_decode(self) -> bool:
+        """Every rank of the replica decodes a band of rows (parallel.vae_parallel): a Wan VAE (the embedded
+        model's small decoder stays on rank 0), more than one rank, no tiling (tiling decodes on rank 0 alone)."""
+        return (self.config.parallel.vae_parallel and self.world_size > 1 and self.config.model.path is not None
+                and not self.config.model.vae_tiling)
+
     def load_models(self) -> float:
         """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took. On a GPU,
         first checks that this rank's estimated memory fits, before reading any weights and before any collective:
@@ -99,7 +106,7 @@ class Runner:
                                                            lambda: torch.cuda.mem_get_info(self.device))
             log.info("%s", estimate.summary())
         self.components = load_components(
-            self.config.model, device=self.device, encode=self.rank == 0, decode=self.rank == 0,
+            self.config.model, device=self.device, encode=self.rank == 0, decode=self.rank == 0 or self.split_decode,
             attention_backend=par.attention_backend)
         apply_sequence_parallel(self.components.dit, self.mesh.sp_group, fuse_qkv=par.fuse_qkv,
                                 fp8_comm=par.fp8_comm, head_chunks=par.head_chunks)
@@ -245,12 +252,17 @@ class Runner:
         timings["denoise_s"] = time.perf_counter() - t0
 
         num_frames = (shape[2] - 1) * comp.temporal_stride + 1
-        if self.rank == 0:
+        if self.rank == 0 or self.split_decode:
             t0 = time.perf_counter()
-            for index, image in enumerate(comp.decoder.decode_stream(latents)):
+            # Split: every rank decodes a band of rows of each frame; rank 0 gets the whole frames, the others None.
+            frames = (comp.decoder.decode_stream(latents, group=dist.group.WORLD) if self.split_decode
+                      else comp.decoder.decode_stream(latents))
+            for index, image in enumerate(frames):
+                self.progress = (rid, "decode", index + 1, num_frames)
+                if image is None:
+                    continue
                 if index == 0:
                     timings["first_frame_s"] = time.perf_counter() - t_start
-                self.progress = (rid, "decode", index + 1, num_frames)
                 yield Frame(rid, index, num_frames, image, time.time())
             timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start

@@ -29,7 +29,10 @@ CACHE_T = 2  # frames of input each causal conv keeps from the previous chunk
 
 
 class Cache(dict):
-    """Per-module streaming state for one decode: module -> last input frames (or a marker)."""
+    """Per-module streaming state for one decode: module -> last input frames (or a marker). `bands`: this rank's
+    share of a decode split over a process group (pipeline.vae_parallel.Bands), None when one rank decodes all."""
+
+    bands = None
 
 
 _FIRST_DONE = "first chunk done"
@@ -44,21 +47,28 @@ class CausalConv3d(nn.Conv3d):
         p = (padding,) * 3 if isinstance(padding, int) else padding
         self.time_pad, self.space_pad = 2 * p[0], (p[2], p[2], p[1], p[1])
 
-    def continue_from(self, prev: torch.Tensor | None, x_BCTHW: torch.Tensor) -> torch.Tensor:
+    def continue_from(self, prev: torch.Tensor | None, x_BCTHW: torch.Tensor, rows_padded: bool = False):
         if prev is not None:
             x_BCTHW = torch.cat([prev, x_BCTHW], dim=2)
         pad_t = self.time_pad - (prev.shape[2] if prev is not None else 0)
-        return super().forward(F.pad(x_BCTHW, (*self.space_pad, pad_t, 0)))
+        left, right, top, bottom = self.space_pad
+        pad = (left, right, 0, 0) if rows_padded else (left, right, top, bottom)
+        return super().forward(F.pad(x_BCTHW, (*pad, pad_t, 0)))
 
     def forward(self, x_BCTHW: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        # Split over ranks by rows: the rows this conv reads beyond the band come from the neighbours (and are
+        # cached with the band, since the next chunk's conv reads them over time too).
+        banded = cache is not None and cache.bands is not None and self.space_pad[2] > 0
+        if banded:
+            x_BCTHW = cache.bands.halo(x_BCTHW)
         if cache is None or self.time_pad == 0:
-            return self.continue_from(None, x_BCTHW)
+            return self.continue_from(None, x_BCTHW, banded)
         prev = cache.get(self)
         new = x_BCTHW[:, :, -CACHE_T:]
         if new.shape[2] < CACHE_T and prev is not None:
             new = torch.cat([prev[:, :, -1:], new], dim=2)
         cache[self] = new.clone()
-        return self.continue_from(prev, x_BCTHW)
+        return self.continue_from(prev, x_BCTHW, banded)
 
 
 class RMSNorm(nn.Module):
@@ -98,11 +108,15 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x_BCTHW):
+    def forward(self, x_BCTHW, cache: Cache | None = None):
         B, C, T, H, W = x_BCTHW.shape
         x = x_BCTHW.transpose(1, 2).reshape(B * T, C, H, W)
-        qkv = self.to_qkv(self.norm(x)).reshape(B * T, 1, C * 3, H * W).transpose(2, 3).contiguous()
-        q, k, v = qkv.chunk(3, dim=-1)
+        qkv = self.to_qkv(self.norm(x))
+        bands = cache.bands if cache is not None else None
+        # Split by rows: this rank's pixels are the queries, every pixel of the frame a key.
+        kv = bands.whole(qkv[:, C:]) if bands is not None else qkv[:, C:]
+        q = qkv[:, :C].reshape(B * T, 1, C, H * W).transpose(2, 3)
+        k, v = kv.reshape(B * T, 1, 2 * C, -1).transpose(2, 3).chunk(2, dim=-1)
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B * T, C, H, W)
         return self.proj(out).view(B, T, C, H, W).transpose(1, 2) + x_BCTHW
 
@@ -134,7 +148,11 @@ class Upsample(nn.Module):
                 x = y.view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, T * 2, H, W)
         T = x.shape[2]
         y = self.resample[0](x.transpose(1, 2).reshape(B * T, C, H, W).float()).to(x.dtype)
-        y = self.resample[1](y)
+        conv = self.resample[1]
+        if cache.bands is not None:  # the neighbours' rows stand in for the conv's padding above and below
+            y = F.conv2d(cache.bands.halo(y), conv.weight, conv.bias, padding=(0, conv.padding[1]))
+        else:
+            y = conv(y)
         return y.view(B, T, *y.shape[1:]).transpose(1, 2)
 
 
@@ -159,7 +177,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
 
     def forward(self, x, cache):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x, cache)), cache)
+        return self.resnets[1](self.attentions[0](self.resnets[0](x, cache), cache), cache)
 
 
 @dataclass(frozen=True)
@@ -253,18 +271,28 @@ class WanVAEDecoder(nn.Module):
         return latents.to(self.latents_std.dtype) * self.latents_std + self.latents_mean
 
     @torch.no_grad()
-    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Decoded pixels [1, 3, n, H, W] in [-1, 1] per latent frame (n = 1 for the first, 4 after)."""
+    def decode_chunks(self, latents: torch.Tensor, *, group=None) -> Iterator[torch.Tensor]:
+        """Decoded pixels [1, 3, n, H, W] in [-1, 1] per latent frame (n = 1 for the first, 4 after). With a
+        process group of P > 1 ranks: this rank's band of rows [1, 3, n, R, W] (see decode_stream)."""
         if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != self.spec.z_dim:
             raise ValueError(f"latents must be [1, {self.spec.z_dim}, T, h, w], got {tuple(latents.shape)}")
         dtype = self.post_quant_conv.weight.dtype
         z = self.denormalize(latents.to(self.post_quant_conv.weight.device)).to(dtype)
         _, _, T, h, w = z.shape
         s = self.spec.spatial_stride
-        if self.tiling and (h * s > self.tile_sample_min or w * s > self.tile_sample_min):
+        tiled = self.tiling and (h * s > self.tile_sample_min or w * s > self.tile_sample_min)
+        cache = Cache()
+        if group is not None and _group_size(group) > 1:
+            if tiled:
+                raise ValueError("the VAE decode is split over the replica's ranks by rows or tiled on one rank, "
+                                 "not both: turn model.vae_tiling or parallel.vae_parallel off")
+            from .vae_parallel import Bands
+
+            cache.bands = Bands(group, h)
+            z = cache.bands.mine(z)
+        elif tiled:
             yield from self._tiled_chunks(z)
             return
-        cache = Cache()
         for t in range(T):
             yield self._decode_chunk(z[:, :, t : t + 1], cache).clamp(-1, 1)
 
@@ -302,16 +330,37 @@ class WanVAEDecoder(nn.Module):
                 out_rows.append(torch.cat(row, dim=-1))
             yield torch.cat(out_rows, dim=-2)[..., : h * s, : w * s].clamp(-1, 1)
 
-    def decode_stream(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
-        """uint8 RGB frames [H, W, 3], each as soon as it is decoded."""
-        for chunk in self.decode_chunks(latents):
-            frames = ((chunk[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # C n H W
+    def decode_stream(self, latents: torch.Tensor, *, group=None) -> Iterator[np.ndarray | None]:
+        """uint8 RGB frames [H, W, 3], each as soon as it is decoded.
+
+        With a process group of P > 1 ranks, every rank calls this with the same latents and iterates it to the
+        end (each decoded chunk is a collective): each rank decodes a band of rows of every frame, rank 0 of the
+        group yields the whole frames and the others yield None in their place (as many items). Exact: the same
+        frames as the single-rank decode. Not with tiling (ValueError)."""
+        bands = None
+        for chunk in self.decode_chunks(latents, group=group):
+            frames = ((chunk[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # C n R W
+            if group is not None and _group_size(group) > 1:
+                if bands is None:
+                    from .vae_parallel import Bands
+
+                    bands = Bands(group, latents.shape[-2])
+                frames = bands.whole(frames)
+                if bands.rank != 0:
+                    yield from [None] * frames.shape[1]
+                    continue
             for frame in frames.permute(1, 2, 3, 0).cpu().numpy():
                 yield frame
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """All frames at once, [1, 3, T', H, W] in [-1, 1] (for tests and comparisons)."""
         return torch.cat(list(self.decode_chunks(latents)), dim=2)
+
+
+def _group_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
 
 
 def tile_cache_factor(h: int, w: int, tile: int = 32, stride: int = 24) -> float:

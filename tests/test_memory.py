@@ -45,8 +45,12 @@ def test_14b_at_480p_on_8_ranks():
     assert est0.dit_params == pytest.approx(14.29e9 * 2, rel=0.05)
     assert est0.text_encoder == pytest.approx(5.68e9 * 2, rel=0.05) and est0.text_encoder_resident
     assert est0.vae_params == _diffusers_decoder_params() * 4  # fp32
-    # rank 1 neither encodes nor decodes; activations are sharded 8 ways: a fraction of the weights
-    assert (est1.text_encoder, est1.vae_params, est1.vae_decode) == (0, 0, 0)
+    # rank 1 does not encode, decodes one band of rows of 8 (parallel.vae_parallel), and its activations are
+    # sharded 8 ways: a fraction of the weights
+    assert est1.text_encoder == 0 and est1.vae_params == est0.vae_params and est1.vae_decode == est0.vae_decode
+    alone = estimate_rank_memory(load_config("wan2.1-t2v-14b", BIG + ["parallel.vae_parallel=false"]), 0)
+    assert 0.1 < est0.vae_decode / alone.vae_decode < 0.3  # 60 latent rows: bands of 8 (+2 halo rows) of 60
+    assert estimate_rank_memory(load_config("wan2.1-t2v-14b", BIG + ["parallel.vae_parallel=false"]), 1).vae_params == 0
     assert 0.1 * GiB < est1.dit_activations < 2 * GiB
     assert est1.total < est0.total < 80 * GiB
     assert replica_estimates(config) == [est0, est1]
@@ -75,7 +79,7 @@ def test_text_encoder_settings_move_its_bytes():
 
 
 def test_too_small_a_gpu_is_refused_naming_what_fits():
-    config = load_config("wan2.1-t2v-14b", BIG)
+    config = load_config("wan2.1-t2v-14b", BIG + ["parallel.vae_parallel=false"])  # rank 0 decodes alone
     need = estimate_rank_memory(config, 0).total
     assert check_fits(config, 0, need).total == need
     with pytest.raises(ValueError) as err:
@@ -92,7 +96,8 @@ def test_more_gpus_are_named_when_activations_are_the_problem():
     """720p: on a rank that neither encodes nor decodes (CFG-parallel's other half), the DiT's activations
     (~10 GiB) are what Ulysses can shard."""
     config = load_config("wan2.1-t2v-14b", ["model.path=/nonexistent/Wan2.1-T2V-14B", "video.height=720",
-                                            "video.width=1280", "parallel.cfg_degree=2"])
+                                            "video.width=1280", "parallel.cfg_degree=2",
+                                            "parallel.vae_parallel=false"])
     est = estimate_rank_memory(config, 1)
     assert est.text_encoder == est.vae_decode == 0 and est.dit_activations > 8 * GiB
     # cfg_degree 2 x ulysses_degree: the GPUs the suggestion costs
@@ -283,7 +288,7 @@ def test_a_step_cache_is_charged_and_turning_it_off_is_named():
     """The cache's residuals live next to the DiT's activations (not the decode): 14B at 480p on two ranks with
     guidance keeps 3 [32760 / 2, 5120] fp32 tensors per branch and one temporary; when only that overflows, the
     refusal says so."""
-    two = ["model.path=/nonexistent/Wan2.1-T2V-14B", "parallel.ulysses_degree=2"]
+    two = ["model.path=/nonexistent/Wan2.1-T2V-14B", "parallel.ulysses_degree=2", "parallel.vae_parallel=false"]
     plain = load_config("wan2.1-t2v-14b", two)
     cached = load_config("wan2.1-t2v-14b", two + ["sampling.cache=fbcache"])
     off, on = estimate_rank_memory(plain, 1), estimate_rank_memory(cached, 1)  # rank 1: no decode phase
