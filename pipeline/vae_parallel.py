@@ -39,8 +39,7 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """[P, *x.shape]: every rank's x (the same shape everywhere), in rank order."""
     world = dist.get_world_size(group)
     out = x.new_empty((world, *x.shape))
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out.view(-1, *x.shape[1:]), x.contiguous(), group=group)
+    dist.all_gather_into_tensor(out.view(-1, *x.shape[1:]), x.contiguous(), group=group)
     return out
 
 
