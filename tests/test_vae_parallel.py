@@ -201,7 +201,7 @@ def test_each_rank_caches_only_its_band(dist_pools, folders, world):
         share = sizes[-1] / whole[-1]
         print(f"P={world} rank {rank}: cache {sizes[-1]} B = {share:.3f} of P=1 ({whole[-1]} B)")
         assert sizes[-1] <= (band + 2) / h * whole[-1] * 1.1, (rank, share)
-        assert share < 0.75 if world == 2 else share < 0.45, (rank, share)
+        assert share < 1 / world + 0.1, (rank, share)  # well below one rank's whole cache (P=2: 0.54, P=4: 0.29)
     assert sum(s[-1] for s in per_rank) >= whole[-1]  # the bands cover the frame: nothing is left undecoded
 
 
@@ -294,6 +294,7 @@ def test_runner_split_decode_gives_the_same_frames(wan_folder, sp2_unsplit, para
         assert _max_diff(sp2_unsplit, want) == 0  # same latents as the split run: the comparison is fair
         want = sp2_unsplit
     assert frames.shape == want.shape == (9, 48, 32, 3)
+    print(f"{parallel} vae_parallel on vs rank 0 alone: max |diff| {_max_diff(frames, want)} levels")
     assert _max_diff(frames, want) <= 1
 
 
@@ -333,8 +334,9 @@ def test_ray_sp2_mp4_equals_the_unsplit_mp4(wan_folder, sp2_unsplit, tmp_path):
         assert_cluster_clean()
     finally:
         ray.shutdown()
-    assert _max_diff([e.image for e in streamed], sp2_unsplit) <= 1
     split, fps = read_mp4(outcome.path)
     want, _ = read_mp4(tmp_path / "unsplit.mp4")
     assert split.shape == want.shape == (9, 48, 32, 3) and fps == 16
+    print(f"SP=2 MP4 split vs unsplit decode: max |diff| {_max_diff(split, want)} levels")
     assert _max_diff(split, want) <= 1
+    assert _max_diff([e.image for e in streamed], sp2_unsplit) <= 1
