@@ -39,7 +39,10 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """[P, *x.shape]: every rank's x (the same shape everywhere), in rank order."""
     world = dist.get_world_size(group)
     out = x.new_empty((world, *x.shape))
-    dist.all_gather_into_tensor(out.view(-1, *x.shape[1:]), x.contiguous(), group=group)
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; the torch>=2.10 we allow
+    # may have only the old name
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out.view(-1, *x.shape[1:]), x.contiguous(), group=group)
     return out
 
 
