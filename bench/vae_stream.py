@@ -102,6 +102,15 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _cpu_wait_s() -> float:
+    """Seconds this process's main thread (where the decode's one thread computes) has been runnable but waiting
+    for a core: what other work on the machine costs it."""
+    try:
+        return int(Path("/proc/self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def _decode_rank(folder: str, shape: tuple, split: bool) -> dict:
     """One rank's decode (run in a DistPool worker: gloo group formed, threads set); rank 0 returns the frames."""
     import torch.distributed as dist
@@ -119,15 +128,15 @@ def _decode_rank(folder: str, shape: tuple, split: bool) -> dict:
     rss_exact = _rss_reset()
     rss0 = _rss_mb("VmRSS")
     frames, first, n = [], None, 0
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0, cpu0, wait0 = time.perf_counter(), time.process_time(), _cpu_wait_s()
     with LiveBytes() as live:
         for frame in vae.decode_stream(latents, group=group):
             first = first or time.perf_counter() - t0
             n += 1
             if frame is not None:
                 frames.append(frame)
-    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return dict(first=first, total=total, cpu=cpu, live_mb=live.peak / 2**20, rss_mb=_rss_mb("VmHWM") - rss0,
+    total, cpu, wait = time.perf_counter() - t0, time.process_time() - cpu0, _cpu_wait_s() - wait0
+    return dict(first=first, total=total, cpu=cpu, wait=wait, live_mb=live.peak / 2**20, rss_mb=_rss_mb("VmHWM") - rss0,
                 rss_exact=rss_exact, items=n, load=load, frames=np.stack(frames) if frames else None)
 
 
@@ -154,11 +163,12 @@ def split_vs_one(args) -> None:
           f"{shape[2]}x{shape[3]}x{shape[4]}), CPU fp32, gloo, {threads} thread(s) per rank; peak live = most "
           f"tensor bytes alive during the decode (LiveBytes), peak RSS = VmHWM above the RSS before the decode"
           f"{'' if one['rss_exact'] else ' (peak not reset: includes the load)'}")
-    print("| ranks | rank | first frame | all frames | CPU time | peak live | peak RSS | items | load before |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| ranks | rank | first frame | all frames | CPU time | waited for a core | peak live | peak RSS | items | "
+          "load before |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for ranks, rows in runs.items():
         for rank, r in enumerate(rows):
-            print(f"| {ranks} | {rank} | {r['first']:.2f} s | {r['total']:.2f} s | {r['cpu']:.2f} s | "
+            print(f"| {ranks} | {rank} | {r['first']:.2f} s | {r['total']:.2f} s | {r['cpu']:.2f} s | {r['wait']:.2f} s | "
                   f"{r['live_mb']:.0f} MiB | {r['rss_mb']:.0f} MiB | {r['items']} | {r['load']:.1f} |")
     speed = one["total"] / max(r["total"] for r in split)
     sooner = one["first"] / split[0]["first"]
