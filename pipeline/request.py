@@ -12,7 +12,7 @@ import numpy as np
 
 from configs import OdysseyConfig, SamplingConfig, VideoConfig
 
-from .step_cache import check_cache
+from .step_cache import check_cache, finite
 
 __all__ = ["GenerateRequest", "Progress", "Frame", "Result", "Event", "RequestRejectedError"]
 
@@ -100,7 +100,7 @@ class GenerateRequest:
             value = getattr(self, name)
             if value is None:
                 continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not finite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r:.40}")
 
     @property
@@ -111,13 +111,6 @@ class GenerateRequest:
         """63-bit digest of every field: ranks compare it before the first collective."""
         text = repr(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float range
-        return False
 
 
 def _pick(value, default):

@@ -126,11 +126,8 @@ class Runner:
     def _agree(self, request: GenerateRequest, error: Exception | None) -> None:
         """The first collective of a request: every rank shows (valid?, fingerprint); any invalid or different
         request is a RequestRejectedError on every rank (and only here: the group is still in step)."""
-        mine = torch.tensor([0 if error else 1, request.fingerprint() if not error else -1], dtype=torch.int64,
-                            device=self._comm_device)
-        every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine)
-        table = torch.stack(every).cpu().tolist()
+        mine = torch.tensor([0 if error else 1, request.fingerprint() if not error else -1], dtype=torch.int64)
+        table = self._gather_table(mine).tolist()
         if error is not None:
             raise RequestRejectedError(str(error)) from error
         bad = [r for r, (ok, _) in enumerate(table) if not ok]
@@ -181,7 +178,8 @@ class Runner:
         return cfg_combine(v[0], v[1], guidance)
 
     def _gather_table(self, vec: torch.Tensor) -> torch.Tensor:
-        """[world, n]: every rank's vec, the same table on every rank (the step cache's one collective per step)."""
+        """[world, n]: every rank's vec, the same table on every rank (the first collective of a request, and the
+        step cache's one per step)."""
         if self.world_size == 1:
             return vec[None]
         mine = vec.to(self._comm_device)

@@ -33,7 +33,7 @@ import torch
 from .dit import StackInput, WanDiT, WanDiTConfig
 
 __all__ = ["POLICIES", "CachePolicy", "StepCache", "StepCacheMismatch", "check_cache", "teacache_coefficients",
-           "cache_buffers"]
+           "cache_buffers", "finite"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def warmup_steps(policy: CachePolicy, steps: int) -> int:
     return max(policy.min_warmup, math.ceil(policy.warmup * steps))
 
 
-def _finite(value: int | float) -> bool:
+def finite(value: int | float) -> bool:
+    """math.isfinite, False for an int beyond float range instead of OverflowError."""
     try:
         return math.isfinite(value)
     except OverflowError:  # an int beyond float range
@@ -89,7 +90,7 @@ def check_cache(policy: str, threshold: float | None, steps: int, dit_config: Wa
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; choose one of off, {', '.join(POLICIES)}")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not _finite(threshold) or not 0 < threshold <= 1):
+                                  or not finite(threshold) or not 0 < threshold <= 1):
         raise ValueError(f"cache_threshold must be a number in (0, 1], got {threshold!r:.40}")
     spec = POLICIES[policy]
     forced = warmup_steps(spec, steps) + 1  # the warm-up and the last step

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .parallel import _all_gather_dim0
+
 __all__ = ["Bands", "band_rows"]
 
 
@@ -37,12 +39,8 @@ def band_rows(h: int, ranks: int) -> list[tuple[int, int]]:
 
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """[P, *x.shape]: every rank's x (the same shape everywhere), in rank order."""
-    world = dist.get_world_size(group)
-    out = x.new_empty((world, *x.shape))
-    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; the torch>=2.10 we allow
-    # may have only the old name
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out.view(-1, *x.shape[1:]), x.contiguous(), group=group)
+    out = x.new_empty((dist.get_world_size(group), *x.shape))
+    _all_gather_dim0(out.view(-1, *x.shape[1:]), x.contiguous(), group)
     return out
 
 
