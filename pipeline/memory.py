@@ -65,6 +65,7 @@ from .components import TEXT_ENCODER_DTYPE, encoder_placement, resolve_dtype
 from .dit import WanDiT, WanDiTConfig
 from .step_cache import cache_buffers
 from .vae import tile_cache_factor
+from .vae_parallel import splits_decode
 
 __all__ = ["MemoryEstimate", "estimate_rank_memory", "replica_estimates", "check_fits", "check_request",
            "fit_decision", "wait_until_fits", "MemoryBusy", "fused_attention_available", "LiveBytes",
@@ -395,7 +396,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     text = text_acts = vae = decode = 0
     resident = True
     # parallel.vae_parallel: every rank decodes a band of rows (pipeline.vae_parallel), rank 0 alone otherwise
-    split = par.vae_parallel and par.group_size > 1 and path is not None and not model.vae_tiling
+    split = splits_decode(config)
     if rank == 0:
         place = encoder_placement(model.text_encoder_device, model.offload_text_encoder, device)
         if place.run.type != "cpu":

@@ -57,8 +57,7 @@ class GenerateRequest:
             cache_threshold=self.cache_threshold if self.cache_threshold is not None
             else s.cache_threshold if _pick(self.cache, s.cache) == s.cache else None,
         )
-        if sampling.cache != "off":
-            check_cache(sampling.cache, sampling.cache_threshold, sampling.steps)
+        check_cache(sampling.cache, sampling.cache_threshold, sampling.steps)
         if sampling.sampler not in ("unipc", "euler"):
             raise ValueError(f"sampler must be unipc or euler, got {sampling.sampler!r}")
         video = VideoConfig(height=_pick(self.height, v.height), width=_pick(self.width, v.width),
@@ -72,8 +71,7 @@ class GenerateRequest:
             negative_prompt=sampling.negative_prompt, height=video.height, width=video.width, frames=video.frames,
             fps=video.fps, steps=sampling.steps, guidance_scale=sampling.guidance_scale, shift=sampling.shift,
             sampler=sampling.sampler, cache=sampling.cache,
-            cache_threshold=float(sampling.cache_threshold)
-            if sampling.cache != "off" and sampling.cache_threshold is not None else None,
+            cache_threshold=None if sampling.cache_threshold is None else float(sampling.cache_threshold),
         )
 
     def validate(self, config: OdysseyConfig) -> None:

@@ -22,6 +22,7 @@ from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim
 from .request import Event, Frame, GenerateRequest, Progress, RequestRejectedError, Result
 from .samplers import make_sampler
 from .step_cache import StepCache, check_cache
+from .vae_parallel import splits_decode
 
 __all__ = ["Runner", "pick_device", "guided_velocity", "cfg_combine"]
 
@@ -88,10 +89,8 @@ class Runner:
 
     @property
     def split_decode(self) -> bool:
-        """Every rank of the replica decodes a band of rows (parallel.vae_parallel): a Wan VAE (the embedded
-        model's small decoder stays on rank 0), more than one rank, no tiling (tiling decodes on rank 0 alone)."""
-        return (self.config.parallel.vae_parallel and self.world_size > 1 and self.config.model.path is not None
-                and not self.config.model.vae_tiling)
+        """Every rank of the replica decodes a band of rows (vae_parallel.splits_decode)."""
+        return splits_decode(self.config)
 
     def load_models(self) -> float:
         """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took. On a GPU,

@@ -274,22 +274,34 @@ class WanVAEDecoder(nn.Module):
     def decode_chunks(self, latents: torch.Tensor, *, group=None) -> Iterator[torch.Tensor]:
         """Decoded pixels [1, 3, n, H, W] in [-1, 1] per latent frame (n = 1 for the first, 4 after). With a
         process group of P > 1 ranks: this rank's band of rows [1, 3, n, R, W] (see decode_stream)."""
+        yield from self._chunks(latents, self._bands(latents, group))
+
+    def _bands(self, latents: torch.Tensor, group):
+        """This rank's share of a decode over `group` (None: one rank decodes everything); checks the latents."""
         if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != self.spec.z_dim:
             raise ValueError(f"latents must be [1, {self.spec.z_dim}, T, h, w], got {tuple(latents.shape)}")
+        import torch.distributed as dist
+
+        if group is None or dist.get_world_size(group) == 1:
+            return None
+        from .vae_parallel import Bands
+
+        return Bands(group, latents.shape[-2])
+
+    @torch.no_grad()
+    def _chunks(self, latents: torch.Tensor, bands) -> Iterator[torch.Tensor]:
         dtype = self.post_quant_conv.weight.dtype
         z = self.denormalize(latents.to(self.post_quant_conv.weight.device)).to(dtype)
         _, _, T, h, w = z.shape
         s = self.spec.spatial_stride
         tiled = self.tiling and (h * s > self.tile_sample_min or w * s > self.tile_sample_min)
         cache = Cache()
-        if group is not None and _group_size(group) > 1:
+        if bands is not None:
             if tiled:
                 raise ValueError("the VAE decode is split over the replica's ranks by rows or tiled on one rank, "
                                  "not both: turn model.vae_tiling or parallel.vae_parallel off")
-            from .vae_parallel import Bands
-
-            cache.bands = Bands(group, h)
-            z = cache.bands.mine(z)
+            cache.bands = bands
+            z = bands.mine(z)
         elif tiled:
             yield from self._tiled_chunks(z)
             return
@@ -337,14 +349,10 @@ class WanVAEDecoder(nn.Module):
         end (each decoded chunk is a collective): each rank decodes a band of rows of every frame, rank 0 of the
         group yields the whole frames and the others yield None in their place (as many items). Exact: the same
         frames as the single-rank decode. Not with tiling (ValueError)."""
-        bands = None
-        for chunk in self.decode_chunks(latents, group=group):
+        bands = self._bands(latents, group)
+        for chunk in self._chunks(latents, bands):
             frames = ((chunk[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # C n R W
-            if group is not None and _group_size(group) > 1:
-                if bands is None:
-                    from .vae_parallel import Bands
-
-                    bands = Bands(group, latents.shape[-2])
+            if bands is not None:
                 frames = bands.whole(frames)
                 if bands.rank != 0:
                     yield from [None] * frames.shape[1]
@@ -355,12 +363,6 @@ class WanVAEDecoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """All frames at once, [1, 3, T', H, W] in [-1, 1] (for tests and comparisons)."""
         return torch.cat(list(self.decode_chunks(latents)), dim=2)
-
-
-def _group_size(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
 
 
 def tile_cache_factor(h: int, w: int, tile: int = 32, stride: int = 24) -> float:

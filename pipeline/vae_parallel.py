@@ -19,9 +19,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from configs import OdysseyConfig
+
 from .parallel import _all_gather_dim0
 
-__all__ = ["Bands", "band_rows"]
+__all__ = ["Bands", "band_rows", "splits_decode"]
+
+
+def splits_decode(config: OdysseyConfig) -> bool:
+    """Whether every rank of a replica decodes a band of rows (parallel.vae_parallel): a Wan VAE (the embedded
+    model's small decoder stays on rank 0), more than one rank, no tiling (tiling decodes on rank 0 alone)."""
+    return (config.parallel.vae_parallel and config.parallel.group_size > 1 and config.model.path is not None
+            and not config.model.vae_tiling)
 
 
 def band_rows(h: int, ranks: int) -> list[tuple[int, int]]:
