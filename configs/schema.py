@@ -306,6 +306,41 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`odyssey serve`: where the service listens and how much it takes in. What one request may ask for is bounded
+    by limits.* (steps, frames, pixels, prompt length), checked on every request before it is queued."""
+
+    host: str = "127.0.0.1"
+    """Interface the HTTP server binds. Loopback by default; any other needs a token (--token-file) or --insecure."""
+
+    port: int = 8000
+    """TCP port of the HTTP server."""
+
+    max_body_bytes: int = 1_048_576
+    """Largest request body accepted (413 beyond)."""
+
+    max_queued: int = 1000
+    """Jobs waiting for a replica before new ones are refused with 429 and Retry-After."""
+
+    max_attempts: int = 3
+    """Times a job is started at most: one interrupted by a restart of the service or by a lost replica is queued
+    again until then, and fails after."""
+
+    retry_after_s: int = 10
+    """Seconds a client refused with 429 is told to wait (the Retry-After header)."""
+
+    keep_jobs: int = 10_000
+    """Job records kept; beyond, the oldest finished ones are forgotten and their videos deleted."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.host) and self.host.strip() == self.host, "host must be a host name or address, got {}",
+                 repr(self.host))
+        _require(0 < self.port < 65536, "port must be in 1..65535, got {}", self.port)
+        for name in ("max_body_bytes", "max_queued", "max_attempts", "retry_after_s", "keep_jobs"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {{}}", getattr(self, name))
+
+
+@dataclass(frozen=True)
 class OdysseyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Weights and precision."""
@@ -324,6 +359,9 @@ class OdysseyConfig:
 
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Upper bounds on what a request or prompt file may ask for."""
+
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """The video generation service (odyssey serve)."""
 
     def __post_init__(self) -> None:
         self.limits.check(self.sampling, self.video)
