@@ -138,8 +138,16 @@ class SamplingConfig:
     """How much accumulated change a cached step may hide before the blocks run again: higher skips more steps
     (a relative change, at most 1). null: the policy's measured default."""
 
+    preview_every: int = 0
+    """Live previews: every this many denoising steps (never after the last), rank 0 emits a Preview event, a small
+    RGB image (longest side <= 256 px) of the model's current estimate of the clean video's middle latent frame,
+    through a linear latent-to-RGB map fitted to the decoder at load. 0 turns previews off; `odyssey serve` and
+    `odyssey generate --preview` use 5 when this is 0."""
+
     def __post_init__(self) -> None:
         _finite(self, "guidance_scale", "shift", "cache_threshold")
+        _require(self.preview_every >= 0, "preview_every must be >= 0 (0 turns previews off), got {}",
+                 self.preview_every)
         _require(self.cache in CACHE_POLICIES, "cache must be one of {}, got {}", ", ".join(CACHE_POLICIES),
                  self.cache)
         _require(self.cache_threshold is None or 0 < self.cache_threshold <= 1,

@@ -14,13 +14,21 @@ from configs import OdysseyConfig, SamplingConfig, VideoConfig
 
 from .step_cache import check_cache, finite
 
-__all__ = ["GenerateRequest", "Progress", "Frame", "Result", "Event", "RequestRejectedError"]
+__all__ = ["GenerateRequest", "Progress", "Frame", "Preview", "Result", "Event", "RequestRejectedError",
+           "RequestCancelledError"]
 
 
 class RequestRejectedError(ValueError):
     """Raised by every rank of a replica when any rank refused a request in its first collective (Runner._agree):
     no rank went further, so the group is intact and serves the next request. Any other error while serving may
     leave ranks inside a collective."""
+
+
+class RequestCancelledError(RuntimeError):
+    """Raised on EVERY rank at the same point after Runner.cancel(request_id): the group stays in step.
+
+    The ranks agree on it before the first denoising step and after each one (a cancel seen by any rank stops all
+    of them at the same step); during a decode on rank 0 alone, rank 0 raises it between frames."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,18 @@ class Frame:
 
 
 @dataclass
+class Preview:
+    """The model's current estimate of the clean video (x0 = x_t - sigma * v) as one small RGB image of its middle
+    latent frame (pipeline/preview.py), from rank 0, every sampling.preview_every denoising steps."""
+
+    request_id: str
+    step: int  # denoising steps done (1-based), the estimate is after this step
+    total: int
+    image: np.ndarray  # [h, w, 3] uint8, longest side <= 256 px
+    created_at: float = 0.0
+
+
+@dataclass
 class Result:
     request_id: str
     seed: int
@@ -147,4 +167,4 @@ class Result:
     cache: dict | None = None  # step cache: policy, threshold, computed_steps, steps, skipped (step indices)
 
 
-Event = Progress | Frame | Result
+Event = Progress | Frame | Preview | Result
