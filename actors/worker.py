@@ -115,6 +115,13 @@ class SPWorker:
         return result
 
     @ray.method(concurrency_group="control")
+    def cancel(self, request_id: str) -> None:
+        """Stop `request_id` (running or still to come) at the next step every rank agrees on; on the control
+        thread, so it lands while a generation runs."""
+        if self.runner is not None:
+            self.runner.cancel(request_id)
+
+    @ray.method(concurrency_group="control")
     def health(self) -> dict:
         request_id, stage, step, total = self.runner.progress if self.runner else (None, "starting", 0, 0)
         return {"rank": self.rank, "pid": os.getpid(), "request_id": request_id, "stage": stage, "step": step,

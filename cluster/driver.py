@@ -23,7 +23,7 @@ from pipeline.request import Frame, GenerateRequest, Result
 from .placement import PlacementError, WorkerShape, cluster_nodes, plan_placement, shortfall
 from .manifest import append_manifest_line
 from .progress import ProgressReporter, cache_note, make_reporter
-from .replica import POLL_S, Replica, ReplicaFailed, RequestFailed, RequestRejected
+from .replica import POLL_S, Replica, ReplicaFailed, RequestCancelled, RequestFailed, RequestRejected
 from .token_file import secure_default_token
 from .validate import check_batch, check_config_cache
 from .video import StreamingMP4
@@ -42,6 +42,7 @@ class Job:
     output: Path
     name: str = ""
     attempts: int = 0
+    cancelled: bool = False  # set by Driver.cancel: a replica skips it, or stops it at the next agreed step
 
 
 @dataclass
@@ -83,8 +84,12 @@ class Driver:
     as their nodes arrive. A lost replica is rebuilt with exponential backoff, never given up while there is work."""
 
     def __init__(self, config: OdysseyConfig, *, address: str | None = None, manifest: Path | None = None,
-                 progress: str | bool | None = "auto", on_event: Callable | None = None):
+                 progress: str | bool | None = "auto", on_event: Callable | None = None, persistent: bool = False):
+        """persistent: a service's driver: a replica that fails to start is retried for as long as the driver
+        lives (only a config that can never work, a ValueError, is fatal), instead of failing the batch after
+        runtime.scale_up_timeout_s without any replica."""
         self.config, self.address, self.manifest = config, address, manifest
+        self.persistent = persistent
         self.reporter: ProgressReporter = make_reporter(progress)
         self.on_event = on_event  # on_event(job, event) for every event, on the driver's main thread
         self.stop = threading.Event()  # the driver is closing: streams end, builds give up
@@ -92,6 +97,7 @@ class Driver:
         self.shape: WorkerShape | None = None
         self.builds = 0  # replicas started so far, first builds and rebuilds
         self._slots: list[threading.Thread] = []
+        self._serving: dict[int, tuple[Job, Replica]] = {}  # slot -> the job its replica runs now
         self._jobs: queue.Queue = queue.Queue()  # (run id, Job), taken by whichever replica is up and idle
         self._events: queue.Queue = queue.Queue()  # (run id, kind, job, payload), read by run() on the main thread
         self._changed = threading.Condition()
@@ -236,10 +242,17 @@ class Driver:
                 continue
             if run_id != self._run_id:
                 continue  # left over from a run that has returned
+            with self._changed:
+                if job.cancelled:
+                    self._events.put((run_id, "cancelled", job, None))
+                    continue
+                self._serving[slot] = (job, replica)
             self._events.put((run_id, "start", job, slot))
             try:
                 for event in replica.run(job.request):
                     self._events.put((run_id, "event", job, event))
+            except RequestCancelled:  # its ranks stopped together: the group is in step
+                self._events.put((run_id, "cancelled", job, None))
             except RequestRejected as e:  # every rank refused it in the first collective: the group is in step
                 self._events.put((run_id, "failed", job, (f"rejected: {e}", 0)))
             except RequestFailed as e:  # the prompt's own error: retrying would fail again; ranks may be stuck
@@ -250,6 +263,9 @@ class Driver:
                 retries = getattr(e, "retries", None)
                 retries = rt.max_retries if retries is None else min(retries, rt.max_retries)
                 self._events.put((run_id, "failed", job, (str(e), 0 if self.stop.is_set() else retries)))
+            finally:
+                with self._changed:
+                    self._serving.pop(slot, None)
 
     def _replica_up(self, slot: int, replica: Replica) -> bool:
         with self._changed:
@@ -276,14 +292,56 @@ class Driver:
             alone = not any(self.replicas)
             waited = time.monotonic() - self._no_replica_since
             deterministic = isinstance(error, ValueError) or getattr(error, "deterministic", False)
-            fatal = alone and (isinstance(error, ValueError) or waited >= rt.scale_up_timeout_s
-                               or (deterministic and failures > rt.max_retries))
+            fatal = alone and (isinstance(error, ValueError) or (not self.persistent and (
+                waited >= rt.scale_up_timeout_s or (deterministic and failures > rt.max_retries))))
         if fatal:
             self._set_fatal(error if isinstance(error, ValueError) else
                             ReplicaFailed(f"no replica could be started in {waited:.0f} s: {error}"))
             return
         log.warning("replica %d could not be started (attempt %d): %s; trying again in %g s", slot, failures, error,
                     _backoff(rt, failures))
+
+    # -- a service's queue ----------------------------------------------------------------------------------------
+
+    def open_queue(self) -> int:
+        """For a long-lived caller (a service) instead of run(): returns the queue's run id; then submit() jobs and
+        read their events with next_event(). One open queue per driver, and no run() beside it."""
+        self._run_id += 1
+        return self._run_id
+
+    def submit(self, run_id: int, job: Job) -> None:
+        """Queue a job (again, after a failure) on the open queue; whichever replica is idle takes it."""
+        self._jobs.put((run_id, job))
+
+    def next_event(self, run_id: int, timeout_s: float) -> tuple[str, Job | None, object] | None:
+        """The next (kind, job, payload) of the open queue, or None after timeout_s. kind: "start" (payload: the
+        replica slot), "event" (a Progress, Frame, Preview or Result), "failed" ((message, retries it allows)),
+        "cancelled", "fatal" (job None; payload: the error that stops every replica)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                rid, kind, job, payload = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if kind == "fatal" or rid == run_id:
+                return kind, job, payload
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a job: a queued one is skipped when a replica takes it ("cancelled" event); a running one stops
+        at the next step its ranks agree on ("cancelled" event, the replica serves on)."""
+        with self._changed:
+            job.cancelled = True
+            running = [replica for j, replica in self._serving.values() if j is job]
+        for replica in running:
+            replica.cancel(job.request.request_id)
+
+    def replicas_up(self) -> int:
+        with self._changed:
+            return sum(r is not None for r in self.replicas)
+
+    @property
+    def fatal(self) -> BaseException | None:
+        return self._fatal
 
     # -- the batch ----------------------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ Failures are told apart, because they call for different cures:
 - RequestRejected: every rank refused the request in its first collective (RequestRejectedError from
   Runner._agree, and only that: a ValueError raised later may leave other ranks in a collective, so it is a
   RequestFailed); the replica is intact.
+- RequestCancelled: the request was cancelled (Replica.cancel) and its ranks stopped together at a step they agreed
+  on; the replica is intact.
 Ray's memory monitor killing a worker (OutOfMemoryError) is a ReplicaFailed whose prompt is retried at most once: the
 pressure may have come from elsewhere on the node, or from the prompt itself.
 """
@@ -31,11 +33,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors import SPWorker
 from configs import OdysseyConfig
 from pipeline.memory import MemoryBusy
-from pipeline.request import Event, GenerateRequest, RequestRejectedError
+from pipeline.request import Event, GenerateRequest, RequestCancelledError, RequestRejectedError
 
 from .placement import WorkerShape, cluster_nodes, cluster_totals
 
-__all__ = ["Replica", "ReplicaFailed", "RequestFailed", "RequestRejected", "DEATHS"]
+__all__ = ["Replica", "ReplicaFailed", "RequestFailed", "RequestRejected", "RequestCancelled", "DEATHS"]
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -61,6 +63,10 @@ class RequestFailed(RuntimeError):
 
 class RequestRejected(ValueError):
     """Every rank refused the request (invalid for this model); the replica is intact."""
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled and its ranks stopped together; the replica is intact."""
 
 
 def _cause(err: Exception) -> Exception:
@@ -185,6 +191,15 @@ class Replica:
     def pids(self) -> list[int]:
         return [i.pid for i in self.infos]
 
+    def cancel(self, request_id: str) -> None:
+        """Ask every rank to stop `request_id` (fire and forget): run() then raises RequestCancelled within about
+        one denoising step; a request that already finished is not affected."""
+        for w in self.workers:
+            try:
+                w.cancel.remote(request_id)
+            except Exception:  # noqa: BLE001 - a dead rank ends the request anyway
+                pass
+
     def health(self, timeout_s: float = 5.0) -> list[dict]:
         return ray.get([w.health.remote() for w in self.workers], timeout=timeout_s)
 
@@ -193,7 +208,8 @@ class Replica:
     def run(self, request: GenerateRequest) -> Iterator[Event]:
         """Rank 0's events as they happen, while watching every other rank: a dead or failing rank anywhere ends
         the stream within about POLL_S (not after the collective timeout), with ReplicaFailed when a rank died and
-        RequestFailed when one raised, RequestRejected only when every rank rejected it in its first collective."""
+        RequestFailed when one raised, RequestRejected only when every rank rejected it in its first collective,
+        RequestCancelled when it was cancelled (Replica.cancel)."""
         stream = self.workers[0].stream.remote(request)
         others = {w.run.remote(request): r for r, w in enumerate(self.workers) if r > 0}
         streaming, failure, rejected = True, None, set()
@@ -203,10 +219,9 @@ class Replica:
             f = self._failure(rank, err)
             if isinstance(f, RequestRejected):
                 rejected.add(rank)
-            # anything worse than a rejection wins; among rejections, rank 0's (it names the reason, the others
-            # only say which ranks rejected)
-            if failure is None or (isinstance(failure, RequestRejected) and (rank == 0 or not isinstance(
-                    f, RequestRejected))):
+            # anything worse than a rejection or a cancellation (the replica is intact after either) wins; among
+            # those, rank 0's (it names the reason, the others only say which ranks rejected)
+            if failure is None or (isinstance(failure, _INTACT) and (rank == 0 or not isinstance(f, _INTACT))):
                 failure = f
 
         while streaming or others:
@@ -250,6 +265,8 @@ class Replica:
         cause = _cause(err)
         if isinstance(cause, RequestRejectedError):
             return RequestRejected(str(cause))
+        if isinstance(cause, RequestCancelledError):
+            return RequestCancelled(str(cause))
         # A rank's collective also fails when a peer died (gloo: "Connection closed by peer"): that is a death,
         # and the prompt deserves a retry. Only when every rank is alive is the error the request's own.
         dead = self._dead_ranks()
@@ -268,6 +285,9 @@ class Replica:
             except Exception:  # noqa: BLE001 - any failure to answer means the rank is gone
                 dead.append(refs[ref])
         return sorted(dead)
+
+
+_INTACT = (RequestRejected, RequestCancelled)  # failures after which the replica serves the next request
 
 
 def _gpu_order(gpu_ids: tuple) -> tuple:
