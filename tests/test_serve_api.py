@@ -1,0 +1,613 @@
+"""The HTTP surface of `odyssey serve` (cluster/serve/api.py) over a fake VideoService: every route, field coercion
+from JSON, multipart and urlencoded bodies, every error code and its JSON shape, Range requests, Server-Sent Events
+(order, late join, heartbeat, unsubscribe on disconnect), auth, body limits and Retry-After. The real service
+behind it, through Ray Serve and the OpenAI SDK: tests/test_serve_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from starlette.testclient import TestClient
+
+from cluster.serve import api
+from cluster.serve.api import create_app, parse_range
+from cluster.serve.service import InvalidField, QueueFull
+
+TOKEN = "s3cret-token-for-tests"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+
+
+class FakeService:
+    """VideoService's interface with scripted state: what it was asked is recorded, events are pushed by the test
+    (from another thread, as the real service's pump does)."""
+
+    model_name = "tiny"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.videos: dict[str, dict] = {}  # insertion order = creation order
+        self.submitted: list[dict] = []
+        self.subscribers: dict[str, list] = {}
+        self.unsubscribed: list[str] = []
+        self.paths: dict[str, Path] = {}
+        self.previews: dict[str, bytes] = {}
+        self.queue_full = False
+        self.broken: str | None = None
+        self.ready = True
+        self.lock = threading.Lock()
+
+    # -- the interface
+    def health(self):
+        return {"ready": self.ready, "replicas_up": int(self.ready), "replicas": 1, "queued": 0, "running": 0,
+                "error": None}
+
+    def models(self):
+        return [{"id": "tiny", "object": "model", "created": 1, "owned_by": "odyssey"}]
+
+    def submit(self, fields):
+        self.submitted.append(fields)
+        if self.broken:
+            raise RuntimeError(self.broken)
+        if self.queue_full:
+            raise QueueFull("1000 jobs are queued (serve.max_queued); try again later", 7)
+        if fields.get("model") not in (None, "tiny"):
+            raise InvalidField("model", f"unknown model {fields['model']!r}; this server serves 'tiny'")
+        if fields.get("steps") is not None and fields["steps"] > 1000:
+            raise InvalidField("steps", f"steps {fields['steps']} is over the limit 1000 (limits.max_steps)")
+        return self.add(prompt=fields["prompt"])
+
+    def get(self, video_id):
+        return self.videos.get(video_id)
+
+    def list(self, limit=20, after=None):
+        newest = list(reversed(self.videos.values()))
+        if after is not None:
+            ids = [v["id"] for v in newest]
+            newest = newest[ids.index(after) + 1:] if after in ids else []
+        return newest[:limit]
+
+    def cancel(self, video_id):
+        video = self.videos.get(video_id)
+        if video is None:
+            return None
+        video.update(status="cancelled", deleted=True)
+        self.emit(video_id, "cancelled", dict(video))
+        return dict(video)
+
+    def content_path(self, video_id):
+        return self.paths.get(video_id)
+
+    def preview_png(self, video_id):
+        return self.previews.get(video_id)
+
+    def subscribe(self, video_id, callback):
+        video = self.videos.get(video_id)
+        if video is None:
+            return None
+        callback("state", dict(video))
+        if video["status"] in ("completed", "failed", "cancelled"):
+            callback(video["status"], dict(video))
+            return lambda: None
+        with self.lock:
+            self.subscribers.setdefault(video_id, []).append(callback)
+
+        def unsubscribe():
+            with self.lock:
+                self.subscribers[video_id].remove(callback)
+                self.unsubscribed.append(video_id)
+
+        return unsubscribe
+
+    def close(self):
+        pass
+
+    # -- test helpers
+    def add(self, status="queued", prompt="a red circle moving right"):
+        video_id = f"video_{secrets.token_hex(12)}"
+        self.videos[video_id] = {"id": video_id, "object": "video", "status": status, "progress": 0,
+                                 "created_at": int(time.time()), "prompt": prompt, "model": "tiny", "deleted": False}
+        return dict(self.videos[video_id])
+
+    def emit(self, video_id, event, data):
+        with self.lock:
+            callbacks = list(self.subscribers.get(video_id, ()))
+        for cb in callbacks:
+            cb(event, data)
+
+    def wait_subscribed(self, video_id, timeout=10):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.lock:
+                if self.subscribers.get(video_id):
+                    return
+            time.sleep(0.01)
+        raise AssertionError("the stream never subscribed")
+
+
+@pytest.fixture
+def service(tmp_path):
+    return FakeService(tmp_path)
+
+
+@pytest.fixture
+def web(tmp_path):
+    folder = tmp_path / "web"
+    folder.mkdir()
+    (folder / "index.html").write_text("<!doctype html><title>Odyssey</title>")
+    (folder / "app.js").write_text("console.log('odyssey')")
+    (tmp_path / "secret.txt").write_text("outside the web folder")
+    return folder
+
+
+@pytest.fixture
+def client(service, web):
+    return TestClient(create_app(service, static_dir=web), raise_server_exceptions=False)
+
+
+def assert_error(response, status, param=None, type_=None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error"} and set(body["error"]) == {"message", "type", "param"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["error"]["param"] == param, body
+    if type_ is not None:
+        assert body["error"]["type"] == type_, body
+    return body["error"]
+
+
+# -- POST /v1/videos: JSON, multipart, urlencoded ---------------------------------------------------------------
+
+
+def test_create_from_json_keeps_json_types(client, service):
+    body = {"prompt": "a red circle moving right", "model": "tiny", "seed": 3, "steps": 4, "frames": 9, "fps": 8,
+            "guidance_scale": 5, "seconds": "2", "size": "32x32", "negative_prompt": "", "sampler": "euler",
+            "cache": "fbcache:0.1"}
+    r = client.post("/v1/videos", json={**body, "sampler": None})
+    assert r.status_code == 200, r.text
+    video = r.json()
+    assert video["status"] == "queued" and video["id"] in service.videos
+    fields = service.submitted[-1]
+    expected = {**body, "guidance_scale": 5.0}
+    del expected["sampler"]  # null = absent
+    assert fields == expected
+    assert type(fields["seed"]) is int and type(fields["guidance_scale"]) is float and fields["negative_prompt"] == ""
+
+
+def test_create_from_multipart_as_the_openai_sdk_sends_it(client, service):
+    form = {"prompt": "  a blue ball moving up ", "model": "tiny", "seconds": "2.1", "size": "32x32", "seed": "3",
+            "steps": " 4 ", "guidance_scale": "4.5", "negative_prompt": "", "sampler": "", "cache": ""}
+    r = client.post("/v1/videos", files={k: (None, v) for k, v in form.items()})
+    assert r.status_code == 200, r.text
+    assert service.submitted[-1] == {"prompt": "  a blue ball moving up ", "model": "tiny", "seconds": "2.1",
+                                     "size": "32x32", "seed": 3, "steps": 4, "guidance_scale": 4.5}
+
+
+def test_create_from_urlencoded_form(client, service):
+    r = client.post("/v1/videos", data={"prompt": "a white square moving left", "frames": "17", "fps": "+8",
+                                        "guidance_scale": "1e0"})
+    assert r.status_code == 200, r.text
+    assert service.submitted[-1] == {"prompt": "a white square moving left", "frames": 17, "fps": 8,
+                                     "guidance_scale": 1.0}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("steps", "4.5"), ("steps", "four"), ("steps", "1e3"), ("seed", "0x10"), ("frames", "nan"),
+    ("guidance_scale", "nan"), ("guidance_scale", "inf"), ("guidance_scale", "-Infinity"), ("guidance_scale", "1,5"),
+    ("guidance_scale", "1e99999"), ("steps", "9" * 40),
+])
+@pytest.mark.parametrize("encoding", ["multipart", "urlencoded"])
+def test_form_numbers_are_strict(client, service, field, value, encoding):
+    form = {"prompt": "a red circle moving right", field: value}
+    r = (client.post("/v1/videos", files={k: (None, v) for k, v in form.items()}) if encoding == "multipart"
+         else client.post("/v1/videos", data=form))
+    assert_error(r, 422, param=field, type_="invalid_request_error")
+    assert not service.submitted
+
+
+@pytest.mark.parametrize("field,value", [
+    ("steps", True), ("steps", "4"), ("steps", 4.0), ("steps", 4.5), ("seed", [3]), ("guidance_scale", False),
+    ("guidance_scale", "5"), ("prompt", 7), ("size", 32), ("seconds", True), ("seconds", {"s": 1}),
+    ("negative_prompt", ["x"]),
+])
+def test_json_types_are_checked(client, service, field, value):
+    r = client.post("/v1/videos", json={"prompt": "a red circle moving right", field: value})
+    err = assert_error(r, 422, param=field)
+    assert field in err["message"]
+    assert not service.submitted
+
+
+@pytest.mark.parametrize("send", ["json", "multipart", "urlencoded"])
+def test_unknown_and_unsupported_fields_are_named(client, service, send):
+    def post(form):
+        if send == "json":
+            return client.post("/v1/videos", json=form)
+        if send == "multipart":
+            return client.post("/v1/videos", files={k: (None, str(v)) for k, v in form.items()})
+        return client.post("/v1/videos", data=form)
+
+    err = assert_error(post({"prompt": "x", "stepz": "4"}), 422, param="stepz")
+    assert "stepz" in err["message"] and "steps" in err["message"]  # the known names help the typo
+    err = assert_error(post({"prompt": "x", "input_reference": "img"}), 422, param="input_reference")
+    assert "text only" in err["message"]
+    assert_error(post({"model": "tiny"}), 422, param="prompt")
+    assert not service.submitted
+
+
+def test_form_field_twice_or_as_a_file_is_refused(client, service):
+    r = client.post("/v1/videos", content=b"prompt=a&prompt=b", headers={"content-type":
+                                                                       "application/x-www-form-urlencoded"})
+    assert_error(r, 422, param="prompt")
+    r = client.post("/v1/videos", files={"prompt": ("p.txt", b"a red circle", "text/plain")})
+    assert_error(r, 422, param="prompt")
+    r = client.post("/v1/videos", files={"prompt": (None, "a red circle"),
+                                         "input_reference": ("ref.png", PNG, "image/png")})
+    assert_error(r, 422, param="input_reference")
+    assert not service.submitted
+
+
+def test_bad_bodies(client, service):
+    for raw in (b"{", b"[1, 2]", b'"prompt"', b'{"prompt": "x", "guidance_scale": NaN}', b"\xff\xfe",
+                b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}"):
+        r = client.post("/v1/videos", content=raw, headers={"content-type": "application/json"})
+        assert_error(r, 400)
+    r = client.post("/v1/videos", content=b'{"prompt": "a", "prompt": "b"}',
+                    headers={"content-type": "application/json"})
+    assert_error(r, 422, param="prompt")
+    r = client.post("/v1/videos", content=b"prompt", headers={"content-type": "text/plain"})
+    assert_error(r, 415)
+    r = client.post("/v1/videos", content=b"--x\r\nnot multipart", headers={"content-type":
+                                                                          "multipart/form-data; boundary=zz"})
+    assert r.status_code in (400, 422), r.text  # never a 500
+    assert_error(r, r.status_code, param=r.json()["error"]["param"])
+    # no Content-Type at all: curl -d style JSON still works
+    r = client.post("/v1/videos", content=json.dumps({"prompt": "a red circle moving right"}).encode())
+    assert r.status_code == 200, r.text
+
+
+def test_service_errors_map_to_422_429_503(client, service):
+    assert_error(client.post("/v1/videos", json={"prompt": "x", "model": "sora-2"}), 422, param="model")
+    assert_error(client.post("/v1/videos", json={"prompt": "x", "steps": 5000}), 422, param="steps")
+    service.queue_full = True
+    r = client.post("/v1/videos", json={"prompt": "x"})
+    assert_error(r, 429, type_="rate_limit_error")
+    assert r.headers["retry-after"] == "7"
+    service.queue_full, service.broken = False, "no replica can start: bad weights"
+    err = assert_error(client.post("/v1/videos", json={"prompt": "x"}), 503)
+    assert "bad weights" in err["message"]
+
+
+def test_body_over_the_limit_is_413_before_parsing(service, web):
+    client = TestClient(create_app(service, max_body_bytes=100, static_dir=web), raise_server_exceptions=False)
+    big = json.dumps({"prompt": "x" * 200}).encode()
+    assert_error(client.post("/v1/videos", content=big, headers={"content-type": "application/json"}), 413)
+
+    def chunks():  # no Content-Length: chunked, counted while reading
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"x" * 10
+        yield b'"}'
+
+    assert_error(client.post("/v1/videos", content=chunks(), headers={"content-type": "application/json"}), 413)
+    assert not service.submitted
+    ok = json.dumps({"prompt": "x" * 50}).encode()
+    assert client.post("/v1/videos", content=ok, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_lying_content_length_is_still_counted(service, web):
+    """A declared length under the limit does not let a longer body through (the ASGI body is counted)."""
+    import asyncio
+
+    app = create_app(service, max_body_bytes=100, static_dir=web)
+    body = json.dumps({"prompt": "x" * 300}).encode()
+    sent = []
+
+    async def run():
+        parts = [body[i:i + 50] for i in range(0, len(body), 50)]
+
+        async def receive():
+            if parts:
+                return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/videos", "raw_path": b"/v1/videos",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"content-length", b"10")],
+                 "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
+                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+        await app(scope, receive, send)
+
+    asyncio.run(run())
+    assert sent[0]["status"] == 413
+    assert json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]["type"] == "invalid_request_error"
+    assert not service.submitted
+
+
+# -- reading videos -------------------------------------------------------------------------------------------
+
+
+def test_get_list_and_delete(client, service):
+    ids = [service.add()["id"] for _ in range(5)]  # oldest first
+    r = client.get(f"/v1/videos/{ids[2]}")
+    assert r.status_code == 200 and r.json()["id"] == ids[2]
+    page = client.get("/v1/videos", params={"limit": 2}).json()
+    assert page["object"] == "list" and [v["id"] for v in page["data"]] == [ids[4], ids[3]]
+    assert page["has_more"] is True and page["first_id"] == ids[4] and page["last_id"] == ids[3]
+    page = client.get("/v1/videos", params={"limit": 2, "after": page["last_id"]}).json()
+    assert [v["id"] for v in page["data"]] == [ids[2], ids[1]] and page["has_more"] is True
+    page = client.get("/v1/videos", params={"limit": 2, "after": page["last_id"]}).json()
+    assert [v["id"] for v in page["data"]] == [ids[0]] and page["has_more"] is False
+    page = client.get("/v1/videos").json()
+    assert len(page["data"]) == 5 and page["has_more"] is False
+    empty = client.get("/v1/videos", params={"after": ids[0]}).json()
+    assert empty == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+    for params, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "2.5"}, "limit"),
+                          ({"after": "../etc"}, "after"), ({"order": "asc"}, "order"), ({"page": 2}, "page")):
+        assert_error(client.get("/v1/videos", params=params), 422, param=param)
+
+    r = client.delete(f"/v1/videos/{ids[1]}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["deleted"] is True
+
+
+@pytest.mark.parametrize("method,suffix", [("GET", ""), ("DELETE", ""), ("GET", "/content"), ("GET", "/preview"),
+                                          ("GET", "/events")])
+def test_unknown_and_malformed_ids_are_404(client, method, suffix):
+    for video_id in (f"video_{'0' * 24}", "video_123", f"video_{'A' * 24}", f"video_{'0' * 24}0", "x" * 300,
+                     "..%2f..%2fsecret"):
+        r = client.request(method, f"/v1/videos/{video_id}{suffix}")
+        assert_error(r, 404, param=None if "%2f" in video_id else "video_id")  # %2f: no route at all
+
+
+def test_routes_and_methods_errors_are_json(client):
+    err = assert_error(client.get("/v1/nothing"), 404)
+    assert "/v1/nothing" in err["message"]
+    r = client.put("/v1/videos")
+    assert_error(r, 405)
+    assert "POST" in r.headers["allow"]
+    assert_error(client.post("/healthz"), 405)
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def _video_file(service, tmp_path, size=1000):
+    video = service.add(status="completed")
+    path = tmp_path / f"{video['id']}.mp4"
+    data = bytes((i * 7) % 251 for i in range(size))
+    path.write_bytes(data)
+    service.paths[video["id"]] = path
+    return video["id"], data
+
+
+def test_content_whole_and_ranges(client, service, tmp_path):
+    video_id, data = _video_file(service, tmp_path)
+    url = f"/v1/videos/{video_id}/content"
+    r = client.get(url)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["content-type"] == "video/mp4" and r.headers["accept-ranges"] == "bytes"
+    assert r.headers["content-length"] == str(len(data))
+    etag = r.headers["etag"]
+    for header, (start, end) in {"bytes=0-9": (0, 9), "bytes=990-": (990, 999), "bytes=-15": (985, 999),
+                                 "bytes=500-5000": (500, 999), "bytes = 3-3": (3, 3), "bytes=-5000": (0, 999)}.items():
+        r = client.get(url, headers={"range": header})
+        assert r.status_code == 206, header
+        assert r.content == data[start:end + 1], header
+        assert r.headers["content-range"] == f"bytes {start}-{end}/{len(data)}", header
+        assert r.headers["content-length"] == str(end - start + 1)
+    for header in ("bytes=1000-", "bytes=5000-6000", "bytes=-0"):
+        r = client.get(url, headers={"range": header})
+        assert_error(r, 416, param="range")
+        assert r.headers["content-range"] == f"bytes */{len(data)}"
+    for header in ("bytes=0-1,5-6", "items=0-1", "bytes=9-3", "bytes=-"):  # ignored: the whole file
+        r = client.get(url, headers={"range": header})
+        assert r.status_code == 200 and r.content == data, header
+    r = client.get(url, headers={"range": "bytes=10-19", "if-range": etag})
+    assert r.status_code == 206 and r.content == data[10:20]
+    r = client.get(url, headers={"range": "bytes=10-19", "if-range": '"stale"'})
+    assert r.status_code == 200 and r.content == data
+    r = client.head(url, headers={"range": "bytes=0-9"})
+    assert r.status_code == 206 and r.headers["content-length"] == "10" and r.content == b""
+    r = client.get(url, params={"variant": "spritesheet"})
+    assert_error(r, 422, param="variant")
+
+
+def test_parse_range_edges():
+    assert parse_range(None, 10) is None
+    assert parse_range("bytes=0-0", 10) == (0, 0)
+    assert parse_range("bytes=0-", 0) == "unsatisfiable"
+    assert parse_range("bytes=-3", 0) == "unsatisfiable"
+    assert parse_range("bytes=-3", 2) == (0, 1)
+
+
+def test_content_is_404_until_completed_and_never_through_a_link(client, service, tmp_path):
+    queued = service.add()["id"]
+    err = assert_error(client.get(f"/v1/videos/{queued}/content"), 404, param="video_id")
+    assert "queued" in err["message"]
+    video_id, _ = _video_file(service, tmp_path)
+    link = tmp_path / "link.mp4"
+    link.symlink_to(tmp_path / "secret.txt")
+    service.paths[video_id] = link  # the service would never name one: the API still does not follow it
+    assert_error(client.get(f"/v1/videos/{video_id}/content"), 404, param="video_id")
+    service.paths[video_id] = tmp_path / "gone.mp4"
+    assert_error(client.get(f"/v1/videos/{video_id}/content"), 404, param="video_id")
+
+
+def test_preview(client, service):
+    video_id = service.add(status="in_progress")["id"]
+    err = assert_error(client.get(f"/v1/videos/{video_id}/preview"), 404, param="video_id")
+    assert "preview" in err["message"]
+    service.previews[video_id] = PNG
+    r = client.get(f"/v1/videos/{video_id}/preview")
+    assert r.status_code == 200 and r.content == PNG and r.headers["content-type"] == "image/png"
+    assert r.headers["cache-control"] == "no-store"
+    r = client.get(f"/v1/videos/{video_id}/content", params={"variant": "thumbnail"})
+    assert r.status_code == 200 and r.content == PNG
+
+
+def test_models_and_healthz(client, service):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+    assert client.get("/v1/models/tiny").json()["owned_by"] == "odyssey"
+    assert_error(client.get("/v1/models/sora-2"), 404, param="model")
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["replicas_up"] == 1
+    service.ready = False
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "starting" and r.json()["ready"] is False
+    assert_error(r, 503, type_="service_unavailable_error")
+    assert "0 of 1" in r.json()["error"]["message"]
+
+
+# -- the web page -----------------------------------------------------------------------------------------------
+
+
+def test_web_page_and_static_files(client, web):
+    r = client.get("/")
+    assert r.status_code == 200 and "Odyssey" in r.text and r.headers["content-type"].startswith("text/html")
+    r = client.get("/static/app.js")
+    assert r.status_code == 200 and "odyssey" in r.text
+    assert_error(client.get("/static/missing.js"), 404)
+    for path in ("/static/../secret.txt", "/static/%2e%2e/secret.txt", "/static/..%2fsecret.txt"):
+        r = client.get(path)
+        assert r.status_code == 404 and "outside" not in r.text, path
+
+
+def test_default_web_folder_is_the_packages(service):
+    client = TestClient(create_app(service), raise_server_exceptions=False)
+    r = client.get("/")
+    assert r.status_code == 200 and r.text == (api.WEB_DIR / "index.html").read_text()
+
+
+# -- auth -------------------------------------------------------------------------------------------------------
+
+
+def test_token_guards_every_api_route_and_leaves_the_page_open(service, web, tmp_path):
+    client = TestClient(create_app(service, token=TOKEN, static_dir=web), raise_server_exceptions=False)
+    video_id, _ = _video_file(service, tmp_path)
+    guarded = [("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", f"/v1/videos/{video_id}"),
+               ("GET", f"/v1/videos/{video_id}/content"), ("GET", f"/v1/videos/{video_id}/preview"),
+               ("GET", f"/v1/videos/{video_id}/events"), ("DELETE", f"/v1/videos/{video_id}"),
+               ("GET", "/v1/models"), ("GET", "/v1/unknown"), ("GET", "/elsewhere")]
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN},
+                    {"authorization": f"Basic {TOKEN}"}, {"authorization": f"Bearer {TOKEN}x"}):
+        for method, path in guarded:
+            r = client.request(method, path, headers=headers, json={"prompt": "x"})
+            assert_error(r, 401, type_="authentication_error")
+            assert r.headers["www-authenticate"].startswith("Bearer")
+    assert not service.submitted and service.videos[video_id]["status"] == "completed"
+    ok = {"authorization": f"Bearer {TOKEN}"}
+    assert client.get("/v1/videos", headers=ok).status_code == 200
+    assert client.get("/v1/videos", headers={"authorization": f"bearer  {TOKEN} "}).status_code == 200
+    assert client.post("/v1/videos", headers=ok, json={"prompt": "x"}).status_code == 200
+    assert client.get(f"/v1/videos/{video_id}/content", headers=ok).status_code == 200
+    for path in ("/", "/static/app.js", "/healthz"):  # open: the page asks for the token itself
+        assert client.get(path).status_code == 200, path
+    with pytest.raises(ValueError):
+        create_app(service, token="")
+
+
+# -- Server-Sent Events -----------------------------------------------------------------------------------------
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        fields = dict(line.split(": ", 1) for line in lines)
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_events_of_a_finished_job_are_state_then_final(client, service):
+    video = service.add(status="completed")
+    r = client.get(f"/v1/videos/{video['id']}/events")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    events = parse_sse(r.text)
+    assert [e for e, _ in events] == ["state", "completed"] and events[0][1]["id"] == video["id"]
+
+
+@pytest.fixture
+def live(service, web):
+    """The app on a real server (uvicorn on a free loopback port): streams arrive as they are sent."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(service, static_dir=web), lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def _read_events(response):
+    buffer = ""
+    for chunk in response.iter_text():
+        buffer += chunk
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            yield block
+
+
+def test_live_events_arrive_in_order_and_end_after_the_final_one(service, live):
+    video_id = service.add()["id"]
+    service.previews[video_id] = PNG
+    sent = [("started", {"attempt": 1, "replica": 0})]
+    sent += [("progress", {"stage": "denoise", "step": s, "total": 4, "progress": 2 + 22 * s}) for s in range(1, 5)]
+    sent += [("preview", {"step": 2, "total": 4, "image": "data:image/png;base64,AAAA"})]
+    sent += [("frame", {"index": i, "total": 3, "progress": 90 + 3 * i}) for i in range(3)]
+    sent += [("completed", {"id": video_id, "status": "completed", "progress": 100})]
+    with httpx.Client(base_url=live, timeout=20) as http, http.stream("GET", f"/v1/videos/{video_id}/events") as r:
+        assert r.status_code == 200
+        blocks = _read_events(r)
+        first = parse_sse(next(blocks))
+        assert first[0][0] == "state" and first[0][1]["id"] == video_id
+        service.wait_subscribed(video_id)
+
+        def push():
+            for event, data in sent:
+                service.emit(video_id, event, data)
+            service.emit(video_id, "progress", {"after": "final"})  # never seen: the stream ended
+
+        threading.Thread(target=push).start()
+        got = [parse_sse(b)[0] for b in blocks]
+    assert got == sent
+    deadline = time.time() + 5
+    while video_id not in service.unsubscribed and time.time() < deadline:
+        time.sleep(0.02)
+    assert service.unsubscribed == [video_id]
+
+
+def test_a_client_that_leaves_is_unsubscribed_and_heartbeats_flow(service, live, monkeypatch):
+    monkeypatch.setattr(api, "HEARTBEAT_S", 0.2)
+    video_id = service.add(status="in_progress")["id"]
+    with httpx.Client(base_url=live, timeout=20) as http:
+        with http.stream("GET", f"/v1/videos/{video_id}/events") as r:
+            raw = ""
+            for chunk in r.iter_text():
+                raw += chunk
+                if raw.count(": keep-alive") >= 2:
+                    break
+            assert parse_sse(raw)[0][0] == "state"
+            service.wait_subscribed(video_id)
+            assert service.unsubscribed == []
+        # the response is closed: the server notices and lets go of the subscription
+        deadline = time.time() + 10
+        while video_id not in service.unsubscribed and time.time() < deadline:
+            time.sleep(0.02)
+    assert service.unsubscribed == [video_id]
+    assert service.subscribers[video_id] == []
