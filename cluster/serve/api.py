@@ -378,6 +378,18 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
     static_dir = Path(static_dir) if static_dir is not None else WEB_DIR
     InvalidField, QueueFull = _service_errors()
     app = FastAPI(title="Odyssey", docs_url=None, redoc_url=None, openapi_url=None)
+    streams: set = set()  # (loop, queue) of every open event stream
+
+    def end_streams() -> None:
+        """End every open event stream now (thread-safe): the service is going away, and a graceful shutdown
+        would otherwise wait for each watching client."""
+        for loop, queue in list(streams):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except RuntimeError:
+                pass
+
+    app.state.end_streams = end_streams
 
     # -- errors: always {"error": {"message", "type", "param"}}
 
@@ -503,17 +515,23 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
             raise _not_found(video_id)
 
         async def stream():
+            streams.add((loop, queue))
             try:
                 while True:
                     try:
-                        event, data = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                        item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
+                    if item is None:  # end_streams()
+                        yield ": the server is shutting down\n\n"
+                        return
+                    event, data = item
                     yield f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
                     if event in FINAL_EVENTS:
                         return
             finally:  # ended, or cancelled when the client went away (shielded: a cancelled await would skip it)
+                streams.discard((loop, queue))
                 with anyio.CancelScope(shield=True):
                     await run_in_threadpool(unsubscribe)
 

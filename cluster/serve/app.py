@@ -1,0 +1,144 @@
+"""The Ray Serve application of `odyssey serve`: one ingress replica (FastAPI, cluster/serve/api.py) that owns the
+VideoService, which drives the model replicas (Ray actors it places itself, as the batch driver does).
+
+`odyssey serve` builds it with ingress(); `serve deploy cluster/launch/serve.yaml` with build_app(args) (import
+path cluster.serve.app:build_app).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+
+from ray import serve
+
+from configs import OdysseyConfig, from_dict, load_config, to_dict
+
+__all__ = ["OdysseyIngress", "ingress", "build_app", "read_token_file", "with_previews", "model_name_of",
+           "DEFAULT_PREVIEW_EVERY"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREVIEW_EVERY = 5
+BUILD_ARGS = ("config", "set", "output_dir", "token_file", "model_name")
+
+
+@serve.deployment(
+    name="OdysseyIngress",
+    num_replicas=1,  # one service per output folder (it locks the folder): never two
+    ray_actor_options={"num_cpus": 0},  # HTTP and bookkeeping only: every core stays with the model workers
+    max_ongoing_requests=1000,  # each open event stream holds one for as long as the client watches
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress()
+class OdysseyIngress:
+    """The ingress replica: creates and starts the VideoService (returns at once; the model replicas load in the
+    background, /healthz says when they are up), then serves create_app() over it."""
+
+    def __init__(self, config: dict, output_dir: str, model_name: str, token: str | None = None):
+        from .service import VideoService
+
+        self.config = from_dict(OdysseyConfig, config)
+        self.token = token
+        self._app = None
+        self._closed = False
+        self.service = VideoService(self.config, output_dir=Path(output_dir), model_name=model_name)
+        self.service.start()
+
+    def __serve_build_asgi_app__(self):
+        from .api import create_app
+
+        self._app = create_app(self.service, token=self.token, max_body_bytes=self.config.serve.max_body_bytes)
+        return self._app
+
+    def shutdown_service(self) -> None:
+        """End the event streams (a graceful shutdown would otherwise wait for every watching browser) and stop
+        the service and its model replicas. Called by `odyssey serve` before serve.shutdown(); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._app is not None:
+            self._app.state.end_streams()
+        self.service.close()
+
+    def __del__(self):  # Serve's graceful shutdown (serve shutdown, a redeploy): the model replicas go too
+        if getattr(self, "service", None) is not None:
+            self.shutdown_service()
+
+
+def with_previews(config: OdysseyConfig) -> OdysseyConfig:
+    """The service shows live previews: sampling.preview_every 5 unless the config asks for another interval."""
+    if config.sampling.preview_every:
+        return config
+    return dataclasses.replace(config, sampling=dataclasses.replace(config.sampling,
+                                                                    preview_every=DEFAULT_PREVIEW_EVERY))
+
+
+def model_name_of(config_source: str | None) -> str:
+    """What clients pass as `model`: the preset's name, or a YAML file's stem."""
+    text = str(config_source or "tiny")
+    return Path(text).stem if text.endswith((".yaml", ".yml")) or "/" in text else text
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The API token: one line (stripped), printable, no spaces. A file that others can read or write is refused:
+    anyone who can read it can use the service as you (chmod 600)."""
+    path = Path(path).expanduser()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"cannot read the token file {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"the token file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ValueError(f"the token file {path} is readable or writable by other users (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}); run chmod 600 {path}")
+        raw = f.read(4097)
+    if len(raw) > 4096:
+        raise ValueError(f"the token file {path} is over 4096 bytes; it should hold one line, the token")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"the token file {path} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"the token file {path} is empty")
+    if "\n" in text or not re.fullmatch(r"[\x21-\x7e]+", text):
+        raise ValueError(f"the token file {path} must hold one line of printable ASCII without spaces (the token)")
+    return text
+
+
+def ingress(config: OdysseyConfig, *, output_dir: str | os.PathLike, model_name: str, token: str | None = None,
+            **options) -> serve.Application:
+    """The bound application (options: deployment option overrides, e.g. max_constructor_retry_count)."""
+    deployment = OdysseyIngress.options(**options) if options else OdysseyIngress
+    return deployment.bind(to_dict(config), str(output_dir), model_name, token)
+
+
+def build_app(args: dict) -> serve.Application:
+    """For `serve deploy` (import_path cluster.serve.app:build_app). args: config (preset name or YAML path),
+    set (list of KEY=VALUE), output_dir (absolute), token_file (optional), model_name (optional; default the
+    preset's name or the YAML's stem). Previews are on (sampling.preview_every 5) unless the config sets them."""
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(BUILD_ARGS))
+    if unknown:
+        raise ValueError(f"unknown args {', '.join(map(repr, unknown))} for cluster.serve.app:build_app (known: "
+                         f"{', '.join(BUILD_ARGS)})")
+    source = args.get("config") or "tiny"
+    overrides = args.get("set") or []
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError("args.set must be a list of KEY=VALUE strings")
+    output_dir = args.get("output_dir")
+    if not output_dir or not Path(str(output_dir)).expanduser().is_absolute():
+        raise ValueError(f"args.output_dir must be an absolute path on the ingress's node, got {output_dir!r} "
+                         f"(a relative one lands in Ray's working directory)")
+    token = read_token_file(args["token_file"]) if args.get("token_file") else None
+    config = with_previews(load_config(source, list(overrides)))
+    return ingress(config, output_dir=Path(str(output_dir)).expanduser(),
+                   model_name=str(args.get("model_name") or model_name_of(source)), token=token)

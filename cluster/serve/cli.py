@@ -1,0 +1,163 @@
+"""`odyssey serve`: the video generation service on Ray Serve (registered in cluster/cli.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+
+import click
+
+from ..cli import InputError, RunFailed, _config_options, resolve_config
+
+__all__ = ["serve", "check_listen", "is_loopback"]
+
+APP_NAME = "odyssey"
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind host:port once (as uvicorn will: SO_REUSEADDR) so a taken port or an address this machine does not have
+    is one line now, not a traceback from Serve's proxy later. ValueError."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(1)
+        except OSError as e:
+            if e.errno == 98:  # EADDRINUSE
+                raise ValueError(f"port {port} on {host} is already in use (choose another with --port)") from None
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host.strip('[]')}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _serve_running() -> bool:
+    """Whether the cluster already runs Ray Serve (then this command only adds and removes its application)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def _deploy_error(e: Exception) -> str:
+    """Serve reports a failed deploy as the replica's whole traceback: keep the exception's own line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if ": " in line and not line.startswith(("File ", "^", "~")):
+            return line.split(": ", 1)[1] if line.split(": ", 1)[0].endswith(("Error", "Exception")) else line
+    return lines[-1] if lines else type(e).__name__
+
+
+@click.command("serve")
+@_config_options
+@click.option("--ulysses", type=click.IntRange(1), help="Ranks per video (sequence parallel degree).")
+@click.option("--cfg-parallel", is_flag=True, help="Run the two guidance passes on two halves of the ranks.")
+@click.option("--replicas", type=click.IntRange(1), help="Model copies serving requests at once.")
+@click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster in-process).")
+@click.option("--host", help="Interface to listen on (default: serve.host, 127.0.0.1). Any but loopback needs "
+                             "--token-file, or --insecure.")
+@click.option("--port", type=click.IntRange(1, 65535), help="TCP port (default: serve.port, 8000).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the API token (one line, chmod 600); clients send Authorization: Bearer <token>.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/serve"),
+              show_default=True, help="Jobs database and videos (kept across restarts).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
+def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, host, port, token_file, output_dir,
+          insecure):
+    """Serve text-to-video over HTTP (OpenAI's video API, live progress and previews, a web page at /)."""
+    from ..driver import Driver, connect_ray
+    from ..submit import check_job_output
+    from .app import ingress, model_name_of, read_token_file, with_previews
+
+    config = with_previews(resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel,
+                                          replicas=replicas))
+    host = host if host is not None else config.serve.host
+    port = port if port is not None else config.serve.port
+    token = None
+    try:
+        if token_file is not None:
+            token = read_token_file(token_file)
+        if not is_loopback(host) and token is None and not insecure:
+            raise ValueError(f"refusing to listen on {host} without a token: anyone who reaches it could use the "
+                             f"service; give --token-file FILE (or --insecure to allow it)")
+        check_job_output(output_dir, "--output-dir")
+        if output_dir.is_symlink():
+            raise ValueError(f"the output folder {output_dir} is a symbolic link; pass the folder it points to")
+        Driver(config, address=address, progress=None).validate()  # weights folder, step cache: before Ray
+        check_listen(host, port)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    model_name = model_name_of(config_source)
+
+    from ray import serve as ray_serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    owns_ray = connect_ray(address)
+    # Ray's core worker takes SIGTERM over (a stack dump, then death, leaving the Serve app behind): SIGTERM
+    # stops the service like Ctrl-C again.
+    signal.signal(signal.SIGTERM, _interrupt)
+    owns_serve = False
+    try:
+        owns_serve = not _serve_running()
+        ray_serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
+        app = ingress(config, output_dir=output_dir.expanduser().resolve(), model_name=model_name, token=token,
+                      max_constructor_retry_count=1)
+        try:
+            ray_serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:
+            raise RunFailed(f"the service did not start: {_deploy_error(e)}") from None
+        n = config.parallel.replicas
+        click.echo(f"odyssey: serving {model_name} on {_url(host, port)} ({n} replica{'s' if n != 1 else ''}); "
+                   f"Ctrl-C stops", err=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            click.echo("odyssey: stopping", err=True)
+    finally:
+        _stop(owns_serve, owns_ray)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop(owns_serve: bool, owns_ray: bool) -> None:
+    import ray
+    from ray import serve as ray_serve
+
+    try:
+        try:  # streams ended and model replicas stopped first: Serve's drain would wait for every open stream
+            ray_serve.get_app_handle(APP_NAME).shutdown_service.remote().result(timeout_s=60)
+        except Exception as e:  # noqa: BLE001 - not deployed (a failed start), or already gone
+            logging.getLogger(__name__).debug("shutdown_service: %s", e)
+        if owns_serve:
+            ray_serve.shutdown()
+        else:
+            ray_serve.delete(APP_NAME)
+    finally:
+        if owns_ray:
+            ray.shutdown()
