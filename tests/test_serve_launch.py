@@ -356,3 +356,107 @@ def test_rayservice_cluster_is_the_rayjob_cluster():
     claims = {v["persistentVolumeClaim"]["claimName"] for v in s_pod["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {v["persistentVolumeClaim"]["claimName"] for v in j_pod["volumes"]
                       if "persistentVolumeClaim" in v}
+
+
+# -- `serve deploy cluster/launch/serve.yaml` on a real head ----------------------------------------------------------
+
+
+def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
+    """The documented deploy, for real: a token-protected `ray start --head`, then `RAY_AUTH_MODE=token serve deploy`
+    of serve.yaml with only its head paths and port changed (output_dir, the HTTP port: this machine is shared); the
+    API answers on loopback, makes a video, and the ingress's records land in output_dir."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from cluster.video import read_mp4
+    from tests.test_launch import _free_port, _kill_group, _processes_of
+
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True, mode=0o700)
+    (home / ".ray" / "auth_token").write_text(os.urandom(32).hex())
+    (home / ".ray" / "auth_token").chmod(0o600)
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin", "LANG": "C.UTF-8", "RAY_AUTH_MODE": "token",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dash, http = _free_port(), _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="ody", dir="/tmp")  # short: Ray's socket paths live under it
+    raw = _yaml("serve.yaml")
+    raw["http_options"]["port"] = http
+    raw["applications"][0]["args"]["output_dir"] = str(tmp_path / "serve-out")
+    deploy_file = tmp_path / "serve.yaml"
+    deploy_file.write_text(yaml.safe_dump(raw))
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", "--num-cpus=2", f"--temp-dir={temp}"],
+        env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.time() + 300  # head, dashboard, Serve, the embedded model: a minute on a busy 2-core box
+        while True:
+            done = subprocess.run([str(bin_dir / "serve"), "deploy", "-a", f"http://127.0.0.1:{dash}",
+                                   str(deploy_file)], env=env, cwd=home, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                break
+            assert head.poll() is None and time.time() < deadline, \
+                f"serve deploy failed: {done.stderr[-2000:]}\n{(tmp_path / 'head.log').read_text()[-2000:]}"
+            time.sleep(2)
+        token = (home / ".ray" / "auth_token").read_text()
+        while (status := _http_json(f"{api}/healthz")[0]) != 200:
+            assert head.poll() is None and time.time() < deadline, f"/healthz answered {status} for 5 minutes"
+            apps = _http_json(f"http://127.0.0.1:{dash}/api/serve/applications/", token=token)[1] or {}
+            app = (apps.get("applications") or {}).get("odyssey") or {}
+            assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), app.get("message")
+            time.sleep(1)
+        code, video = _http_json(f"{api}/v1/videos", {"prompt": "a red circle moving right", "seed": 1, "steps": 4})
+        assert code == 200 and video["status"] == "queued" and video["model"] == "tiny", video
+        while video["status"] in ("queued", "in_progress"):
+            assert time.time() < deadline, video
+            time.sleep(0.5)
+            video = _http_json(f"{api}/v1/videos/{video['id']}")[1]
+        assert video["status"] == "completed" and video["progress"] == 100, video
+        with urllib.request.urlopen(f"{api}/v1/videos/{video['id']}/content", timeout=30) as r:
+            assert r.headers["Content-Type"] == "video/mp4"
+            (tmp_path / "v.mp4").write_bytes(r.read())
+        frames, fps = read_mp4(tmp_path / "v.mp4")
+        assert frames.shape == (video["frames"], 32, 32, 3) and fps == video["fps"] == 8
+        assert (tmp_path / "serve-out" / "videos" / f"{video['id']}.mp4").is_file(), "the ingress writes output_dir"
+    finally:
+        _kill_group(head)  # `ray start --block` stops Serve, the ingress and the model replicas with the head
+        log.close()
+        # Ray's workers run in sessions of their own and may outlive the group: end any process of this head
+        # (naming its --temp-dir or living in its HOME), then check none is left.
+        for pid in _processes_of(temp, [home]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        end = time.time() + 20
+        while (left := _processes_of(temp, [home])) and time.time() < end:
+            time.sleep(0.3)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"processes of the head survived its teardown: {left}"
+
+
+def _http_json(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict | None]:
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:  # Serve's proxy answers 404 in plain text until the application is up
+        text = e.read()
+        return e.code, json.loads(text) if text.startswith(b"{") else None
+    except OSError:
+        return 0, None
