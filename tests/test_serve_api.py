@@ -5,6 +5,7 @@ behind it, through Ray Serve and the OpenAI SDK: tests/test_serve_e2e.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import socket
@@ -542,7 +543,9 @@ def live(service, web):
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service, static_dir=web), lifespan="off", log_level="warning"))
+    app = create_app(service, static_dir=web)
+    service.app = app  # for tests that end the streams as the deployment's shutdown does
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 10
@@ -611,3 +614,131 @@ def test_a_client_that_leaves_is_unsubscribed_and_heartbeats_flow(service, live,
             time.sleep(0.02)
     assert service.unsubscribed == [video_id]
     assert service.subscribers[video_id] == []
+
+
+def test_end_streams_closes_every_open_stream(service, live):
+    """What the deployment's shutdown_service does first: Serve's graceful shutdown would wait for watchers."""
+    ids = [service.add(status="in_progress")["id"] for _ in range(2)]
+    with httpx.Client(base_url=live, timeout=20) as http, contextlib.ExitStack() as stack:
+        responses = [stack.enter_context(http.stream("GET", f"/v1/videos/{i}/events")) for i in ids]
+        for i in ids:
+            service.wait_subscribed(i)
+        service.app.state.end_streams()
+        for r in responses:
+            text = "".join(r.iter_text())  # returns: the stream ended
+            assert [e for e, _ in parse_sse(text)] == ["state"] and "shutting down" in text
+    deadline = time.time() + 5
+    while len(service.unsubscribed) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert sorted(service.unsubscribed) == sorted(ids)
+
+
+# -- the command and the deployment, without Ray (tests/test_serve_e2e.py runs them) ----------------------------
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """The checks below must all fail before Ray starts: starting it is a test failure."""
+    import cluster.driver
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cluster.driver, "connect_ray", refuse)
+
+
+def _serve_cli(*args):
+    from click.testing import CliRunner
+
+    from cluster.serve.cli import serve
+
+    return CliRunner().invoke(serve, [str(a) for a in args])
+
+
+def _token_file(tmp_path, text="tok-" + "x" * 20, mode=0o600):
+    path = tmp_path / "token"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_serve_refuses_a_public_host_without_a_token(no_ray, tmp_path):
+    for args in (["--host", "0.0.0.0"], ["--set", "serve.host=0.0.0.0"], ["--host", "example.com"]):
+        result = _serve_cli(*args, "--output-dir", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        assert "without a token" in result.output and "--token-file" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_refuses_bad_token_files_and_symlinked_output(no_ray, tmp_path):
+    for text, mode, says in (("tok", 0o644, "chmod 600"), ("tok", 0o660, "chmod 600"), ("  \n", 0o600, "empty"),
+                             ("a\nb", 0o600, "one line"), ("a b", 0o600, "one line")):
+        result = _serve_cli("--token-file", _token_file(tmp_path, text, mode), "--output-dir", tmp_path / "out")
+        assert result.exit_code == 2 and says in result.output, (text, mode, result.output)
+    result = _serve_cli("--token-file", tmp_path / "missing", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2 and "missing" in result.output
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    result = _serve_cli("--output-dir", tmp_path / "link")
+    assert result.exit_code == 2 and "symbolic link" in result.output
+
+
+def test_serve_refuses_a_port_in_use(no_ray, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        for args in (["--port", port], ["--set", f"serve.port={port}"]):
+            result = _serve_cli(*args, "--output-dir", tmp_path / "out")
+            assert result.exit_code == 2, result.output
+            assert f"port {port}" in result.output and "in use" in result.output
+
+
+def test_is_loopback():
+    from cluster.serve.cli import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost", "LOCALHOST"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.com", "127.0.0.1.nip.io"))
+
+
+def test_read_token_file(tmp_path):
+    from cluster.serve.app import read_token_file
+
+    assert read_token_file(_token_file(tmp_path, "  abc-DEF_123\n")) == "abc-DEF_123"
+    (tmp_path / "folder").mkdir(mode=0o700)
+    for path in (_token_file(tmp_path, "abc", 0o604), tmp_path / "folder", tmp_path / "nothing"):
+        with pytest.raises(ValueError):
+            read_token_file(path)
+    with pytest.raises(ValueError, match="4096"):
+        read_token_file(_token_file(tmp_path, "a" * 5000))
+
+
+def test_the_deployment_and_build_app(tmp_path):
+    from cluster.serve.app import OdysseyIngress, build_app
+
+    # the ingress takes no CPU from the model workers, holds one slot per open stream, and is alone
+    assert OdysseyIngress.num_replicas == 1 and OdysseyIngress.ray_actor_options["num_cpus"] == 0
+    assert OdysseyIngress.max_ongoing_requests >= 1000
+
+    token = _token_file(tmp_path, "tok-123")
+    app = build_app({"config": "tiny", "set": ["sampling.steps=7"], "output_dir": str(tmp_path / "o"),
+                     "token_file": str(token)})
+    config, output_dir, model_name, given = app._bound_deployment.init_args
+    assert config["sampling"]["steps"] == 7 and config["sampling"]["preview_every"] == 5
+    assert output_dir == str(tmp_path / "o") and model_name == "tiny" and given == "tok-123"
+
+    yaml_config = tmp_path / "my-model.yaml"
+    yaml_config.write_text("sampling:\n  preview_every: 3\n")
+    app = build_app({"config": str(yaml_config), "output_dir": str(tmp_path / "o")})
+    config, _, model_name, given = app._bound_deployment.init_args
+    assert config["sampling"]["preview_every"] == 3 and model_name == "my-model" and given is None
+    app = build_app({"config": "tiny", "output_dir": str(tmp_path / "o"), "model_name": "t2v"})
+    assert app._bound_deployment.init_args[2] == "t2v"
+
+    for args, says in (({"output_dir": "relative/dir"}, "absolute"), ({"output_dir": "/o", "sett": []}, "sett"),
+                       ({"output_dir": "/o", "set": "sampling.steps=3"}, "list"),
+                       ({"output_dir": "/o", "set": ["sampling.nope=1"]}, "nope"),
+                       ({"output_dir": "/o", "token_file": str(_token_file(tmp_path, "t", 0o644))}, "chmod")):
+        with pytest.raises(ValueError, match=says):
+            build_app(args)

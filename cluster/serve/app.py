@@ -93,10 +93,11 @@ def read_token_file(path: str | os.PathLike) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise ValueError(f"cannot read the token file {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"the token file {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"the token file {path} is not a regular file")
         if st.st_mode & 0o077:
             raise ValueError(f"the token file {path} is readable or writable by other users (mode "
                              f"{stat.S_IMODE(st.st_mode):o}); run chmod 600 {path}")

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import click
 
-from ..cli import InputError, RunFailed, _config_options, resolve_config
-
 __all__ = ["serve", "check_listen", "is_loopback"]
 
 APP_NAME = "odyssey"
+
+
+def _config_options(fn):
+    """cluster/cli.py's --config/--set. That module registers this command when it loads, so this one imports it
+    only inside functions (a module-level import is circular whenever this module is imported first)."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a setting, e.g. --set sampling.steps=20 (repeatable).")(fn)
+    return click.option("--config", "config_source", metavar="NAME_OR_PATH",
+                        help="Preset name or YAML file (default: tiny, the embedded model).")(fn)
 
 
 def is_loopback(host: str) -> bool:
@@ -88,6 +95,7 @@ def _deploy_error(e: Exception) -> str:
 def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, host, port, token_file, output_dir,
           insecure):
     """Serve text-to-video over HTTP (OpenAI's video API, live progress and previews, a web page at /)."""
+    from ..cli import InputError, RunFailed, resolve_config
     from ..driver import Driver, connect_ray
     from ..submit import check_job_output
     from .app import ingress, model_name_of, read_token_file, with_previews

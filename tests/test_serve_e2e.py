@@ -1,0 +1,247 @@
+"""`odyssey serve` for real: the command in a fresh HOME (PATH to the venv, nothing activated), a local Ray, Ray
+Serve, the VideoService and the embedded model; the OpenAI SDK as the client. One server for the module: created,
+polled and downloaded through the SDK (the MP4 decodes to the preset's frames), events in order with real progress
+and a preview, a running job cancelled within a few steps while the next one completes on the same replica, Range
+through Serve's proxy, and Ctrl-C leaves no process behind."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from cluster.video import read_mp4
+
+VENV_BIN = Path(sys.executable).parent
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PROMPT = "a red circle moving right"
+# the embedded model (README): 17 frames of 32x32 at 8 fps
+FRAMES, SIZE, FPS = 17, 32, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_processes(sid: int) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "sid=,pid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line.strip() for line in ps.splitlines()
+            if line.split()[0] == str(sid) and not line.split()[2].startswith("Z")]
+
+
+class Server:
+    def __init__(self, tmp: Path):
+        self.home, self.out, self.port = tmp / "home", tmp / "videos", _free_port()
+        self.home.mkdir()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = tmp / "stderr.txt"
+        env = {"HOME": str(self.home), "PATH": f"{VENV_BIN}:{SYSTEM_PATH}", "LANG": "C.UTF-8",
+               "USER": os.environ.get("USER", "root")}
+        self.stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(["odyssey", "serve", "--port", str(self.port), "--output-dir", str(self.out)],
+                                     cwd=self.home, env=env, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     start_new_session=True)
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout=150) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"odyssey serve exited {self.proc.returncode}:\n{self.log()[-3000:]}"
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.stderr.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("serve"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+class Events:
+    """A Server-Sent Events subscription read on a thread: .events fills as they arrive, .done when it ended."""
+
+    def __init__(self, url: str):
+        self.events: list[tuple[str, dict]] = []
+        self.done = threading.Event()
+        self.opened = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(url,), daemon=True)
+        self.thread.start()
+        assert self.opened.wait(30), "the event stream did not open"
+
+    def _read(self, url):
+        try:
+            with httpx.Client(timeout=120) as http, http.stream("GET", url) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                self.opened.set()
+                event = None
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        self.events.append((event, json.loads(line[6:])))
+        finally:
+            self.opened.set()
+            self.done.set()
+
+    def names(self) -> list[str]:
+        return [e for e, _ in self.events]
+
+    def wait_for(self, name: str, timeout=60) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for e, data in list(self.events):
+                if e == name:
+                    return data
+            time.sleep(0.02)
+        raise AssertionError(f"no {name!r} event within {timeout} s: {self.names()}")
+
+
+def _wait_status(client, video_id, statuses, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status in statuses:
+            return video
+        time.sleep(0.1)
+    raise AssertionError(f"{video_id} still {video.status} after {timeout} s")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK warns that OpenAI's own service shut down
+def test_openai_sdk_creates_polls_and_downloads(server, client, tmp_path):
+    video = client.videos.create(model="tiny", prompt=PROMPT, extra_body={"seed": 3, "steps": 4})
+    assert video.status == "queued" and video.progress == 0 and video.id.startswith("video_")
+    assert video.model == "tiny" and video.size == f"{SIZE}x{SIZE}"
+    done = _wait_status(client, video.id, {"completed", "failed", "cancelled"})
+    assert done.status == "completed" and done.progress == 100, done
+    assert done.completed_at is not None and done.completed_at >= done.created_at
+    assert done.model_extra["seed"] == 3 and done.model_extra["steps"] == 4
+
+    data = client.videos.download_content(video.id).read()
+    path = tmp_path / "v.mp4"
+    path.write_bytes(data)
+    frames, fps = read_mp4(path)
+    assert frames.shape == (FRAMES, SIZE, SIZE, 3) and fps == pytest.approx(FPS)
+    assert frames.std() > 5, "a blank video"
+
+    # browsers seek with Range: through Serve's proxy too
+    r = httpx.get(f"{server.url}/v1/videos/{video.id}/content", headers={"range": "bytes=10-99"})
+    assert r.status_code == 206 and r.content == data[10:100]
+    assert r.headers["content-range"] == f"bytes 10-99/{len(data)}"
+
+    listed = client.videos.list(limit=5)
+    assert video.id in [v.id for v in listed.data]
+
+
+def test_events_in_order_with_real_progress_and_a_preview(server):
+    steps = 12  # odyssey serve turns previews on: one after step 5 and one after step 10
+    r = httpx.post(f"{server.url}/v1/videos", json={"prompt": "a blue square moving up", "seed": 4,
+                                                    "steps": steps})
+    assert r.status_code == 200, r.text
+    video_id = r.json()["id"]
+    stream = Events(f"{server.url}/v1/videos/{video_id}/events")
+    assert stream.done.wait(90), f"the stream did not end: {stream.names()}"
+    names = stream.names()
+    assert names[0] == "state" and names[-1] == "completed" and names.count("completed") == 1, names
+    progress = [d["progress"] for e, d in stream.events if "progress" in d]
+    assert progress == sorted(progress) and progress[-1] == 100, progress
+    assert any(0 < p < 100 for p in progress), progress
+    denoise = [d["step"] for e, d in stream.events if e == "progress" and d.get("stage") == "denoise"]
+    assert denoise == sorted(set(denoise)) and denoise[-1] == steps, denoise
+    previews = [d for e, d in stream.events if e == "preview"]
+    assert previews and all(d["step"] % 5 == 0 and d["total"] == steps for d in previews), previews
+    png = base64.b64decode(previews[-1]["image"].split(",", 1)[1])
+    assert png.startswith(b"\x89PNG")
+    frames = [d["index"] for e, d in stream.events if e == "frame"]
+    assert frames == list(range(FRAMES)), frames
+    assert httpx.get(f"{server.url}/v1/videos/{video_id}/preview").content.startswith(b"\x89PNG")
+
+    late = Events(f"{server.url}/v1/videos/{video_id}/events")  # a late client: the state, then the end
+    assert late.done.wait(30)
+    assert late.names() == ["state", "completed"] and late.events[0][1]["status"] == "completed"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cancel_a_running_job_then_the_next_completes_on_the_same_replica(server, client):
+    workers = _workers(server)
+    assert len(workers) == 1, workers  # one replica of one rank
+    r = httpx.post(f"{server.url}/v1/videos", json={"prompt": "a green circle moving left", "steps": 1000})
+    long_id = r.json()["id"]
+    stream = Events(f"{server.url}/v1/videos/{long_id}/events")
+    deadline = time.time() + 60
+    while not any(d.get("stage") == "denoise" for e, d in stream.events if e == "progress"):
+        assert time.time() < deadline and not stream.done.is_set(), stream.names()
+        time.sleep(0.02)
+    t0 = time.time()
+    r = httpx.delete(f"{server.url}/v1/videos/{long_id}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["deleted"] is True
+    assert stream.done.wait(30) and stream.names()[-1] == "cancelled", stream.names()[-5:]
+    took = time.time() - t0
+    steps_done = max(d["step"] for e, d in stream.events if e == "progress" and d.get("stage") == "denoise")
+    assert steps_done < 1000 and took < 20, (steps_done, took)  # stopped, not run out
+    assert client.videos.retrieve(long_id).status == "cancelled"
+    assert httpx.get(f"{server.url}/v1/videos/{long_id}/content").status_code == 404
+
+    nxt = client.videos.create(prompt=PROMPT, extra_body={"steps": 4})
+    assert _wait_status(client, nxt.id, {"completed", "failed", "cancelled"}).status == "completed"
+    assert _workers(server) == workers, "the cancel cost the replica its worker"
+    health = httpx.get(f"{server.url}/healthz").json()
+    assert health["status"] == "ok" and health["replicas_up"] == 1 and health["running"] == 0
+
+
+def _workers(server) -> list[str]:
+    """The model worker processes of the server's session (pid and name)."""
+    return [" ".join(line.split()[1:2] + line.split()[3:]) for line in _session_processes(server.proc.pid)
+            if "ray::SPWorker" in line]
+
+
+def test_ctrl_c_stops_everything(server):
+    """Last in the module: Ctrl-C ends the command cleanly and no process of its session is left."""
+    assert f"odyssey: serving tiny on {server.url} (1 replica); Ctrl-C stops" in server.log()
+    code = server.stop()
+    assert code == 0, server.log()[-3000:]
+    deadline = time.time() + 30
+    while _session_processes(server.proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _session_processes(server.proc.pid) == []
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/healthz", timeout=2)
