@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 a runtime failure (a prompt that kept failing, a lost clus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -149,11 +150,12 @@ def resolve_config(config_source, overrides, *, ulysses=None, cfg_parallel=False
         raise InputError(f"config: {e}") from None
 
 
-def _run(config, jobs, address, manifest, progress):
+def _run(config, jobs, address, manifest, progress, on_event=None):
     from .driver import Driver
     from .prompts import printable
 
-    with Driver(config, address=address, manifest=manifest, progress=None if progress == "none" else progress) as d:
+    with Driver(config, address=address, manifest=manifest, progress=None if progress == "none" else progress,
+                on_event=on_event) as d:
         outcomes = d.run(jobs)
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:
@@ -193,15 +195,59 @@ def _unique(path: Path) -> Path:
     return candidate
 
 
+class PreviewFile:
+    """`generate --preview FILE.png`: on_event(job, event) for the Driver that keeps FILE.png the latest Preview,
+    replaced whole each time (written beside it under a hidden name, then renamed over it: a viewer never reads a
+    half-written image, and a link at FILE.png is replaced, never written through). A write that fails warns once
+    and never fails the video."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.written = 0
+        self._warned = False
+
+    def __call__(self, job, event) -> None:
+        from pipeline.request import Preview
+
+        if isinstance(event, Preview):
+            try:
+                self.write(event.image)
+            except OSError as e:
+                if not self._warned:
+                    self._warned = True
+                    click.echo(f"odyssey: warning: could not write the preview {self.path}: {e}", err=True)
+
+    def write(self, image) -> None:
+        import tempfile
+
+        import imageio.v3 as iio
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(iio.imwrite("<bytes>", image, extension=".png"))
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the image from a viewer run by someone else
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.written += 1
+
+
 @cli.command()
 @click.argument("prompt")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output MP4 (default: outputs/<prompt>.mp4).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="Append a JSON line about the result to this file.")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Keep FILE.png updated with a small live preview of the video while it denoises (every "
+                   "sampling.preview_every steps; 5 when that is 0).")
 @_run_options
-def generate(prompt, output, manifest, config_source, overrides, cache, seed, negative_prompt, ulysses, cfg_parallel,
-             replicas, address, progress):
+def generate(prompt, output, manifest, preview, config_source, overrides, cache, seed, negative_prompt, ulysses,
+             cfg_parallel, replicas, address, progress):
     """Generate one video from PROMPT."""
     from pipeline.request import GenerateRequest
 
@@ -214,8 +260,16 @@ def generate(prompt, output, manifest, config_source, overrides, cache, seed, ne
     check_job_output(output or Path("outputs"), "-o")  # a Ray Job's relative paths land in Ray's cache
     if manifest is not None:
         check_job_output(manifest, "--manifest")
+    if preview is not None:
+        if preview.suffix.lower() != ".png":
+            raise InputError(f"--preview must end in .png, got {preview}")
+        if preview.is_dir():
+            raise InputError(f"--preview {preview} is a folder")
+        check_job_output(preview, "--preview")
     config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
                             negative_prompt=negative_prompt, cache=cache)
+    if preview is not None and config.sampling.preview_every == 0:
+        config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, preview_every=5))
     if not prompt.strip():
         raise InputError("the prompt is empty")
     if output is None:
@@ -229,7 +283,8 @@ def generate(prompt, output, manifest, config_source, overrides, cache, seed, ne
             check_manifest(manifest)  # the user chose the path; still never through a link
     except ValueError as e:
         raise InputError(str(e)) from None
-    _run(config, [Job(0, request, output, name=prompt)], address, manifest, progress)
+    _run(config, [Job(0, request, output, name=prompt)], address, manifest, progress,
+         on_event=PreviewFile(preview) if preview is not None else None)
 
 
 @cli.command()

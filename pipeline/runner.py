@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from collections import OrderedDict
 from datetime import timedelta
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -19,7 +22,9 @@ from configs import OdysseyConfig
 from .components import Components, load_components
 from .memory import check_request, wait_until_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
-from .request import Event, Frame, GenerateRequest, Progress, RequestRejectedError, Result
+from .preview import LatentPreviewer
+from .request import (Event, Frame, GenerateRequest, Preview, Progress, RequestCancelledError, RequestRejectedError,
+                      Result)
 from .samplers import make_sampler
 from .step_cache import StepCache, check_cache
 from .vae_parallel import splits_decode
@@ -27,6 +32,8 @@ from .vae_parallel import splits_decode
 __all__ = ["Runner", "pick_device", "guided_velocity", "cfg_combine"]
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING_CANCELS = 1024  # ids cancelled but not (yet) seen: a cancel racing a request's end leaves one behind
 
 
 def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -53,7 +60,9 @@ def pick_device(preference: str, rank: int) -> torch.device:
 
 class Runner:
     """Joins the replica's process group, builds the (cfg, ulysses) mesh, loads the models once, then serves
-    generate(request) as an iterator of events: Progress per step, Frame per decoded frame (rank 0), Result."""
+    generate(request) as an iterator of events: Progress per step, Preview every sampling.preview_every steps and
+    Frame per decoded frame (rank 0), Result. cancel(request_id), from any thread, stops a request on every rank
+    at the same step (RequestCancelledError)."""
 
     def __init__(self, config: OdysseyConfig, rank: int, world_size: int, init_method: str | None = None, *,
                  store: dist.Store | None = None, load: bool = True):
@@ -77,6 +86,9 @@ class Runner:
         self.memory_budget: int | None = None  # GPU bytes free before loading (load_models); None: no checks
         self.load_s = 0.0
         self.progress = (None, "idle", 0, 0)  # (request id, stage, step, total), read by health checks
+        self.previewer: LatentPreviewer | None = None  # rank 0, fitted at load when previews are on
+        self._cancel_lock = threading.Lock()
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # request ids to stop, oldest first
         timeout = timedelta(seconds=config.runtime.collective_timeout_s)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         kwargs = {"device_id": self.device} if backend == "nccl" else {}
@@ -109,12 +121,64 @@ class Runner:
             attention_backend=par.attention_backend)
         apply_sequence_parallel(self.components.dit, self.mesh.sp_group, fuse_qkv=par.fuse_qkv,
                                 fp8_comm=par.fp8_comm, head_chunks=par.head_chunks)
+        if self.rank == 0 and self.config.sampling.preview_every > 0:
+            self._previewer()
         self.load_s = time.perf_counter() - t0
         return self.load_s
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop `request_id` (thread-safe, returns at once): every rank raises RequestCancelledError at the first
+        step they all reach after any of them saw this; before the request starts, at its first collective. An
+        id never served is forgotten after MAX_PENDING_CANCELS newer ones."""
+        with self._cancel_lock:
+            self._cancelled[request_id] = None
+            self._cancelled.move_to_end(request_id)
+            while len(self._cancelled) > MAX_PENDING_CANCELS:
+                self._cancelled.popitem(last=False)
+
+    def _is_cancelled(self, request_id: str) -> bool:
+        with self._cancel_lock:
+            return request_id in self._cancelled
+
+    def _forget(self, request_id: str) -> None:
+        with self._cancel_lock:
+            self._cancelled.pop(request_id, None)
+
+    def _stop_if_cancelled(self, request_id: str, step: int) -> None:
+        """Every rank raises together when any rank was asked to cancel: one 8-byte all_reduce (MAX) per call, with
+        the group's collective timeout; none on one rank."""
+        flag = self._is_cancelled(request_id)
+        if self.world_size > 1:
+            flag_1 = torch.tensor([int(flag)], dtype=torch.int64, device=self._comm_device)
+            dist.all_reduce(flag_1, op=dist.ReduceOp.MAX)
+            flag = bool(flag_1.item())
+        if flag:
+            raise RequestCancelledError(f"request {request_id} cancelled after step {step}")
+
+    def _previewer(self) -> LatentPreviewer:
+        """Rank 0's latent-to-RGB map, fitted to its decoder once (pipeline/preview.py)."""
+        if self.previewer is None:
+            comp = self.components
+            t0 = time.perf_counter()
+            self.previewer = LatentPreviewer.fit(comp.decoder, comp.z_dim, comp.spatial_stride, comp.temporal_stride,
+                                                 device=self.device)
+            log.info("preview map fitted to the decoder in %.2f s", time.perf_counter() - t0)
+        return self.previewer
+
+    def _preview(self, x0_BLP: torch.Tensor, seq_len: int, grid) -> np.ndarray | None:
+        """The clean-video estimate's preview image on rank 0, None elsewhere. A collective over the SP group that
+        holds rank 0 (its ranks call this at the same steps); the other CFG half has nothing to send."""
+        if self.mesh.cfg_rank != 0:
+            return None
+        dit = self.components.dit
+        x0_BSP = dit.layout.gather(x0_BLP, seq_len)
+        if self.rank != 0:
+            return None
+        return self._previewer().image(dit.unpatchify(x0_BSP, grid))
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
@@ -125,15 +189,18 @@ class Runner:
     def _agree(self, request: GenerateRequest, error: Exception | None) -> None:
         """The first collective of a request: every rank shows (valid?, fingerprint); any invalid or different
         request is a RequestRejectedError on every rank (and only here: the group is still in step)."""
-        mine = torch.tensor([0 if error else 1, request.fingerprint() if not error else -1], dtype=torch.int64)
+        mine = torch.tensor([0 if error else 1, request.fingerprint() if not error else -1,
+                             int(self._is_cancelled(request.request_id))], dtype=torch.int64)
         table = self._gather_table(mine).tolist()
         if error is not None:
             raise RequestRejectedError(str(error)) from error
-        bad = [r for r, (ok, _) in enumerate(table) if not ok]
+        bad = [r for r, (ok, _, _) in enumerate(table) if not ok]
         if bad:
             raise RequestRejectedError(f"rank(s) {bad} rejected request {request.request_id!r}")
-        if len({fp for _, fp in table}) > 1:
+        if len({fp for _, fp, _ in table}) > 1:
             raise RequestRejectedError(f"ranks received different versions of request {request.request_id!r}")
+        if any(cancelled for _, _, cancelled in table):  # cancelled before it started: nothing encoded yet
+            raise RequestCancelledError(f"request {request.request_id} cancelled after step 0")
 
     def _context(self, request: GenerateRequest) -> torch.Tensor:
         """[1 or 2, T, C] text embeddings (conditional, then unconditional when guidance is on): encoded on rank 0,
@@ -196,8 +263,15 @@ class Runner:
 
     # -- the job ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, request: GenerateRequest) -> Iterator[Event]:
+        """The events of one request (see the class). However it ends, a pending cancel of its id is dropped."""
+        try:
+            yield from self._generate(request)
+        finally:
+            self._forget(request.request_id)
+
+    @torch.no_grad()
+    def _generate(self, request: GenerateRequest) -> Iterator[Event]:
         assert self.components is not None, "load_models() before generate()"
         error = None
         try:
@@ -233,16 +307,28 @@ class Runner:
         x_BLP = layout.shard(dit.patchify(noise)).to(self.device)
         sampler = make_sampler(request.sampler, request.steps, request.shift)
         cache = self._step_cache(request, ctx, seq_len)
+        every = self.config.sampling.preview_every
         t0 = time.perf_counter()
+        self._stop_if_cancelled(rid, 0)
         for i, t in enumerate(sampler.timesteps.tolist()):
             v_BLP = self._velocity(i, x_BLP, grid, t, ctx, request.guidance_scale, cache)
+            # after steps every, 2*every, ... but the last (the frames follow): the estimate of the clean video
+            # from this step's input and velocity, x0 = x_t - sigma_t * v, as both samplers see it
+            previewing = every > 0 and (i + 1) % every == 0 and i + 1 < request.steps
+            x0_BLP = x_BLP.float() - float(sampler.sigmas[i]) * v_BLP.float() if previewing else None
             if self.keep_latents_sharded:
                 x_BLP = sampler.step(i, v_BLP, x_BLP)
             else:
                 x_full = sampler.step(i, layout.gather(v_BLP, seq_len), layout.gather(x_BLP, seq_len))
                 x_BLP = layout.shard(x_full)
+            self._stop_if_cancelled(rid, i + 1)
             self.progress = (rid, "denoise", i + 1, request.steps)
             yield Progress(rid, "denoise", i + 1, request.steps, len(cache.computed) if cache else None)
+            if previewing:
+                image = self._preview(x0_BLP, seq_len, grid)
+                x0_BLP = None
+                if image is not None:
+                    yield Preview(rid, i + 1, request.steps, image, time.time())
         cache_summary, cache = (cache.summary() if cache else None), None  # frees its residuals before the decode
         latents = dit.unpatchify(layout.gather(x_BLP, seq_len), grid)
         self._sync()
@@ -261,6 +347,10 @@ class Runner:
                 if index == 0:
                     timings["first_frame_s"] = time.perf_counter() - t_start
                 yield Frame(rid, index, num_frames, image, time.time())
+                # rank 0 decoding alone stops between frames; a split decode is a collective per chunk: it runs out
+                if not self.split_decode and index + 1 < num_frames and self._is_cancelled(rid):
+                    raise RequestCancelledError(f"request {rid} cancelled while decoding, after frame {index + 1} "
+                                                f"of {num_frames}")
             timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         self.progress = (rid, "done", 0, 0)
