@@ -355,8 +355,9 @@
           } catch (e) {
             if (ctl.signal.aborted) return;
             if (e instanceof HttpError && e.status === 404) {
+              const gone = { code: "not_found", message: "the server no longer has this job" };
               this.update({ status: this.v.status === "completed" ? "completed" : "failed", deleted: true,
-                            error: this.v.error || { code: "not_found", message: "the server no longer has this job" } });
+                            error: this.v.error || gone });
               return;
             }
           }
@@ -526,7 +527,8 @@
           badge.dataset.state = "down";
           badge.textContent = "error";
         }
-        badge.title = problem && !resp.ok ? String(problem) : `${body.queued ?? 0} queued, ${body.running ?? 0} running`;
+        badge.title = problem && !resp.ok ? String(problem)
+          : `${body.queued ?? 0} queued, ${body.running ?? 0} running`;
       } catch (_) {
         badge.dataset.state = "down";
         badge.textContent = "unreachable";
