@@ -220,10 +220,16 @@ def _check_video_plays(page, video_id: str) -> str:
         await v.play();
         const t0 = performance.now();
         while (v.currentTime < 0.2 && performance.now() - t0 < 10000) await new Promise(r => setTimeout(r, 50));
-        return {{duration: v.duration, currentTime: v.currentTime, paused: v.paused, error: v.error && v.error.code,
+        const currentTime = v.currentTime;
+        v.pause();
+        const seeked = new Promise(r => {{ v.addEventListener("seeked", r, {{once: true}}); setTimeout(r, 5000); }});
+        v.currentTime = 1.5;  // the user drags the slider
+        await seeked;
+        return {{duration: v.duration, currentTime, seekedTo: v.currentTime, error: v.error && v.error.code,
                  width: v.videoWidth, height: v.videoHeight, src: v.currentSrc}};
     }}""")
     assert played["error"] is None and played["duration"] > 0 and played["currentTime"] >= 0.2, played
+    assert abs(played["seekedTo"] - 1.5) < 0.2, played
     assert (played["width"], played["height"]) == (32, 32), played  # the embedded model's frames
     return played["src"]
 

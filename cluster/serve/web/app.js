@@ -137,7 +137,6 @@
       this.stream = null; // AbortController of the followed event stream
       this.blobUrl = null; // the MP4 fetched with the token
       this.videoFor = null; // id whose video is loaded
-      this.stageNote = "";
 
       this.img = h("img", { class: "preview", alt: "preview", hidden: true, decoding: "async" });
       this.placeholder = h("span", { class: "muted" });
@@ -232,8 +231,9 @@
       }
       if (v.status !== "in_progress") return `${progress}%`;
       let stage = v.stage || "";
-      if (stage === "denoise" && v.total_steps) stage = `step ${v.step || 0}/${v.total_steps}`;
-      else if (stage === "decode" && this.stageNote) stage = this.stageNote;
+      if (stage === "encode") stage = "encoding the prompt";
+      else if (stage === "denoise" && v.total_steps) stage = `step ${v.step || 0}/${v.total_steps}`;
+      else if (stage === "decode" && v.frames) stage = `frame ${Math.min(v.step || 0, v.frames)}/${v.frames}`;
       return stage ? `${stage} · ${progress}%` : `${progress}%`;
     }
 
@@ -261,9 +261,11 @@
             total_steps: data.total ?? this.v.total_steps, progress: data.progress ?? this.v.progress,
           });
           break;
-        case "frame":
-          this.stageNote = data.total ? `frame ${Math.min((data.index ?? 0) + 1, data.total)}/${data.total}` : "";
-          this.update({ status: "in_progress", stage: "decode", progress: data.progress ?? this.v.progress });
+        case "frame": // index counts from 0; the video object's step counts the frames decoded
+          this.update({
+            status: "in_progress", stage: "decode", step: (data.index ?? 0) + 1, frames: data.total ?? this.v.frames,
+            progress: data.progress ?? this.v.progress,
+          });
           break;
         case "preview":
           this.setPreview(data.image);
