@@ -413,7 +413,8 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
             assert head.poll() is None and time.time() < deadline, f"/healthz answered {status} for 5 minutes"
             apps = _http_json(f"http://127.0.0.1:{dash}/api/serve/applications/", token=token)[1] or {}
             app = (apps.get("applications") or {}).get("odyssey") or {}
-            assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), app.get("message")
+            assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), \
+                [app.get("message")] + [d.get("message", "")[-1500:] for d in (app.get("deployments") or {}).values()]
             time.sleep(1)
         code, video = _http_json(f"{api}/v1/videos", {"prompt": "a red circle moving right", "seed": 1, "steps": 4})
         assert code == 200 and video["status"] == "queued" and video["model"] == "tiny", video
