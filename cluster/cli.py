@@ -423,6 +423,13 @@ def config_presets():
         click.echo(name)
 
 
+# -- serve ----------------------------------------------------------------------------------------------------------
+
+from .serve.cli import serve  # noqa: E402 - the command's module imports neither Ray nor FastAPI until it runs
+
+cli.add_command(serve)
+
+
 # -- entry point ----------------------------------------------------------------------------------------------------
 
 
