@@ -375,7 +375,7 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
     import urllib.request
 
     from cluster.video import read_mp4
-    from tests.test_launch import _free_port, _kill_group, _processes_of
+    from tests.test_launch import _free_port, _processes_of
 
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "home"
@@ -430,10 +430,14 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
         assert frames.shape == (video["frames"], 32, 32, 3) and fps == video["fps"] == 8
         assert (tmp_path / "serve-out" / "videos" / f"{video['id']}.mp4").is_file(), "the ingress writes output_dir"
     finally:
-        _kill_group(head)  # `ray start --block` stops Serve, the ingress and the model replicas with the head
+        # Nothing here is about a graceful stop (SIGTERM waits for Ray's own teardown): end the head's group, then
+        # any process of this head outside it (naming its --temp-dir or living in its HOME), and check none is left.
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
         log.close()
-        # Ray's workers run in sessions of their own and may outlive the group: end any process of this head
-        # (naming its --temp-dir or living in its HOME), then check none is left.
         for pid in _processes_of(temp, [home]):
             try:
                 os.kill(pid, signal.SIGKILL)
