@@ -395,7 +395,9 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", "--num-cpus=2", f"--temp-dir={temp}"],
+         # free ports for what Ray would put on fixed ones (52365, 10001): other heads may run on this machine
+         f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         "--num-cpus=2", f"--temp-dir={temp}"],
         env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{http}"
     try:
