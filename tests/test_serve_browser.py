@@ -245,7 +245,7 @@ def test_submit_follow_and_play(browser, servers):
         page.fill("#prompt", prompt)
         page.fill("#steps", "100000")
         page.click("#submit")
-        page.wait_for_function("document.querySelector('#form-error').textContent.startsWith('steps')")
+        page.wait_for_function("() => document.querySelector('#form-error').textContent.startsWith('steps')")
         assert "limit" in page.locator("#form-error").text_content()
         assert page.locator("li.job").count() == 0 and _get(server.base, "/v1/videos")[1]["data"] == []
 
@@ -314,7 +314,7 @@ def test_token_flow(browser, servers):
         page.wait_for_selector("#auth[open]", timeout=15_000)
         page.fill("#token", "not-the-token")
         page.click("#auth-submit")
-        page.wait_for_function("document.querySelector('#auth-error').textContent.includes('refused')")
+        page.wait_for_function("() => document.querySelector('#auth-error').textContent.includes('refused')")
         assert page.locator("#auth[open]").count() == 1
         page.fill("#token", TOKEN)
         page.click("#auth-submit")

@@ -145,7 +145,7 @@
       this.prompt = h("span", { class: "prompt" });
       this.badge = h("span", { class: "badge status" });
       this.meta = h("div", { class: "meta" });
-      this.bar = h("progress", { max: 100, value: 0 });
+      this.bar = h("progress", { max: 100, value: 0, "aria-label": "progress" });
       this.pct = h("span", { class: "pct" });
       this.error = h("p", { class: "error", hidden: true });
       this.cancelBtn = h("button", { type: "button", class: "cancel", text: "Cancel" });
