@@ -699,6 +699,26 @@ def test_serve_refuses_a_port_in_use(no_ray, tmp_path):
             assert f"port {port}" in result.output and "in use" in result.output
 
 
+def test_serve_refuses_a_folder_another_service_holds(no_ray, tmp_path):
+    import os
+
+    from cluster.serve.service import LOCK_NAME, _lock_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = _lock_folder(out / LOCK_NAME)  # what a running service holds
+    try:
+        result = _serve_cli("--output-dir", out)
+        assert result.exit_code == 2 and "another odyssey serve" in result.output, result.output
+    finally:
+        os.close(held)
+    with socket.socket() as busy:  # free again: the check goes on (and stops at the next one, a busy port)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        result = _serve_cli("--output-dir", out, "--port", busy.getsockname()[1])
+        assert result.exit_code == 2 and "in use" in result.output, result.output
+
+
 def test_is_loopback():
     from cluster.serve.cli import is_loopback
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import re
 import signal
 import socket
 import time
@@ -69,13 +71,31 @@ def _serve_running() -> bool:
         return False
 
 
+def check_folder_free(output_dir: Path) -> None:
+    """Another `odyssey serve` holding the output folder's lock (service.py takes it for the service's life) is one
+    line now; the ingress would otherwise fail to start after Ray and Serve came up. ValueError."""
+    from .service import LOCK_NAME, _lock_folder
+
+    if (output_dir / LOCK_NAME).exists():
+        os.close(_lock_folder(output_dir / LOCK_NAME))
+
+
 def _deploy_error(e: Exception) -> str:
-    """Serve reports a failed deploy as the replica's whole traceback: keep the exception's own line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if ": " in line and not line.startswith(("File ", "^", "~")):
-            return line.split(": ", 1)[1] if line.split(": ", 1)[0].endswith(("Error", "Exception")) else line
-    return lines[-1] if lines else type(e).__name__
+    """Why the ingress did not start: the last exception line of the replica's traceback, which Serve keeps in the
+    deployment's status (serve.run's own error only says that the deployment failed)."""
+    from ray import serve as ray_serve
+
+    text = str(e)
+    try:
+        app = ray_serve.status().applications[APP_NAME]
+        text = "\n".join([text, app.message, *(d.message for d in app.deployments.values())])
+    except Exception:  # noqa: BLE001 - the status is a nicety; serve.run's error stands
+        pass
+    for line in reversed([line.strip() for line in text.splitlines() if line.strip()]):
+        kind, sep, message = line.partition(": ")
+        if sep and re.fullmatch(r"[\w.]*(Error|Exception)", kind):
+            return message
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 @click.command("serve")
@@ -114,12 +134,14 @@ def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, ho
         check_job_output(output_dir, "--output-dir")
         if output_dir.is_symlink():
             raise ValueError(f"the output folder {output_dir} is a symbolic link; pass the folder it points to")
+        check_folder_free(output_dir)
         Driver(config, address=address, progress=None).validate()  # weights folder, step cache: before Ray
         check_listen(host, port)
     except ValueError as e:
         raise InputError(str(e)) from None
     model_name = model_name_of(config_source)
 
+    import ray
     from ray import serve as ray_serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -131,8 +153,10 @@ def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, ho
     try:
         owns_serve = not _serve_running()
         ray_serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
+        # the ingress runs on this machine, where --output-dir is (any node would do for HTTP and bookkeeping)
+        here = {"num_cpus": 0, "resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}}
         app = ingress(config, output_dir=output_dir.expanduser().resolve(), model_name=model_name, token=token,
-                      max_constructor_retry_count=1)
+                      ray_actor_options=here, max_constructor_retry_count=1)
         try:
             ray_serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
