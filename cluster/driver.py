@@ -122,8 +122,13 @@ class Driver:
     def validate(self) -> None:
         """Checks that need no cluster: the weights folder (when this machine is the cluster), and that the model
         can use the configured step cache."""
+        import ray
+
         path = self.config.model.path
-        if path is not None and self.address is None and not os.environ.get("RAY_ADDRESS"):
+        # only when this machine is the cluster: in a Ray already joined (a Serve replica on the head) the weights
+        # live on the workers' nodes, which check their own folder when they load
+        if path is not None and self.address is None and not os.environ.get("RAY_ADDRESS") \
+                and not ray.is_initialized():
             if not Path(path).expanduser().exists():
                 raise ValueError(f"model.path {path} does not exist (download the weights there or "
                                  f"--set model.path=/path/to/Wan2.1-folder)")

@@ -50,6 +50,16 @@ def wait_step(svc, video_id, step, timeout_s=120.0):
         time.sleep(0.05)
 
 
+def crash(svc):
+    """Stop a service the way a killed process does: its records stay as they were (no graceful bookkeeping)."""
+    svc._stop.set()
+    svc.driver.close()
+    for t in svc._threads:
+        t.join(timeout=30)
+    svc._store.close()
+    os.close(svc._dir_lock)
+
+
 class Recorder:
     def __init__(self):
         self.events, self.done = [], threading.Event()
@@ -75,7 +85,7 @@ def test_a_restart_resumes_queued_and_interrupted_jobs_and_keeps_finished_videos
         assert svc.get(behind["id"])["status"] == "queued"  # one replica: it waits behind the long one
         finished_bytes = svc.content_path(done["id"]).read_bytes()
     finally:
-        svc.close()  # as if the service were stopped mid-job
+        svc.close()  # stopped mid-job: the job goes back to the queue, and the stop is not its fault
 
     svc = VideoService(config(), output_dir=tmp_path, model_name="tiny")
     svc.start()
@@ -83,7 +93,7 @@ def test_a_restart_resumes_queued_and_interrupted_jobs_and_keeps_finished_videos
         assert svc.get(done["id"])["status"] == "completed"
         assert svc.content_path(done["id"]).read_bytes() == finished_bytes
         again = svc.get(long["id"])
-        assert again["status"] == "queued" and again["attempts"] == 1  # its interrupted start is counted
+        assert again["status"] == "queued" and again["attempts"] == 0  # a graceful stop costs no attempt
         svc.cancel(long["id"])  # 400 steps: not worth waiting for
         obj = wait_for(svc, behind["id"], ("completed", "failed"))
         assert obj["status"] == "completed" and obj["attempts"] == 1, obj
@@ -95,15 +105,18 @@ def test_a_restart_resumes_queued_and_interrupted_jobs_and_keeps_finished_videos
         svc.close()
 
 
-def test_an_interrupted_job_fails_after_max_attempts(local_ray, tmp_path):
-    svc = VideoService(config("serve.max_attempts=1"), output_dir=tmp_path, model_name="tiny")
+def test_a_job_interrupted_by_crashes_fails_after_max_attempts(local_ray, tmp_path):
+    svc = VideoService(config("serve.max_attempts=2"), output_dir=tmp_path, model_name="tiny")
     svc.start()
-    try:
-        job = svc.submit({"prompt": PROMPT, "steps": 400})
-        wait_step(svc, job["id"], 1)
-    finally:
-        svc.close()
-    svc = VideoService(config("serve.max_attempts=1"), output_dir=tmp_path, model_name="tiny")
+    job = svc.submit({"prompt": PROMPT, "steps": 400})
+    wait_step(svc, job["id"], 1)
+    crash(svc)
+    svc = VideoService(config("serve.max_attempts=2"), output_dir=tmp_path, model_name="tiny")
+    svc.start()
+    assert svc.get(job["id"])["attempts"] == 1  # the crashed start counts
+    wait_step(svc, job["id"], 1)
+    crash(svc)
+    svc = VideoService(config("serve.max_attempts=2"), output_dir=tmp_path, model_name="tiny")
     svc.start()
     try:
         obj = svc.get(job["id"])
@@ -163,7 +176,8 @@ def test_a_killed_worker_costs_a_retry_and_the_service_goes_on(local_ray, tmp_pa
         svc.close()
 
 
-def test_queue_bound_folder_lock_and_pruning(local_ray, tmp_path):
+def test_queue_bound_folder_lock_and_pruning(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster.serve.service.LOCK_WAIT_S", 0.5)  # a redeploy's wait, not this test's
     svc = VideoService(config("serve.max_queued=2", "serve.keep_jobs=2", "serve.retry_after_s=7"),
                        output_dir=tmp_path, model_name="tiny")
     svc.start()

@@ -39,6 +39,7 @@ ID_RE = re.compile(r"video_[0-9a-f]{24}")
 FINAL = ("completed", "failed", "cancelled")
 DB_NAME = "odyssey-serve.sqlite3"
 LOCK_NAME = ".odyssey-serve.lock"
+LOCK_WAIT_S = 90.0  # a redeploy starts the new service while the old one still drains its requests
 _REQUEST_FIELDS = ("negative_prompt", "seed", "frames", "fps", "steps", "guidance_scale", "sampler")
 
 
@@ -112,7 +113,7 @@ class VideoService:
         if self.output_dir.is_symlink():
             raise ValueError(f"the output folder {self.output_dir} is a symbolic link; pass the folder it points to")
         self.videos_dir.mkdir(parents=True, exist_ok=True)
-        self._dir_lock = _lock_folder(self.output_dir / LOCK_NAME)
+        self._dir_lock = _lock_folder(self.output_dir / LOCK_NAME, LOCK_WAIT_S)
         clean_stale_partials(self.videos_dir)
         self._store = JobStore(self.output_dir / DB_NAME)
         self.driver = Driver(self.config, address=self.address, progress=None, persistent=True)
@@ -133,8 +134,14 @@ class VideoService:
                 self._fail_all(f"no replica can start: {e}")
 
     def close(self) -> None:
-        """Stop serving: running jobs stay in_progress in the records (a restart re-queues them)."""
-        self._stop.set()
+        """Stop serving. Running jobs go back to queued for the next start, and this stop does not count against
+        their serve.max_attempts (a crash, which leaves them in_progress, does)."""
+        with self._lock:
+            self._stop.set()  # under the lock: the pump handles no event after this
+            for rec in self._records.values():
+                if rec.status == "in_progress" and self._store is not None:
+                    rec.status, rec.stage, rec.attempts = "queued", "queued", max(0, rec.attempts - 1)
+                    self._save(rec)
         if self.driver is not None:
             self.driver.close()
         for t in self._threads:
@@ -357,6 +364,8 @@ class VideoService:
 
     def _handle(self, kind: str, job: Job, payload) -> None:
         with self._lock:
+            if self._stop.is_set():
+                return  # closing: the replicas' last events (killed ranks) must not touch the records
             rec = self._records.get(job.name)
             if rec is None or rec.job is not job or rec.status in FINAL:
                 return  # cancelled (or forgotten) while its events were on their way
@@ -523,13 +532,19 @@ def _preview_data(preview: tuple[int, int, bytes]) -> dict:
     return {"step": step, "total": total, "image": "data:image/png;base64," + base64.b64encode(png).decode()}
 
 
-def _lock_folder(path: Path) -> int:
+def _lock_folder(path: Path, wait_s: float = 0.0) -> int:
     """Hold an exclusive lock on the output folder for this service's life: two services writing one job database
-    and one videos folder would resume each other's jobs."""
+    and one videos folder would resume each other's jobs. Waits up to wait_s for a service that is stopping (a
+    redeploy starts the new one before the old one has let go)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"another odyssey serve is using the output folder {path.parent}") from None
-    return fd
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise ValueError(f"another odyssey serve is using the output folder {path.parent} (waited "
+                                 f"{wait_s:g} s for it to stop)") from None
+            time.sleep(0.2)
