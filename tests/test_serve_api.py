@@ -620,6 +620,49 @@ def test_a_client_that_leaves_is_unsubscribed_and_heartbeats_flow(service, live,
     assert service.subscribers[video_id] == []
 
 
+def _asgi_get(app, path: str, receive) -> list[dict]:
+    import asyncio
+
+    sent = []
+
+    async def send(message):  # a slow client: the body outlasts the connection
+        sent.append(message)
+        await asyncio.sleep(0.02)
+
+    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [], "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+@pytest.mark.parametrize("suffix", ["events", "content"])
+def test_a_receive_that_raises_is_a_disconnect(service, web, tmp_path, suffix):
+    """Behind Ray Serve's proxy, receive() raises TaskCancelledError when the client leaves: the stream ends
+    and lets go of its subscription, quietly (no 500, no traceback per closed tab)."""
+    import asyncio
+
+    video_id = service.add(status="in_progress")["id"]
+    if suffix == "content":
+        video_id, _ = _video_file(service, tmp_path, size=api.CHUNK_BYTES * 40)
+    calls = 0
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.2)
+        raise RuntimeError("Task was cancelled (what Ray Serve raises)")
+
+    sent = _asgi_get(create_app(service, static_dir=web), f"/v1/videos/{video_id}/{suffix}", receive)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    if suffix == "events":
+        assert service.unsubscribed == [video_id]
+    else:
+        assert sent[-1].get("more_body") is True, "the whole file went out before the client left: no test"
+
+
 def test_end_streams_closes_every_open_stream(service, live):
     """What the deployment's shutdown_service does first: Serve's graceful shutdown would wait for watchers."""
     ids = [service.add(status="in_progress")["id"] for _ in range(2)]
