@@ -71,6 +71,13 @@ def _get(base: str, path: str, token: str | None = None) -> tuple[int, dict | No
         return status, None
 
 
+def _call(base: str, method: str, path: str, fields: dict | None = None) -> dict:
+    data = json.dumps(fields).encode() if fields is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 class Server:
     """`odyssey serve` as a user starts it: the venv's `odyssey` on PATH (no activated venv), a fresh HOME."""
 
@@ -304,6 +311,33 @@ def test_cancel_running_job_from_its_button(browser, servers):
         assert errors == []
     finally:
         context.close()
+
+
+def test_many_jobs_page_on_and_the_form_stays_responsive(browser, servers):
+    """More jobs than a page: "Show older jobs" lists the rest. With 20 unfinished jobs on screen the page follows
+    only a few event streams at once (browsers open 6 connections per host), so a submit still goes through."""
+    server = servers["open"]
+    queued = [_call(server.base, "POST", "/v1/videos", {"prompt": f"a white square moving down {i}", "steps": 1000})
+              for i in range(21)]
+    total = len(_get(server.base, "/v1/videos?limit=100")[1]["data"])
+    context, page, errors = _page(browser, server.base)
+    video_id = None
+    try:
+        card, video_id = _submit(page, "a green circle moving left", steps=1000)
+        assert page.locator("li.job").count() == 21  # the first page (20) and ours on top
+        more = page.locator("#more")
+        assert more.is_visible()
+        more.click()
+        page.wait_for_function("n => document.querySelectorAll('li.job').length === n", arg=total + 1)
+        assert more.is_hidden()
+        ids = page.evaluate("[...document.querySelectorAll('li.job')].map((c) => c.dataset.id)")
+        listed = [video_id, *(v["id"] for v in _get(server.base, "/v1/videos?limit=100")[1]["data"][1:])]
+        assert ids == listed  # newest first, nothing twice
+        assert errors == []
+    finally:
+        context.close()
+        for vid in [*(v["id"] for v in queued), *([video_id] if video_id else [])]:
+            _call(server.base, "DELETE", f"/v1/videos/{vid}")
 
 
 def test_token_flow(browser, servers):
