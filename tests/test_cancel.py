@@ -37,12 +37,13 @@ def _cancel_from_another_thread(runner, rid):
 
 def _run(runner, req, cancel_at=None, cancel_ranks=(), decode_frame=None):
     """Serve req; cancel it (from another thread) on cancel_ranks after denoising step cancel_at, or on rank 0
-    after decoded frame decode_frame. Returns (error message or None, denoise steps seen, frames seen, latents)."""
+    after decoded frame decode_frame. Returns (error message or None, steps seen (0: the text was encoded), frames
+    seen, latents)."""
     steps, frames = [], 0
     try:
         for e in runner.generate(req):
-            if isinstance(e, Progress) and e.stage == "denoise":
-                steps.append(e.step)
+            if isinstance(e, Progress):
+                steps.append(e.step if e.stage == "denoise" else 0)
                 if e.step == cancel_at and runner.rank in cancel_ranks:
                     _cancel_from_another_thread(runner, req.request_id)
             elif isinstance(e, Frame):
@@ -73,7 +74,7 @@ def test_cancel_mid_denoise_stops_every_rank_at_the_same_step(dist_pools, sp, ca
     same Runners then serve the next request exactly as before."""
     for (error, steps, frames), next_error, same, pending in dist_pools(sp).run(_scenario, sp, cancel_ranks, 2):
         assert error == "request a cancelled after step 3"
-        assert steps == [1, 2] and frames == 0
+        assert steps == [0, 1, 2] and frames == 0
         assert next_error is None and same and pending == []
 
 
@@ -112,7 +113,7 @@ def test_cancel_while_decoding_and_unknown_ids(dist_pools):
     ok_error, ok_frames, bounded, (error, steps, frames) = dist_pools(1).run(_decode_and_unknown)[0]
     assert ok_error is None and ok_frames == 17
     assert bounded == MAX_PENDING_CANCELS
-    assert error == "request d cancelled while decoding, after frame 3 of 17" and steps == list(range(1, 7))
+    assert error == "request d cancelled while decoding, after frame 3 of 17" and steps == list(range(0, 7))
     assert frames == 3
 
 

@@ -81,8 +81,8 @@ def denoise(dit, text, prompt, negative, seed, steps, shift, guidance, sampler_n
 
 def test_fit_is_deterministic_and_matches_the_embedded_decoder_on_real_estimates(tiny):
     """On the embedded model's own clean-video estimates (x0 half-way, and final latents), the preview of the
-    middle latent frame against the real decode pooled to the latent grid: measured 20.2 dB mean / 17.4 min and a
-    correlation of 0.77 mean / 0.64 min (2026-11-27); a map that ignored the latents (its bias alone) gives 0."""
+    middle latent frame against the real decode pooled to the latent grid: measured 21.1 dB mean / 18.9 min and a
+    correlation of 0.76 mean / 0.62 min (2026-11-27); a map that ignored the latents (its bias alone) gives 0."""
     _, dit, text, decoder = tiny
     a = LatentPreviewer.fit(decoder, 8, 4, 4)
     b = LatentPreviewer.fit(decoder, 8, 4, 4)
@@ -93,12 +93,12 @@ def test_fit_is_deterministic_and_matches_the_embedded_decoder_on_real_estimates
             final, x0s = denoise(dit, text, prompt, "", seed, 10, 2.0, 4.0, "unipc", (1, 8, 5, 8, 8), every=5)
             latents += [final, x0s[5]]
     p_min, p_mean, c_min, c_mean = agreement(a, decoder, latents, 4, 4)
-    assert p_mean >= 18.5 and p_min >= 15.5 and c_mean >= 0.70 and c_min >= 0.5
+    assert p_mean >= 19 and p_min >= 16.5 and c_mean >= 0.70 and c_min >= 0.5
 
 
 def test_fit_matches_a_random_wan_decoder(tmp_path):
     """A small random WanVAEDecoder (tests/tiny_models.py's), causal over latent frames: on held-out latents of
-    3 latent frames, middle frame: measured 22.4 dB mean / 16.8 min and a correlation of 0.75 mean / 0.45 min
+    3 latent frames, middle frame: measured 22.0 dB mean / 17.1 min and a correlation of 0.72 mean / 0.48 min
     (2026-11-27). (A random decoder is far less linear than a trained one; a map fitted to first latent frames
     correlated 0.16 here.)"""
     from pipeline import WanVAEDecoder
