@@ -337,6 +337,10 @@ class ServeConfig:
     retry_after_s: int = 10
     """Seconds a client refused with 429 is told to wait (the Retry-After header)."""
 
+    max_streams: int = 256
+    """Event streams (GET /v1/videos/{id}/events) open at once; more are refused with 429. Each holds one of the
+    server's concurrent requests for as long as its client watches."""
+
     keep_jobs: int = 10_000
     """Job records kept; beyond, the oldest finished ones are forgotten and their videos deleted."""
 
@@ -344,7 +348,7 @@ class ServeConfig:
         _require(bool(self.host) and self.host.strip() == self.host, "host must be a host name or address, got {}",
                  repr(self.host))
         _require(0 < self.port < 65536, "port must be in 1..65535, got {}", self.port)
-        for name in ("max_body_bytes", "max_queued", "max_attempts", "retry_after_s", "keep_jobs"):
+        for name in ("max_body_bytes", "max_queued", "max_attempts", "retry_after_s", "keep_jobs", "max_streams"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {{}}", getattr(self, name))
 
 

@@ -96,6 +96,8 @@ class GenerateRequest:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+            if value is not None and not _utf8(value):  # a lone surrogate from JSON: no file or reply could hold it
+                raise ValueError(f"{name} is not valid text (it holds a lone UTF-16 surrogate)")
         if len(self.request_id) > 128 or not self.request_id.isprintable():
             raise ValueError(f"request_id must be at most 128 printable characters, got {self.request_id!r:.60}")
         for name in ("seed", "height", "width", "frames", "fps", "steps"):
@@ -117,6 +119,14 @@ class GenerateRequest:
         """63-bit digest of every field: ranks compare it before the first collective."""
         text = repr(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _pick(value, default):

@@ -205,3 +205,22 @@ def test_queue_bound_folder_lock_and_pruning(local_ray, tmp_path, monkeypatch):
     rows = JobStore(tmp_path / "odyssey-serve.sqlite3").load()
     assert [r["id"] for r in rows] == [third["id"], last["id"]]
     assert oct(os.stat(tmp_path / "odyssey-serve.sqlite3").st_mode & 0o777) == "0o600"
+
+
+def test_restored_records_are_checked_like_new_requests(tmp_path):
+    """The database is a file: a record edited to hold a path for an id, a request over the limits, another id's
+    request or a negative attempt count is skipped, never served."""
+    svc = VideoService(config("limits.max_steps=50"), output_dir=tmp_path, model_name="tiny")
+    good_id = "video_" + "ab" * 12
+    request = {"prompt": "p", "request_id": good_id, "seed": 1, "negative_prompt": "", "height": 32, "width": 32,
+               "frames": 17, "fps": 8, "steps": 20, "guidance_scale": 4.0, "shift": 2.0, "sampler": "unipc",
+               "cache": "off", "cache_threshold": None}
+    record = {"id": good_id, "request": request, "created_at": 1.0, "status": "queued", "attempts": 0,
+              "completed_at": None, "error": None, "deleted": False, "cache": None}
+    assert svc._restored(record).request.steps == 20
+    for bad in ({"id": "video_../../etc/passwd"}, {"request": {**request, "steps": 10**8}},
+                {"request": {**request, "request_id": "video_" + "cd" * 12}}, {"attempts": -5},
+                {"status": "running"}, {"request": {**request, "prompt": 5}}):
+        assert svc._restored({**record, **bad}) is None, bad
+    with pytest.raises(ValueError):
+        svc._video_path("video_../x")

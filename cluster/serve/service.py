@@ -110,9 +110,10 @@ class VideoService:
     def start(self) -> None:
         """Open the output folder (one service per folder) and its records, re-queue what a restart left, and start
         the replicas in the background. Returns at once; health() says when they are up."""
-        if self.output_dir.is_symlink():
-            raise ValueError(f"the output folder {self.output_dir} is a symbolic link; pass the folder it points to")
-        self.videos_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.output_dir, self.videos_dir):  # videos would be written and deleted where it points
+            if folder.is_symlink():
+                raise ValueError(f"{folder} is a symbolic link; pass a real folder as the output folder")
+        self.videos_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the videos are the users' data
         self._dir_lock = _lock_folder(self.output_dir / LOCK_NAME, LOCK_WAIT_S)
         clean_stale_partials(self.videos_dir)
         self._store = JobStore(self.output_dir / DB_NAME)
@@ -160,9 +161,9 @@ class VideoService:
     def _restore(self) -> None:
         limit = self.config.serve.max_attempts
         for data in self._store.load():
-            rec = _Record(id=data["id"], request=GenerateRequest(**data["request"]), created_at=data["created_at"],
-                          status=data["status"], attempts=data["attempts"], completed_at=data["completed_at"],
-                          error=data["error"], deleted=data["deleted"], cache=data.get("cache"))
+            rec = self._restored(data)
+            if rec is None:
+                continue
             if rec.status == "completed":
                 rec.stage, rec.progress = "done", 100
                 if not rec.deleted and not self._video_path(rec.id).is_file():
@@ -183,6 +184,32 @@ class VideoService:
         if self._records:
             log.info("restored %d job record(s), %d queued again", len(self._records), queued)
 
+    def _restored(self, data: dict) -> _Record | None:
+        """A record read back, checked like a new request (the database is a file anyone with the folder could
+        edit, and the limits may have been lowered since); None, with a log line, for one that cannot be served."""
+        try:
+            video_id = data["id"]
+            if not isinstance(video_id, str) or not ID_RE.fullmatch(video_id):
+                raise ValueError(f"a malformed id {str(video_id)[:40]!r}")
+            request = GenerateRequest(**data["request"])
+            if request.request_id != video_id:
+                raise ValueError("its request belongs to another id")
+            status = data["status"]
+            if status not in ("queued", "in_progress", *FINAL):
+                raise ValueError(f"an unknown status {str(status)[:20]!r}")
+            if status in ("queued", "in_progress"):
+                request.validate(self.config)  # over today's limits: it fails now rather than on a worker
+            attempts = data["attempts"]
+            if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+                raise ValueError(f"attempts {str(attempts)[:20]}")
+            return _Record(id=video_id, request=request, created_at=float(data["created_at"]), status=status,
+                           attempts=attempts, completed_at=data["completed_at"], error=data["error"],
+                           deleted=bool(data["deleted"]), cache=data.get("cache"))
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("skipping job record %s: %s", str(data.get("id") if isinstance(data, dict) else "?")[:40],
+                        str(e)[:200])
+            return None
+
     # -- what the HTTP side calls -------------------------------------------------------------------------------
 
     def health(self) -> dict:
@@ -195,7 +222,13 @@ class VideoService:
                 "running": running, "error": self.error}
 
     def models(self) -> list[dict]:
-        return [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "odyssey"}]
+        """The served model, with the defaults a request that sets nothing gets (the web page's form shows them)."""
+        v, smp = self.config.video, self.config.sampling
+        defaults = {"size": f"{v.width}x{v.height}", "frames": v.frames, "fps": v.fps,
+                    "seconds": f"{v.frames / v.fps:.3g}", "steps": smp.steps, "guidance_scale": smp.guidance_scale,
+                    "sampler": smp.sampler, "cache": smp.cache}
+        return [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "odyssey",
+                 "sizes": [defaults["size"]], "defaults": defaults}]
 
     def submit(self, fields: dict) -> dict:
         """A new job from typed fields (see the contract in docs/serve.md); InvalidField / QueueFull."""
@@ -457,7 +490,8 @@ class VideoService:
         self.driver.submit(self._run_id, rec.job)
 
     def _video_path(self, video_id: str) -> Path:
-        assert ID_RE.fullmatch(video_id), video_id  # ids are ours, never a client's text
+        if not ID_RE.fullmatch(video_id):  # ids are ours (records are checked as they are read): never a path
+            raise ValueError(f"not a video id: {video_id[:40]!r}")
         return self.videos_dir / f"{video_id}.mp4"
 
     def _save(self, rec: _Record) -> None:
@@ -479,6 +513,7 @@ class VideoService:
             subscribers = list(rec.subscribers)
             if final:
                 rec.subscribers.clear()
+                rec.preview = None  # the video is what a finished job shows: 10,000 kept PNGs would be gigabytes
         for callback in subscribers:
             try:
                 callback(event, data)

@@ -19,16 +19,23 @@ class JobStore:
 
     def __init__(self, path: Path):
         path = Path(path)
-        try:  # the database must be ours: a link planted under its name would send our writes elsewhere
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"the job database {path} is not a regular file")
-        except FileNotFoundError:
-            pass
+        # The database must be ours: a link planted under its name (or its -wal/-shm) would send our writes
+        # elsewhere. Open (or create, 0600: prompts are the users' data) without following links, check what we
+        # opened, and keep the descriptor open while SQLite opens the same name.
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if name.is_symlink():
+                raise ValueError(f"{name} is a symbolic link; refusing to use it as the job database")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise ValueError(f"the job database {path} is not a regular, singly linked file")
+            os.fchmod(fd, 0o600)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        finally:
+            os.close(fd)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        os.chmod(path, 0o600)  # prompts are the users' data
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS videos (id TEXT PRIMARY KEY, created_at REAL NOT NULL, "
