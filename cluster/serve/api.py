@@ -110,16 +110,24 @@ def coerce_json(body: Any) -> dict:
         elif kind == _INT:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind == _FLOAT:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = _finite_number(value)
         else:  # seconds: OpenAI sends a string ("4"); a number is as clear
-            ok = (isinstance(value, str) or isinstance(value, (int, float)) and not isinstance(value, bool)
-                  and math.isfinite(value))
+            ok = isinstance(value, str) or _finite_number(value)
         if not ok:
             want = "a string or a number" if kind == _SECONDS else f"a{'n' if kind == _INT else ''} {kind}"
             raise APIError(422, f"{name} must be {want}, got {_short(value)}", param=name)
         fields[name] = float(value) if kind == _FLOAT else value
     _require_prompt(fields)
     return fields
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)  # an int past float's range raises
+    except OverflowError:
+        return False
 
 
 def coerce_form(items: list[tuple[str, Any]]) -> dict:
@@ -175,7 +183,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     while reading (a chunked body has none, and a client can lie)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not re.fullmatch(r"[0-9]{1,20}", declared.strip()):
             raise APIError(400, "Content-Length must be a number of bytes")
         if int(declared) > limit:
             raise APIError(413, f"the request body ({int(declared)} bytes) is over the limit of {limit} bytes "
@@ -383,8 +391,9 @@ def _service_errors():
 
 def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048_576,
                static_dir: Path | None = None) -> FastAPI:
-    """The FastAPI app over `service` (a started VideoService, or anything with its methods). token: required as a
-    Bearer token on every /v1/* route when set. static_dir: the web page's folder (default: the package's)."""
+    """The FastAPI app over `service` (a started VideoService, or anything with its methods). token: when set, a
+    Bearer token every path needs but the page (/, /static/*) and /healthz. static_dir: the web page's folder
+    (default: the package's). app.state.end_streams() ends every open event stream (the service is closing)."""
     if token is not None and not token:
         raise ValueError("the token is empty")
     static_dir = Path(static_dir) if static_dir is not None else WEB_DIR
