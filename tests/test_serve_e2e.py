@@ -173,15 +173,24 @@ def test_openai_sdk_creates_polls_and_downloads(server, client, tmp_path):
 
 
 def test_events_in_order_with_real_progress_and_a_preview(server):
+    # the one replica busy first, so the job is still queued when the stream opens: every event is seen
+    blocker = httpx.post(f"{server.url}/v1/videos", json={"prompt": PROMPT, "steps": 1000}).json()["id"]
+    deadline = time.time() + 60
+    while httpx.get(f"{server.url}/v1/videos/{blocker}").json()["status"] != "in_progress":
+        assert time.time() < deadline
+        time.sleep(0.05)
     steps = 12  # odyssey serve turns previews on: one after step 5 and one after step 10
     r = httpx.post(f"{server.url}/v1/videos", json={"prompt": "a blue square moving up", "seed": 4,
                                                     "steps": steps})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.json()["status"] == "queued", r.text
     video_id = r.json()["id"]
     stream = Events(f"{server.url}/v1/videos/{video_id}/events")
+    assert httpx.delete(f"{server.url}/v1/videos/{blocker}").status_code == 200
     assert stream.done.wait(90), f"the stream did not end: {stream.names()}"
     names = stream.names()
-    assert names[0] == "state" and names[-1] == "completed" and names.count("completed") == 1, names
+    assert names[0] == "state" and stream.events[0][1]["status"] == "queued", names
+    assert names[-1] == "completed" and names.count("completed") == 1, names
+    assert names.index("started") < names.index("progress"), names
     progress = [d["progress"] for e, d in stream.events if "progress" in d]
     assert progress == sorted(progress) and progress[-1] == 100, progress
     assert any(0 < p < 100 for p in progress), progress
