@@ -8,13 +8,19 @@
 4. overhead vs the batch driver: --prompts videos submitted at once to 1 replica vs `odyssey batch` on the same
    prompts, seeds and settings (previews computed on both), each measured from its replica being free with the
    jobs waiting to the last video written (the batch from its manifest.jsonl timings, the service from its job
-   records' created_at/completed_at), plus the client's view (first POST sent -> last `completed` received).
+   records' created_at/completed_at); the service with every video followed over SSE and with a client that only
+   lists them, plus the watching client's own view (first POST sent -> last `completed` received). --rounds
+   alternate batch and service (the service idle, and measured, while the batch runs) so both see the same
+   minutes of a shared machine; the best round of each is kept. Beside the times: the CPU each role's processes
+   used per video (model worker, driver or ingress, Serve proxy, the rest) and the worker's computing thread's
+   time running / waiting for a core / idle, which tells contention for the cores from waiting on the service.
 
 Every command runs as a subprocess with the venv's bin first on PATH, a fresh HOME and, for the service, a free
-port on 127.0.0.1 and an output folder in a temporary directory. Timings are wall clock on a shared machine: the
-load average before each phase is printed beside it.
+port on 127.0.0.1 and an output folder in a temporary directory; each in its own session (the kernel's autogroup
+scheduling then shares the cores between it and the machine's other sessions). Timings are wall clock on a
+shared machine: the load average before each phase is printed beside it.
 
-    python bench/serve.py [--quick] [--requests 5] [--clients 8] [--jobs 3] [--prompts 8] [--steps 20]
+    python bench/serve.py [--quick] [--requests 5] [--clients 8] [--jobs 3] [--prompts 8] [--steps 20] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -408,7 +414,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="denoising steps of every video (default 20, the tiny preset's)")
     parser.add_argument("--cold", type=int, help="cold `odyssey generate` runs (default 2)")
     parser.add_argument("--rounds", type=int,
-                        help="batch runs and service rounds for the overhead, the best of each kept (default 2)")
+                        help="alternating batch / service rounds for the overhead, the best of each kept (default 3)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--odyssey", type=Path, default=Path(sys.executable).parent / "odyssey",
                         help="the odyssey command (default: the one beside this Python, the venv's)")
@@ -420,7 +426,7 @@ def main(argv=None) -> int:
     count = args.prompts or (2 if q else 8)
     steps = args.steps or (6 if q else 20)
     cold_runs = args.cold or (1 if q else 2)
-    rounds = args.rounds or (1 if q else 2)
+    rounds = args.rounds or (1 if q else 3)
     replica_counts = [1] if q else [1, 2]
     odyssey = args.odyssey.absolute()
     if not odyssey.is_file():
@@ -451,7 +457,7 @@ def measure(work: Path, odyssey: Path, requests: int, clients: int, jobs: int, c
     t_bench = time.perf_counter()
     loads = {}
 
-    # 1. the cold command, then the same prompts through `odyssey batch` (before any service: nothing else runs)
+    # 1. the cold command (nothing else of ours running)
     loads["cold"] = load()
     cold, cold_video = [], []
     for i in range(cold_runs):
@@ -460,19 +466,20 @@ def measure(work: Path, odyssey: Path, requests: int, clients: int, jobs: int, c
                                  str(seed), "--manifest", str(manifest), "--progress", "none", *sets], env,
                                 work / f"cold-{i}.log"))
         cold_video.append(json.loads(manifest.read_text())["timings"]["driver_total_s"])
-    loads["batch"] = load()
     prompts_file = work / "prompts.txt"
     # line 0: a warm-up prompt (its replica's first video), then the `count` measured ones, seeded as the service's
     prompts_file.write_text("\n".join([PROMPTS[0]] + [body_for(i, steps, seed)["prompt"] for i in range(count)]) + "\n")
-    batches = []  # (wall of the whole command, completions, CPU by role)
-    for r in range(rounds):
+
+    def batch_round(r: int) -> tuple[float, list[float], dict]:
+        """(the whole command's wall time, completions, CPU by role) of one `odyssey batch` run."""
         manifest = work / f"batch-{r}" / "manifest.jsonl"
         wall, cpu = run_batch([str(odyssey), "batch", str(prompts_file), "-o", str(work / f"batch-{r}"), "--seed",
                                str(seed - 1), "--progress", "none", *sets, "--set",
                                f"sampling.preview_every={PREVIEW_EVERY}"], env, work / f"batch-{r}.log", manifest,
                               lines=count + 1, warmup=1)
-        batches.append((wall, batch_done(manifest, warmup=1), cpu))
-        assert len(batches[-1][1]) == count, batches[-1]
+        done = batch_done(manifest, warmup=1)
+        assert len(done) == count, done
+        return wall, done, cpu
 
     # 2. the service, 1 replica then 2
     through: dict[int, tuple] = {}
@@ -491,12 +498,19 @@ def measure(work: Path, odyssey: Path, requests: int, clients: int, jobs: int, c
                     if mp4.status_code != 200 or mp4.headers.get("content-type") != "video/mp4":
                         raise BenchError(f"GET content: {mp4.status_code} {mp4.headers.get('content-type')}")
                 same_video = mp4.content == (work / "cold-0.mp4").read_bytes()
-                loads["once"] = load()
-                onces, quiets = [], []  # (client wall, jobs, CPU by role)
-                for _ in range(rounds):
+                # the batch and the service alternate, so that both see the machine's load of the same minutes;
+                # the service stays up (idle) while the batch runs: what it uses meanwhile is measured
+                batches, onces, quiets, idle = [], [], [], []  # per round
+                for r in range(rounds):
+                    loads.setdefault("batch", []).append(load())
+                    before = server.cpu()
+                    batches.append(batch_round(r))
+                    idle.append((cpu_delta(before, server.cpu()), batches[-1][0]))
+                    loads.setdefault("once", []).append(load())
                     before = server.cpu()
                     wall, results = at_once(server.url, count, steps, seed)
                     onces.append((wall, results, cpu_delta(before, server.cpu())))
+                    loads.setdefault("quiet", []).append(load())
                     before = server.cpu()
                     ids = unwatched(server.url, count, steps, seed)
                     quiets.append((ids, cpu_delta(before, server.cpu())))
@@ -565,15 +579,20 @@ def measure(work: Path, odyssey: Path, requests: int, clients: int, jobs: int, c
         out.append("| 2 | skipped (--quick) | | | | | | |")
     out.append("")
     # best of the rounds on each side (the least disturbed by the machine's other work)
-    batch_wall, batch, batch_cpu = min(batches, key=lambda b: b[1][-1])
-    watched = min(((service_done(records, [r["id"] for r in results]), wall, cpu) for wall, results, cpu in onces),
-                  key=lambda x: x[0][-1])
-    quiet = min(((service_done(records, ids), cpu) for ids, cpu in quiets), key=lambda x: x[0][-1])
+    b_best = min(range(rounds), key=lambda r: batches[r][1][-1])
+    batch_wall, batch, batch_cpu = batches[b_best]
+    watched_all = [(service_done(records, [r["id"] for r in results]), wall, cpu) for wall, results, cpu in onces]
+    w_best = min(range(rounds), key=lambda r: watched_all[r][0][-1])
+    watched = watched_all[w_best]
+    quiet_all = [(service_done(records, ids), cpu) for ids, cpu in quiets]
+    q_best = min(range(rounds), key=lambda r: quiet_all[r][0][-1])
+    quiet = quiet_all[q_best]
+    idle_cpu = sum(sum(cpu["roles"].values()) for cpu, _ in idle) / sum(wall for _, wall in idle)
     out.append(f"Overhead vs the batch driver: {count} videos, 1 replica, previews every {PREVIEW_EVERY} steps on "
                f"both; from the replica free with every video waiting to the last video written (batch: manifest "
                f"timings from the warm-up prompt's MP4 written; service: records' first created_at -> last "
-               f"completed_at); best of {rounds} round(s) each. CPU: seconds used over that span by each role's "
-               f"processes, per video.")
+               f"completed_at); {rounds} alternating round(s) (batch, watched, unwatched), the best of each kept. "
+               f"CPU: seconds used over that span by each role's processes, per video.")
     out.append("")
     out.append("| path | total | per video (median gap) | total vs batch | CPU/video: " + " | ".join(ROLES) +
                " | CPU/video total | worker thread per video: computing / waiting for a core / idle (the rest of the "
@@ -588,10 +607,11 @@ def measure(work: Path, odyssey: Path, requests: int, clients: int, jobs: int, c
                    f"{ms(cpu['queued'] / count)} / {ms(max(0.0, done[-1] - cpu['run'] - cpu['queued']) / count)} | "
                    f"{load_} |")
 
-    overhead_row("`odyssey batch`", batch, batch_cpu, loads["batch"])
+    overhead_row("`odyssey batch`", batch, batch_cpu, loads["batch"][b_best])
     overhead_row("`odyssey serve`, each client following its video's events (SSE)", watched[0], watched[2],
-                 loads["once"])
-    overhead_row("`odyssey serve`, the client listing the videos every 0.25 s", quiet[0], quiet[1], "")
+                 loads["once"][w_best])
+    overhead_row("`odyssey serve`, the client listing the videos every 0.25 s", quiet[0], quiet[1],
+                 loads["quiet"][q_best])
     out.append("")
     over_w, over_q = watched[0][-1] / batch[-1] - 1, quiet[0][-1] / batch[-1] - 1
     out.append(f"Service overhead: **{over_w * 100:+.1f}%** with every video watched over SSE, "
@@ -599,10 +619,10 @@ def measure(work: Path, odyssey: Path, requests: int, clients: int, jobs: int, c
                f"{'met' if max(over_w, over_q) <= 0.05 else 'NOT met'}); "
                f"{(watched[1] / batch[-1] - 1) * 100:+.1f}% as the watching client sees it (first POST sent -> last "
                f"`completed` received: {ms(watched[1])}). The batch command's whole wall time (start-up, warm-up "
-               f"prompt, {count} videos): {ms(batch_wall)}. Totals of every round: batch "
-               f"{', '.join(ms(b[1][-1]) for b in batches)}; service watched "
-               f"{', '.join(ms(service_done(records, [r['id'] for r in res])[-1]) for _, res, _ in onces)}, unwatched "
-               f"{', '.join(ms(service_done(records, ids)[-1]) for ids, _ in quiets)}.")
+               f"prompt, {count} videos): {ms(batch_wall)}. The idle service used {idle_cpu * 100:.0f}% of a core "
+               f"while the batch ran. Totals of every round (batch, watched, unwatched): " +
+               "; ".join(f"{ms(batches[r][1][-1])}, {ms(watched_all[r][0][-1])}, {ms(quiet_all[r][0][-1])}"
+                         for r in range(rounds)) + ".")
     out.append(f"\nBench wall time: {time.perf_counter() - t_bench:.0f} s")
     return "\n".join(out)
 
