@@ -531,25 +531,33 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
     return events
 
 
-@pytest.fixture
-def live(service, web):
+@contextlib.contextmanager
+def serving(app):
     """The app on a real server (uvicorn on a free loopback port): streams arrive as they are sent."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app = create_app(service, static_dir=web)
-    service.app = app  # for tests that end the streams as the deployment's shutdown does
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 10
     while not server.started and time.time() < deadline:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def live(service, web):
+    app = create_app(service, static_dir=web)
+    service.app = app  # for tests that end the streams as the deployment's shutdown does
+    with serving(app) as url:
+        yield url
 
 
 def test_events_of_a_finished_job_are_state_then_final(service, live):
@@ -662,6 +670,26 @@ def test_a_receive_that_raises_is_a_disconnect(service, web, tmp_path, suffix):
         assert service.unsubscribed == [video_id]
     else:
         assert sent[-1].get("more_body") is True, "the whole file went out before the client left: no test"
+
+
+def test_open_streams_are_bounded(service, web):
+    """serve.max_streams: each stream holds one of the ingress's concurrent requests; past the bound, 429."""
+    first, second = service.add(status="in_progress")["id"], service.add(status="in_progress")["id"]
+    with serving(create_app(service, static_dir=web, max_streams=1)) as url, \
+            httpx.Client(base_url=url, timeout=5) as http:
+        with http.stream("GET", f"/v1/videos/{first}/events") as r:
+            assert r.status_code == 200
+            service.wait_subscribed(first)
+            refused = http.get(f"/v1/videos/{second}/events")
+            assert_error(refused, 429, type_="rate_limit_error")
+            assert refused.headers["retry-after"] == "10"
+            assert_error(http.get(f"/v1/videos/video_{'0' * 24}/events"), 429)  # counted before the lookup
+        deadline = time.time() + 5  # the first client left: its slot is free again
+        while service.unsubscribed != [first] and time.time() < deadline:
+            time.sleep(0.02)
+        assert_error(http.get(f"/v1/videos/video_{'0' * 24}/events"), 404, param="video_id")  # frees its slot
+        with http.stream("GET", f"/v1/videos/{second}/events") as r:
+            assert r.status_code == 200
 
 
 def test_end_streams_closes_every_open_stream(service, live):

@@ -261,6 +261,18 @@ class _Stream(StreamingResponse):
     receive() raise (TaskCancelledError) instead of returning http.disconnect: a disconnect all the same, not an
     error to log with a traceback each time a browser tab closes or a video seeks."""
 
+    def __init__(self, *args, on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close  # async, run once the response is over however it ended (shielded)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                with anyio.CancelScope(shield=True):  # a cancelled request would skip an unshielded await
+                    await self.on_close()
+
     async def listen_for_disconnect(self, receive) -> None:
         try:
             await super().listen_for_disconnect(receive)
@@ -307,18 +319,18 @@ def _file_response(request: Request, path: Path, media_type: str) -> Response:
         raise
 
     async def body():
-        try:
-            offset, left = start, length
-            while left > 0:
-                chunk = await run_in_threadpool(os.pread, fd, min(CHUNK_BYTES, left), offset)
-                if not chunk:  # truncated under us: the Content-Length cannot be kept, end the connection short
-                    break
-                offset, left = offset + len(chunk), left - len(chunk)
-                yield chunk
-        finally:
-            f.close()
+        offset, left = start, length
+        while left > 0:
+            chunk = await run_in_threadpool(os.pread, fd, min(CHUNK_BYTES, left), offset)
+            if not chunk:  # truncated under us: the Content-Length cannot be kept, end the connection short
+                break
+            offset, left = offset + len(chunk), left - len(chunk)
+            yield chunk
 
-    return _Stream(body(), status_code=status, headers=headers, media_type=media_type)
+    async def close():
+        f.close()
+
+    return _Stream(body(), status_code=status, headers=headers, media_type=media_type, on_close=close)
 
 
 # -- auth -----------------------------------------------------------------------------------------------------------
@@ -390,16 +402,20 @@ def _service_errors():
 
 
 def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048_576,
-               static_dir: Path | None = None) -> FastAPI:
+               static_dir: Path | None = None, max_streams: int = 256) -> FastAPI:
     """The FastAPI app over `service` (a started VideoService, or anything with its methods). token: when set, a
     Bearer token every path needs but the page (/, /static/*) and /healthz. static_dir: the web page's folder
-    (default: the package's). app.state.end_streams() ends every open event stream (the service is closing)."""
+    (default: the package's). max_streams: event streams open at once (serve.max_streams; more: 429, as each
+    holds one of the ingress's concurrent requests). app.state.end_streams() ends every open event stream."""
     if token is not None and not token:
         raise ValueError("the token is empty")
     static_dir = Path(static_dir) if static_dir is not None else WEB_DIR
     InvalidField, QueueFull = _service_errors()
     app = FastAPI(title="Odyssey", docs_url=None, redoc_url=None, openapi_url=None)
     streams: set = set()  # (loop, queue) of every open event stream
+    open_streams = [0]  # counted from the subscription on (the event loop's thread only)
+    serve_config = getattr(getattr(service, "config", None), "serve", None)
+    retry_after_s = getattr(serve_config, "retry_after_s", 10)
 
     def end_streams() -> None:
         """End every open event stream now (thread-safe): the service is going away, and a graceful shutdown
@@ -522,6 +538,18 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
     @app.get("/v1/videos/{video_id}/events")
     async def video_events(video_id: str):
         _video_id(video_id)
+        if open_streams[0] >= max_streams:
+            raise APIError(429, f"{max_streams} event streams are open (serve.max_streams); poll "
+                           f"GET /v1/videos/{video_id} or try again later",
+                           headers={"Retry-After": str(retry_after_s)})
+        open_streams[0] += 1
+        try:
+            return await _open_stream(video_id)
+        except BaseException:
+            open_streams[0] -= 1
+            raise
+
+    async def _open_stream(video_id: str):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -535,29 +563,30 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
         if unsubscribe is None:
             raise _not_found(video_id)
 
-        async def stream():
-            streams.add((loop, queue))
-            try:
-                while True:
-                    try:
-                        item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
-                    except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    if item is None:  # end_streams()
-                        yield ": the server is shutting down\n\n"
-                        return
-                    event, data = item
-                    yield f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-                    if event in FINAL_EVENTS:
-                        return
-            finally:  # ended, or cancelled when the client went away (shielded: a cancelled await would skip it)
-                streams.discard((loop, queue))
-                with anyio.CancelScope(shield=True):
-                    await run_in_threadpool(unsubscribe)
+        streams.add((loop, queue))
 
-        return _Stream(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async def close():  # the response is over, however it ended
+            streams.discard((loop, queue))
+            open_streams[0] -= 1
+            await run_in_threadpool(unsubscribe)
+
+        async def stream():
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if item is None:  # end_streams()
+                    yield ": the server is shutting down\n\n"
+                    return
+                event, data = item
+                yield f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+                if event in FINAL_EVENTS:
+                    return
+
+        return _Stream(stream(), media_type="text/event-stream", on_close=close,
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/models")
     async def list_models():

@@ -53,7 +53,9 @@ class OdysseyIngress:
     def __serve_build_asgi_app__(self):
         from .api import create_app
 
-        self._app = create_app(self.service, token=self.token, max_body_bytes=self.config.serve.max_body_bytes)
+        serve_config = self.config.serve
+        self._app = create_app(self.service, token=self.token, max_body_bytes=serve_config.max_body_bytes,
+                               max_streams=serve_config.max_streams)
         return self._app
 
     def shutdown_service(self) -> None:
