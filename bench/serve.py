@@ -41,7 +41,6 @@ from pathlib import Path
 
 import httpx2 as httpx  # the httpx API (what the openai SDK installs)
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle moving right", "a blue square moving up", "a green circle moving left",
            "a yellow square moving down", "a white circle moving up", "a red square moving left",
            "a blue circle moving down", "a green square moving right"]
