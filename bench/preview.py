@@ -3,7 +3,9 @@
 For each model, the same requests run through one Runner (SP=1, in this process, a one-rank gloo group on a
 HashStore) with sampling.preview_every=1 (a preview after every step but the last) and 0 (off), interleaved: the
 mean step time is the mean gap between consecutive denoising Progress events (with previews on, each gap holds one
-step and one preview). Beside it, the preview's own time per call, timed alone: x0 = x - sigma * v on this rank's
+step and one preview), which a loaded machine makes noisy; so also the time inside Runner._preview during those
+runs over their step time (in-run share: what a preview costs a step). Beside it, the preview's own time per call,
+timed alone: x0 = x - sigma * v on this rank's
 tokens, the gather (none on one rank), unpatchify, the linear map of the middle latent frame, the upscale and the
 copy to a uint8 array (Runner._preview), and the fit of the map at load.
 
@@ -62,8 +64,21 @@ def _step_gaps(runner, request) -> tuple[list[float], int]:
 
 
 def _compare(runner, config, requests, log) -> dict:
-    """Every request with previews every step and off, the order alternating per request."""
+    """Every request with previews every step and off, the order alternating per request. Also the time spent in
+    Runner._preview inside the runs with previews, over those runs' own step time (robust to a machine whose load
+    drifts between runs, which the on/off difference is not)."""
     gaps = {0: [], 1: []}
+    inside: list[float] = []
+    preview = runner._preview
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        try:
+            return preview(*args)
+        finally:
+            inside.append(time.perf_counter() - t0)
+
+    runner._preview = timed
     for n, request in enumerate(requests):
         for every in ((1, 0) if n % 2 else (0, 1)):
             runner.config = _with_every(config, every)
@@ -72,10 +87,15 @@ def _compare(runner, config, requests, log) -> dict:
             gaps[every] += g
         log(f"  request {n + 1}/{len(requests)}: step {statistics.mean(gaps[0]) * 1e3:.2f} ms off, "
             f"{statistics.mean(gaps[1]) * 1e3:.2f} ms with previews")
+    del runner._preview
     off, on = statistics.mean(gaps[0]), statistics.mean(gaps[1])
     return {"step_off_ms": off * 1e3, "step_preview_ms": on * 1e3, "extra_pct": (on - off) / off * 100,
             "step_off_median_ms": statistics.median(gaps[0]) * 1e3,
-            "step_preview_median_ms": statistics.median(gaps[1]) * 1e3, "gaps": len(gaps[0])}
+            "step_preview_median_ms": statistics.median(gaps[1]) * 1e3, "gaps": len(gaps[0]),
+            "in_run_preview_ms": statistics.mean(inside) * 1e3,
+            "in_run_preview_median_ms": statistics.median(inside) * 1e3,
+            "in_run_share_pct": sum(inside) / sum(gaps[1]) * 100,
+            "median_share_pct": statistics.median(inside) / statistics.median(gaps[1]) * 100}
 
 
 def _preview_call_ms(runner, latent_shape, reps: int) -> float:
@@ -179,12 +199,14 @@ def main() -> None:
     if "random" in sections:
         latent = tuple(int(x) for x in args.latent.split("x"))
         rows["random"] = bench_random(args.layers, latent, args.random_steps, args.random_requests, log)
-    print(f"\n{'model':<10} {'step off':>10} {'step +preview':>14} {'extra':>7} {'median off/on':>16} "
-          f"{'preview call':>13} {'share':>7} {'fit':>7}")
+    print(f"\n{'model':<10} {'step off':>10} {'step +preview':>14} {'extra':>7} {'median off/on':>18} "
+          f"{'in-run preview mean/median':>27} {'share mean/median':>18} {'alone':>8} {'fit':>7}")
     for name, r in rows.items():
         print(f"{name:<10} {r['step_off_ms']:>8.2f}ms {r['step_preview_ms']:>12.2f}ms {r['extra_pct']:>6.1f}% "
-              f"{r['step_off_median_ms']:>7.2f}/{r['step_preview_median_ms']:<7.2f}ms {r['preview_call_ms']:>11.3f}ms "
-              f"{r['preview_call_ms'] / r['step_off_ms'] * 100:>6.2f}% {r['fit_s']:>6.2f}s")
+              f"{r['step_off_median_ms']:>8.2f}/{r['step_preview_median_ms']:<7.2f}ms "
+              f"{r['in_run_preview_ms']:>15.3f}/{r['in_run_preview_median_ms']:.3f}ms "
+              f"{r['in_run_share_pct']:>11.2f}/{r['median_share_pct']:.2f}% {r['preview_call_ms']:>6.3f}ms "
+              f"{r['fit_s']:>6.2f}s")
     if "random" in rows:
         print(f"preview call on 480p latents (21 x 60 x 104, 16 channels): {rows['random']['preview_call_480p_ms']:.2f} ms")
 
