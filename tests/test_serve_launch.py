@@ -97,7 +97,7 @@ def _on_this_machine(app_config, folder: Path):
     args = {**app_config.args, "output_dir": str(folder / "out")}
     if args.get("token_file"):
         token = folder / "token"
-        token.write_text("t0ken\n")
+        token.write_text("t0ken-for-this-test-0123456789\n")
         token.chmod(0o600)
         args["token_file"] = str(token)
     return app_config.model_copy(update={"args": args})
@@ -293,7 +293,7 @@ def _check_token_reaches_the_api(pod: dict, head: dict, token_file: str, tmp_pat
         if secret:
             assert m.get("readOnly")
             given = local / "token"
-            given.write_text("s3cret-token\n")
+            given.write_text("s3cret-token-of-the-secret-0123\n")
             given.chmod(secret["defaultMode"])
             with pytest.raises(ValueError, match="readable or writable by other users"):
                 read_token_file(given)
@@ -304,7 +304,7 @@ def _check_token_reaches_the_api(pod: dict, head: dict, token_file: str, tmp_pat
         line = line.replace(pod_path, shlex.quote(str(local)))
     subprocess.run(["sh", "-c", line], check=True)
     copy_path = paths[mount["mountPath"]] / PurePosixPath(token_file).relative_to(mount["mountPath"])
-    assert read_token_file(copy_path) == "s3cret-token"
+    assert read_token_file(copy_path) == "s3cret-token-of-the-secret-0123"
 
 
 def test_rayservice_runs_the_serve_yaml_application_on_the_head(tmp_path):
