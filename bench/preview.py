@@ -1,5 +1,12 @@
 """Live previews (issue #14): what a Preview costs a denoising step, measured side by side in one run.
 
+What this measures is ONE CPU RANK: no all-gather of the estimate (SP=1), no per-step cancel all_reduce (world 1:
+no collective), no NCCL, no GPU. It says what the rank-0 arithmetic of a preview costs, not what a preview costs a
+GPU replica. The GPU check still to run: Wan2.1-T2V-1.3B at 480p (81 frames) on SP >= 2 GPUs, the same requests
+with sampling.preview_every=1 and 0 interleaved, reporting the step time both ways (the preview's gather of the
+fp32 x0 over rank 0's SP group and the one int64 cancel all_reduce per step included), and the fit's time at the
+first preview of the real decoder.
+
 For each model, the same requests run through one Runner (SP=1, in this process, a one-rank gloo group on a
 HashStore) with sampling.preview_every=1 (a preview after every step but the last) and 0 (off), interleaved: the
 mean step time is the mean gap between consecutive denoising Progress events (with previews on, each gap holds one
@@ -12,7 +19,7 @@ copy to a uint8 array (Runner._preview), and the fit of the map at load.
 1. embedded: the embedded model (tiny preset: 32 x 32, 17 frames, UniPC, guidance 4), its own decoder.
 2. random: a 1.3B-shaped Wan DiT (dim 1536, 12 heads, ffn 8960, text 512 x 4096, --layers blocks, random weights)
    on a small latent grid, guidance off, with a random decoder of the Wan2.1 VAE's shape (the preview map is fitted
-   to it, as at load). Also the preview's time per call on 480p-sized latents (21 x 60 x 104), where a DiT step of
+   to it, as at the first preview). Also the preview's time per call on 480p-sized latents (21 x 60 x 104), where a DiT step of
    1.3B is far beyond this machine.
 
     python bench/preview.py                 # both (a few minutes on 2 CPU cores)
@@ -106,18 +113,22 @@ def _preview_call_ms(runner, latent_shape, reps: int) -> float:
     v = torch.randn_like(x)
     seq_len = x.shape[1]
     for _ in range(3):
-        runner._preview(x - 0.5 * v, seq_len, grid)
+        runner._preview(x - 0.5 * v, seq_len, grid, "bench")
     t0 = time.perf_counter()
     for _ in range(reps):
-        image = runner._preview(x.float() - 0.5 * v.float(), seq_len, grid)
+        image = runner._preview(x.float() - 0.5 * v.float(), seq_len, grid, "bench")
     assert image is not None and image.dtype.name == "uint8" and max(image.shape[:2]) <= 256
     return (time.perf_counter() - t0) / reps * 1e3
 
 
 def _fit_s(runner) -> float:
-    runner.previewer = None
+    """Fitting the map to the runner's decoder (once per decoder, at the first preview): timed without the cache."""
+    from pipeline.preview import LatentPreviewer
+
+    comp = runner.components
     t0 = time.perf_counter()
-    runner._previewer()
+    runner.previewer = LatentPreviewer.fit(comp.decoder, comp.z_dim, comp.spatial_stride, comp.temporal_stride,
+                                           device=runner.device)
     return time.perf_counter() - t0
 
 

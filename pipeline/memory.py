@@ -23,6 +23,9 @@ tensors under LiveBytes, which adds up the bytes of every tensor alive at once (
       decodes the tallest band of rows plus its 2 halo rows, with the gathered mid-block keys and values.
     - Step cache (sampling.cache): step_cache.cache_buffers, alive next to the DiT's activations, freed before
       the decode (an upper bound; 14B at 720p on one GPU with guidance: 5.8 GiB teacache, 11.5 the others).
+    - Live previews (sampling.preview_every > 0), on the ranks of rank 0's SP group, after a step's velocity (the
+      DiT's activations are freed by then, so the larger of the two counts): the fp32 clean-video estimate of this
+      rank's tokens and its all-gathered whole sequence, and on rank 0 the unpatchified copy. 1.3B at 720p on one rank: 39 MB.
 Assumptions: batch 1, the size is config.video (Runner.generate checks each request's own size against the
 free memory it measured before loading: check_request), the text encoder encodes two prompts of 512 tokens.
 Then the allocator's share: activation peaks x 1.1 (fragmentation) and RESERVE_BYTES (NCCL buffers, cuBLAS
@@ -349,6 +352,7 @@ class MemoryEstimate:
     vae_decode: int  # caches + the peak of one latent chunk
     text_activations: int = 0  # encoding on this GPU
     step_cache: int = 0  # residuals a step cache keeps between denoising steps (freed before the decode)
+    preview: int = 0  # a live preview's fp32 x0 (this rank's, gathered, unpatchified), after the DiT's forward
     reserve: int = RESERVE_BYTES
 
     @property
@@ -356,13 +360,15 @@ class MemoryEstimate:
         resident = self.dit_params + self.vae_params + self.reserve
         resident += self.text_encoder if self.text_encoder_resident else 0
         encode = (0 if self.text_encoder_resident else self.text_encoder) + self.text_activations
-        return resident + max(encode, self.dit_activations + self.step_cache, self.vae_decode)
+        denoise = self.step_cache + max(self.dit_activations, self.preview)
+        return resident + max(encode, denoise, self.vae_decode)
 
     def summary(self) -> str:
         parts = [("DiT", self.dit_params), ("T5" + ("" if self.text_encoder_resident else " while encoding"),
                                                   self.text_encoder),
                  ("VAE", self.vae_params), ("T5 activations", self.text_activations),
                  ("DiT activations", self.dit_activations), ("step cache", self.step_cache),
+                 ("preview", self.preview),
                  ("VAE decode", self.vae_decode), ("reserve", self.reserve)]
         shown = " + ".join(f"{name} {b / GiB:.1f}" for name, b in parts if b)
         return f"rank {self.rank} needs ~{self.total / GiB:.1f} GiB ({shown}; the largest phase counts)"
@@ -391,7 +397,13 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype, fused) * FRAGMENTATION)
     sampling = config.sampling
     branches = 2 if sampling.guidance_scale != 1.0 and par.cfg_degree == 1 else 1
-    cached = cache_buffers(sampling.cache, -(-math.prod(grid) // par.ulysses_degree), cfg.dim, branches)
+    tokens_per_rank = -(-math.prod(grid) // par.ulysses_degree)
+    cached = cache_buffers(sampling.cache, tokens_per_rank, cfg.dim, branches)
+    preview = 0
+    if sampling.preview_every > 0 and rank // par.ulysses_degree == 0:  # the CFG half holding rank 0 gathers
+        patch_bytes = cfg.out_dim * math.prod(cfg.patch_size) * 4  # fp32 x0 per token
+        gathered = tokens_per_rank * par.ulysses_degree if par.ulysses_degree > 1 else 0  # 1 rank: a view
+        preview = (tokens_per_rank + gathered + (math.prod(grid) if rank == 0 else 0)) * patch_bytes
 
     text = text_acts = vae = decode = 0
     resident = True
@@ -419,7 +431,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
             decode = int(vae_decode_bytes(spec, band, w, False) * FRAGMENTATION) + gathered
         else:
             decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
-    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts, cached)
+    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts, cached, preview)
 
 
 def replica_estimates(config: OdysseyConfig, *, device_type: str = "cuda") -> list[MemoryEstimate]:

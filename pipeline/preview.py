@@ -3,7 +3,7 @@
 Decoding the model's running estimate of the clean video with the real VAE every few steps would cost a large part
 of a step (the decoder's causal caches alone are GiBs at 720p). A latent pixel, though, is close to a linear
 code of the colour of the s x s pixels it decodes to, so RGB ~ A z + b on the latent grid is a recognisable
-thumbnail for the cost of one [h*w, z] x [z, 3] product. A and b are fitted by least squares at load, against the
+thumbnail for the cost of one [h*w, z] x [z, 3] product. A and b are fitted by least squares once, against the
 decoder itself (its own denormalisation and clamp included: the fit goes through its public decode_stream), on a
 few seeded random latents of two latent frames: the target is the second latent frame's video frames, averaged and
 area-pooled, because a preview shows a video's middle latent frame, which a causal decoder (Wan's) decodes with
@@ -13,41 +13,56 @@ The fitting latents imitate what a video's latents look like, not white noise: h
 (a quiet field with a few discs, each one random latent vector), half smooth fields (coarse noise upsampled). On
 the embedded model's own x0 estimates that fit gives 21 dB and a correlation of 0.76 against the real decode pooled
 to the latent grid (white noise: 18 dB and 0.60; a linear map fitted on those very estimates, the best any linear
-map can do there: 23 dB and 0.86); tests/test_preview.py holds both decoders to bounds. The fit decodes 8 latents of
-2 x 12 x 12: a fraction of a second on a GPU or for the embedded model; minutes on a loaded CPU for the full-size
-Wan2.1 decoder (bench/preview.py), which only GPU presets run.
+map can do there: 23 dB and 0.86); tests/test_preview.py holds both decoders to bounds. The fit decodes 6 latents of
+2 x 8 x 8 (a third of the 8 of 2 x 12 x 12 it decoded before, which scored 21.1 dB / 0.76 on the embedded model and
+22.0 / 0.72 on a small random Wan decoder; these 20.4 / 0.73 and 20.4 / 0.65): a fraction of a second on a GPU or
+for the embedded model, about 10 s for the full-size Wan2.1 decoder on 2 CPU cores. It runs once per decoder
+instance (fitted_previewer caches it), on the first preview a request asks for, not at load.
 
 Legend: z latent channels, T latent frames, h/w latent rows/columns, s the decoder's spatial stride, N pixels.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LatentPreviewer", "MAX_SIDE", "preview_size"]
+__all__ = ["LatentPreviewer", "MAX_SIDE", "fitted_previewer", "preview_size"]
 
 MAX_SIDE = 256  # pixels: the longest side of a preview image
 
 FIT_SEED = 20261127
-FIT_SAMPLES = 8  # latents [1, z, 2, size, size] decoded to fit: half objects on a background, half smooth fields
-FIT_SIZE = 12  # latent pixels per side of each (the border is left out of the fit: padding shapes it); 8 x 12
-# measured as good as 12 x 16 on both decoders of tests/test_preview.py at 37% of the decoding
+FIT_SAMPLES = 6  # latents [1, z, 2, size, size] decoded to fit: half objects on a background, half smooth fields
+FIT_SIZE = 8  # latent pixels per side of each (the border is left out of the fit: padding shapes it); 6 x 8 costs a
+# third of 8 x 12's decoding for 0.7 to 1.6 dB less on the decoders of tests/test_preview.py (4 x 8: 1.3 to 1.8 dB)
+
+_FITTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # decoder -> {fit arguments: LatentPreviewer}
+_FITTED_LOCK = threading.Lock()
 
 
 def preview_size(h: int, w: int, spatial_stride: int) -> tuple[int, int]:
-    """The preview's [rows, columns] for an h x w latent grid: the grid itself scaled by the largest integer factor
-    up to the decoder's stride that keeps the longest side <= MAX_SIDE (never larger than the video); a grid
-    already wider than MAX_SIDE is area-downsampled to fit."""
-    longest = max(h, w)
-    if longest > MAX_SIDE:
-        scale = MAX_SIDE / longest
-        return max(1, int(h * scale)), max(1, int(w * scale))
-    k = max(1, min(spatial_stride, MAX_SIDE // longest))
-    return h * k, w * k
+    """The preview's [rows, columns] for an h x w latent grid: the grid scaled by the largest factor, fractional,
+    up to the decoder's stride (never larger than the video) that keeps the longest side <= MAX_SIDE; a grid
+    already wider than MAX_SIDE is scaled down to fit. 720p (90 x 160 latents): 144 x 256."""
+    scale = min(spatial_stride, MAX_SIDE / max(h, w))
+    return max(1, min(MAX_SIDE, round(h * scale))), max(1, min(MAX_SIDE, round(w * scale)))
+
+
+def fitted_previewer(decoder, z_dim: int, spatial_stride: int, temporal_stride: int, *,
+                     device: torch.device | str = "cpu") -> "LatentPreviewer":
+    """LatentPreviewer.fit of this decoder instance, fitted once and kept while the decoder lives (thread-safe:
+    two Runners sharing a decoder fit it once)."""
+    key = (z_dim, spatial_stride, temporal_stride, str(device))
+    with _FITTED_LOCK:
+        per_decoder = _FITTED.setdefault(decoder, {})
+        if key not in per_decoder:
+            per_decoder[key] = LatentPreviewer.fit(decoder, z_dim, spatial_stride, temporal_stride, device=device)
+        return per_decoder[key]
 
 
 @dataclass
@@ -95,19 +110,20 @@ class LatentPreviewer:
     @torch.no_grad()
     def image(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [1, z, T, h, w] (the DiT's normalised space) -> uint8 [h', w', 3] of the middle latent frame,
-        longest side <= MAX_SIDE (preview_size). A handful of small ops: on the embedded model a whole preview
-        (with the Runner's share) is ~2% of its 10 ms step, and per-op overhead is most of it."""
+        longest side <= MAX_SIDE (preview_size: bilinear up, area down). A handful of small ops: on the embedded
+        model a whole preview (with the Runner's share) is ~1% of its 10 ms step, per-op overhead most of it.
+        Non-finite values (a diverging run) become black before the uint8 cast (NaN to uint8 is undefined on CUDA)."""
         assert latents.dim() == 5 and latents.shape[0] == 1, tuple(latents.shape)
         _, z, T, h, w = latents.shape
         frame_Nz = latents[0, :, T // 2].reshape(z, h * w).T.float()
         rgb_N3 = torch.addmm(self.bias_3.to(frame_Nz.device), frame_Nz, self.weight_3z.to(frame_Nz.device).T)
+        rgb_3hw = rgb_N3.nan_to_num_(nan=0.0, posinf=255.0, neginf=0.0).T.reshape(1, 3, h, w)
         rows, cols = preview_size(h, w, self.spatial_stride)
-        if rows < h:  # a grid wider than MAX_SIDE: area-downsampled
-            rgb_3hw = F.interpolate(rgb_N3.T.reshape(1, 3, h, w), size=(rows, cols), mode="area")[0]
-            return rgb_3hw.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        pixels_hw3 = rgb_N3.round_().clamp_(0, 255).to(torch.uint8).reshape(h, w, 3).cpu().numpy()
-        k = rows // h
-        return pixels_hw3 if k == 1 else pixels_hw3.repeat(k, axis=0).repeat(k, axis=1)
+        if rows < h:
+            rgb_3hw = F.interpolate(rgb_3hw, size=(rows, cols), mode="area")
+        elif rows > h:
+            rgb_3hw = F.interpolate(rgb_3hw, size=(rows, cols), mode="bilinear", align_corners=False)
+        return rgb_3hw[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def _objects(g: torch.Generator, z: int, size: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from configs import OdysseyConfig
 from .components import Components, load_components
 from .memory import check_request, wait_until_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
-from .preview import LatentPreviewer
+from .preview import LatentPreviewer, fitted_previewer
 from .request import (Event, Frame, GenerateRequest, Preview, Progress, RequestCancelledError, RequestRejectedError,
                       Result)
 from .samplers import make_sampler
@@ -86,7 +86,8 @@ class Runner:
         self.memory_budget: int | None = None  # GPU bytes free before loading (load_models); None: no checks
         self.load_s = 0.0
         self.progress = (None, "idle", 0, 0)  # (request id, stage, step, total), read by health checks
-        self.previewer: LatentPreviewer | None = None  # rank 0, fitted at load when previews are on
+        self.previewer: LatentPreviewer | None = None  # rank 0, fitted at the first preview a request asks for
+        self._preview_failed: str | None = None  # the last request whose preview failed (logged once each)
         self._cancel_lock = threading.Lock()
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # request ids to stop, oldest first
         timeout = timedelta(seconds=config.runtime.collective_timeout_s)
@@ -121,8 +122,6 @@ class Runner:
             attention_backend=par.attention_backend)
         apply_sequence_parallel(self.components.dit, self.mesh.sp_group, fuse_qkv=par.fuse_qkv,
                                 fp8_comm=par.fp8_comm, head_chunks=par.head_chunks)
-        if self.rank == 0 and self.config.sampling.preview_every > 0:
-            self._previewer()
         self.load_s = time.perf_counter() - t0
         return self.load_s
 
@@ -148,28 +147,33 @@ class Runner:
         with self._cancel_lock:
             self._cancelled.pop(request_id, None)
 
-    def _stop_if_cancelled(self, request_id: str, step: int) -> None:
-        """Every rank raises together when any rank was asked to cancel: one 8-byte all_reduce (MAX) per call, with
-        the group's collective timeout; none on one rank."""
+    def _cancel_agreed(self, request_id: str) -> bool:
+        """Whether any rank was asked to cancel, the same answer on every rank: one 8-byte all_reduce (MAX) per
+        call, with the group's collective timeout; none on one rank."""
         flag = self._is_cancelled(request_id)
         if self.world_size > 1:
             flag_1 = torch.tensor([int(flag)], dtype=torch.int64, device=self._comm_device)
             dist.all_reduce(flag_1, op=dist.ReduceOp.MAX)
             flag = bool(flag_1.item())
-        if flag:
+        return flag
+
+    def _stop_if_cancelled(self, request_id: str, step: int) -> None:
+        """Every rank raises together when any rank was asked to cancel."""
+        if self._cancel_agreed(request_id):
             raise RequestCancelledError(f"request {request_id} cancelled after step {step}")
 
     def _previewer(self) -> LatentPreviewer:
-        """Rank 0's latent-to-RGB map, fitted to its decoder once (pipeline/preview.py)."""
+        """Rank 0's latent-to-RGB map, fitted to its decoder once, at the first preview (not at load: the full
+        Wan2.1 decoder on a CPU takes seconds), and kept per decoder instance (pipeline/preview.py)."""
         if self.previewer is None:
             comp = self.components
             t0 = time.perf_counter()
-            self.previewer = LatentPreviewer.fit(comp.decoder, comp.z_dim, comp.spatial_stride, comp.temporal_stride,
-                                                 device=self.device)
-            log.info("preview map fitted to the decoder in %.2f s", time.perf_counter() - t0)
+            self.previewer = fitted_previewer(comp.decoder, comp.z_dim, comp.spatial_stride, comp.temporal_stride,
+                                              device=self.device)
+            log.info("preview map ready for the decoder in %.2f s", time.perf_counter() - t0)
         return self.previewer
 
-    def _preview(self, x0_BLP: torch.Tensor, seq_len: int, grid) -> np.ndarray | None:
+    def _preview(self, x0_BLP: torch.Tensor | None, seq_len: int, grid, request_id: str) -> np.ndarray | None:
         """The clean-video estimate's preview image on rank 0, None elsewhere. A collective over the SP group that
         holds rank 0 (its ranks call this at the same steps); the other CFG half has nothing to send."""
         if self.mesh.cfg_rank != 0:
@@ -178,7 +182,16 @@ class Runner:
         x0_BSP = dit.layout.gather(x0_BLP, seq_len)
         if self.rank != 0:
             return None
-        return self._previewer().image(dit.unpatchify(x0_BSP, grid))
+        # Rank 0 alone between two collectives: a failure here (CUDA OOM, a bug, the fit) costs this preview, not
+        # the replica (a rank that left the group's step would get it rebuilt, minutes at 14B, for a thumbnail).
+        try:
+            return self._previewer().image(dit.unpatchify(x0_BSP, grid))
+        except Exception:
+            if self._preview_failed != request_id:
+                self._preview_failed = request_id
+                log.warning("request %s: a preview failed, skipped (logged once per request)", request_id,
+                            exc_info=True)
+            return None
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
@@ -315,7 +328,9 @@ class Runner:
             # after steps every, 2*every, ... but the last (the frames follow): the estimate of the clean video
             # from this step's input and velocity, x0 = x_t - sigma_t * v, as both samplers see it
             previewing = every > 0 and (i + 1) % every == 0 and i + 1 < request.steps
-            x0_BLP = x_BLP.float() - float(sampler.sigmas[i]) * v_BLP.float() if previewing else None
+            # (the other CFG half has nothing to send: _preview gathers over rank 0's SP group only)
+            x0_BLP = (x_BLP.float() - float(sampler.sigmas[i]) * v_BLP.float()
+                      if previewing and self.mesh.cfg_rank == 0 else None)
             if self.keep_latents_sharded:
                 x_BLP = sampler.step(i, v_BLP, x_BLP)
             else:
@@ -325,7 +340,7 @@ class Runner:
             self.progress = (rid, "denoise", i + 1, request.steps)
             yield Progress(rid, "denoise", i + 1, request.steps, len(cache.computed) if cache else None)
             if previewing:
-                image = self._preview(x0_BLP, seq_len, grid)
+                image = self._preview(x0_BLP, seq_len, grid, rid)
                 x0_BLP = None
                 if image is not None:
                     yield Preview(rid, i + 1, request.steps, image, time.time())
@@ -342,13 +357,20 @@ class Runner:
                       else comp.decoder.decode_stream(latents))
             for index, image in enumerate(frames):
                 self.progress = (rid, "decode", index + 1, num_frames)
-                if image is None:
+                if image is not None:
+                    if index == 0:
+                        timings["first_frame_s"] = time.perf_counter() - t_start
+                    yield Frame(rid, index, num_frames, image, time.time())
+                if index + 1 == num_frames:
                     continue
-                if index == 0:
-                    timings["first_frame_s"] = time.perf_counter() - t_start
-                yield Frame(rid, index, num_frames, image, time.time())
-                # rank 0 decoding alone stops between frames; a split decode is a collective per chunk: it runs out
-                if not self.split_decode and index + 1 < num_frames and self._is_cancelled(rid):
+                # Rank 0 decoding alone stops between frames. A split decode is a collective per latent chunk (1
+                # frame, then temporal_stride each) that every rank iterates alike: they agree once per chunk, at
+                # its last frame (one 8-byte all_reduce, ~21 at 720p), so they all stop at the same chunk.
+                if self.split_decode:
+                    stop = index % comp.temporal_stride == 0 and self._cancel_agreed(rid)
+                else:
+                    stop = self._is_cancelled(rid)
+                if stop:
                     raise RequestCancelledError(f"request {rid} cancelled while decoding, after frame {index + 1} "
                                                 f"of {num_frames}")
             timings["decode_s"] = time.perf_counter() - t0

@@ -117,6 +117,45 @@ def test_cancel_while_decoding_and_unknown_ids(dist_pools):
     assert frames == 3
 
 
+def _split_decode_cancel(folder):
+    """SP=2 with vae_parallel on a small Wan folder: rank 0 cancels after the first decoded frame (the first latent
+    chunk); both ranks must stop at the same chunk, then serve the next request whole."""
+    config = load_config("cpu-smoke", [f"model.path={folder}", "video.height=48", "video.width=32",
+                                       "parallel.ulysses_degree=2", "parallel.vae_parallel=true",
+                                       "runtime.collective_timeout_s=60"])
+    runner = pool_runner(config)
+    assert runner.split_decode
+    req = GenerateRequest("a red circle moving right", seed=1, request_id="split").resolve(config)
+    error = None
+    try:
+        for e in runner.generate(req):
+            if isinstance(e, Frame) and e.index == 0:
+                _cancel_from_another_thread(runner, req.request_id)
+    except RequestCancelledError as err:
+        error = str(err)
+    stopped_at = runner.progress  # (id, stage, frames decoded, total) where this rank stopped
+    after = [type(e).__name__ for e in runner.generate(
+        GenerateRequest("a red circle moving right", seed=1, request_id="next").resolve(config))]
+    return error, stopped_at, after.count("Frame"), after[-1], list(runner._cancelled)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    from tests.tiny_models import wan_pipeline_folder
+
+    return wan_pipeline_folder(tmp_path_factory.mktemp("wan") / "wan")
+
+
+def test_cancel_during_a_split_decode_stops_every_rank_at_the_same_chunk(dist_pools, wan_folder):
+    """9 frames in latent chunks of 1, 4, 4: a cancel seen after frame 1 stops both ranks there (they agree once
+    per chunk), not after all 9; the group is still in step for the next request."""
+    ranks = dist_pools(2).run(_split_decode_cancel, str(wan_folder))
+    for rank, (error, stopped_at, frames_after, last, pending) in enumerate(ranks):
+        assert error == "request split cancelled while decoding, after frame 1 of 9", (rank, error)
+        assert stopped_at == ("split", "decode", 1, 9)
+        assert frames_after == (9 if rank == 0 else 0) and last == "Result" and pending == []
+
+
 # -- odyssey generate --preview -----------------------------------------------------------------------------------
 
 

@@ -3,6 +3,8 @@ traced on meta tensors against the same code run for real, and the one-line refu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -297,3 +299,27 @@ def test_a_step_cache_is_charged_and_turning_it_off_is_named():
     with pytest.raises(ValueError, match="--set sampling.cache=off"):
         check_fits(cached, 1, off.total)
     assert check_fits(plain, 1, off.total).total == off.total
+
+
+def test_live_previews_charge_their_transient_on_rank_zeros_sp_group():
+    """sampling.preview_every > 0: the fp32 x0 of a rank's tokens (16 channels x 2 x 2 patch = 64 values, 4 bytes
+    each) and its gathered whole sequence on the SP group holding rank 0, plus rank 0's unpatchified copy; nothing
+    on the other CFG half, nothing with previews off. It comes after the DiT's forward: the larger of the two."""
+    hd = ["model.path=/nonexistent/Wan2.1-T2V-1.3B", "video.height=720", "video.width=1280",
+          "parallel.ulysses_degree=2", "parallel.cfg_degree=2"]
+    tokens = 21 * 45 * 80  # 81 frames at 720p: 21 x 90 x 160 latents in 1 x 2 x 2 patches
+    on = load_config("wan2.1-t2v-1.3b", hd + ["sampling.preview_every=5"])
+    ests = [estimate_rank_memory(on, r) for r in range(4)]
+    per_token = 64 * 4
+    assert ests[0].preview == (tokens // 2 + tokens + tokens) * per_token
+    assert ests[1].preview == (tokens // 2 + tokens) * per_token
+    assert ests[2].preview == ests[3].preview == 0
+    assert "preview" in ests[0].summary()
+    off = estimate_rank_memory(load_config("wan2.1-t2v-1.3b", hd + ["sampling.preview_every=0"]), 0)
+    assert off.preview == 0
+    one = estimate_rank_memory(load_config("wan2.1-t2v-1.3b", hd[:3] + ["sampling.preview_every=1"]), 0)
+    assert one.preview == 2 * tokens * per_token  # one rank: the gather is a view
+    # the denoise phase: step cache + the larger of the DiT's activations and the preview
+    small = dataclasses.replace(ests[0], dit_activations=1, step_cache=7, vae_decode=0, text_activations=0,
+                                text_encoder=0)
+    assert small.total == small.dit_params + small.vae_params + small.reserve + 7 + small.preview

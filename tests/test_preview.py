@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import load_config
-from pipeline.preview import LatentPreviewer, _objects, _smooth, preview_size
+from pipeline.preview import LatentPreviewer, _objects, _smooth, fitted_previewer, preview_size
 from pipeline.request import Frame, GenerateRequest, Preview, Progress, Result
 from pipeline.samplers import make_sampler
 from pipeline.tiny import load_tiny
@@ -81,8 +81,9 @@ def denoise(dit, text, prompt, negative, seed, steps, shift, guidance, sampler_n
 
 def test_fit_is_deterministic_and_matches_the_embedded_decoder_on_real_estimates(tiny):
     """On the embedded model's own clean-video estimates (x0 half-way, and final latents), the preview of the
-    middle latent frame against the real decode pooled to the latent grid: measured 21.1 dB mean / 18.9 min and a
-    correlation of 0.76 mean / 0.62 min (2026-11-27); a map that ignored the latents (its bias alone) gives 0."""
+    middle latent frame against the real decode pooled to the latent grid: measured 20.4 dB mean / 18.7 min and a
+    correlation of 0.73 mean / 0.58 min with the fit's 6 latents of 2 x 8 x 8 (8 of 2 x 12 x 12: 21.1 / 18.9 and
+    0.76 / 0.62; 2026-11-27); a map that ignored the latents (its bias alone) gives 0."""
     _, dit, text, decoder = tiny
     a = LatentPreviewer.fit(decoder, 8, 4, 4)
     b = LatentPreviewer.fit(decoder, 8, 4, 4)
@@ -98,8 +99,8 @@ def test_fit_is_deterministic_and_matches_the_embedded_decoder_on_real_estimates
 
 def test_fit_matches_a_random_wan_decoder(tmp_path):
     """A small random WanVAEDecoder (tests/tiny_models.py's), causal over latent frames: on held-out latents of
-    3 latent frames, middle frame: measured 22.0 dB mean / 17.1 min and a correlation of 0.72 mean / 0.48 min
-    (2026-11-27). (A random decoder is far less linear than a trained one; a map fitted to first latent frames
+    3 latent frames, middle frame: measured 20.4 dB mean / 17.0 min and a correlation of 0.65 mean / 0.46 min with
+    the fit's 6 latents of 2 x 8 x 8 (8 of 2 x 12 x 12: 22.0 / 17.1 and 0.72 / 0.48; 2026-11-27). (A random decoder is far less linear than a trained one; a map fitted to first latent frames
     correlated 0.16 here.)"""
     from pipeline import WanVAEDecoder
     from tests.tiny_models import diffusers_vae, save_vae
@@ -110,7 +111,7 @@ def test_fit_matches_a_random_wan_decoder(tmp_path):
     g = torch.Generator().manual_seed(99)
     latents = [torch.stack([draw(g, 16, 12) for _ in range(3)], dim=1)[None] for draw in (_objects, _smooth) * 3]
     p_min, p_mean, c_min, c_mean = agreement(previewer, decoder, latents, 8, 4)
-    assert p_mean >= 20.5 and p_min >= 15.5 and c_mean >= 0.65 and c_min >= 0.35
+    assert p_mean >= 19.5 and p_min >= 15.5 and c_mean >= 0.6 and c_min >= 0.35
 
 
 def test_the_fit_recovers_an_exactly_linear_decoder():
@@ -131,9 +132,9 @@ def test_the_fit_recovers_an_exactly_linear_decoder():
 
 def test_preview_size_and_image():
     assert preview_size(8, 8, 4) == (32, 32)  # the embedded model: the video's own size
-    assert preview_size(60, 104, 8) == (120, 208)  # 480p: x2 fits 256
-    assert preview_size(90, 160, 8) == (90, 160)  # 720p: as is
-    assert preview_size(300, 200, 8) == (256, 170)  # beyond 256: area-downsampled
+    assert preview_size(60, 104, 8) == (148, 256)  # 480p: x 2.46 fits 256
+    assert preview_size(90, 160, 8) == (144, 256)  # 720p: x 1.6
+    assert preview_size(300, 200, 8) == (256, 171)  # beyond 256: area-downsampled
     previewer = LatentPreviewer(torch.eye(3, 4) * 50, torch.full((3,), 100.0), 4)
     latents = torch.zeros(1, 4, 5, 6, 9)
     latents[0, 0, 2] = 1.0  # only the middle latent frame is red
@@ -142,6 +143,44 @@ def test_preview_size_and_image():
     assert (image[..., 0] == 150).all() and (image[..., 1:] == 100).all()
     big = previewer.image(torch.zeros(1, 4, 1, 40, 300))
     assert big.shape == (34, 256, 3)
+    hd = previewer.image(torch.zeros(1, 4, 3, 90, 160))  # 720p's latent grid: fractional upscale to 256
+    assert hd.shape == (144, 256, 3) and (hd[..., 0] == 100).all()
+
+
+def test_upscale_is_bilinear_and_non_finite_latents_become_black():
+    """A bilinear upscale blends neighbouring latent pixels; a NaN latent pixel becomes black before the blend
+    and the uint8 cast (NaN to uint8 is undefined on CUDA, and would spread to its neighbours)."""
+    previewer = LatentPreviewer(torch.eye(3, 4) * 50, torch.full((3,), 100.0), 8)
+    latents = torch.zeros(1, 4, 1, 10, 16)
+    latents[0, 0, 0, :, 8:] = 2.0  # right half: red 200
+    latents[0, :, 0, 2, 3] = float("nan")
+    image = previewer.image(latents)
+    assert image.shape == (80, 128, 3)
+    assert (image[:, :60, 0][40:] == 100).all() and (image[:, 68:, 0] == 200).all()
+    assert 100 < image[40, 64, 0] < 200  # the edge between the halves is blended
+    assert (image[2 * 8 + 4, 3 * 8 + 4] < 30).all()  # the NaN pixel's centre: black, a little of its neighbours
+    assert 0 < image[2 * 8 + 4, 3 * 8 + 9, 1] < 100  # its neighbour blends black with the background's 100
+
+
+def test_the_fit_is_cached_per_decoder_instance(tiny):
+    _, _, _, decoder = tiny
+
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def decode_stream(self, latents):
+            self.calls += 1
+            yield from decoder.decode_stream(latents)
+
+    a, b = Counting(), Counting()
+    first = fitted_previewer(a, 8, 4, 4)
+    assert fitted_previewer(a, 8, 4, 4) is first and a.calls > 0
+    calls = a.calls
+    fitted_previewer(a, 8, 4, 4)
+    assert a.calls == calls  # no decode the second time
+    other = fitted_previewer(b, 8, 4, 4)
+    assert other is not first and b.calls == calls and torch.equal(other.weight_3z, first.weight_3z)
 
 
 # -- the Runner -----------------------------------------------------------------------------------------------------
@@ -197,6 +236,55 @@ def test_no_previews_when_off_or_only_the_last_step_would_have_one(dist_pools):
         served = dist_pools(1).run(_serve, overrides, requests(*overrides)[:1])[0]
         assert not any(isinstance(e, Preview) for e in served[0])
         assert sum(isinstance(e, Progress) and e.stage == "denoise" for e in served[0]) == 7
+
+
+def _lazy_fit():
+    """A Runner loaded with previews on fits the map at its first preview, not at load."""
+    overrides = ["sampling.steps=5", "sampling.preview_every=4"]
+    runner = pool_runner(tiny_config(*overrides))
+    at_load = runner.previewer
+    served = [e for e in runner.generate(requests(*overrides)[0]) if isinstance(e, Preview)]
+    return at_load, runner.previewer is not None, [p.step for p in served]
+
+
+def test_the_map_is_fitted_at_the_first_preview_not_at_load(dist_pools):
+    at_load, fitted, steps = dist_pools(1).run(_lazy_fit)[0]
+    assert at_load is None and fitted and steps == [4]
+
+
+class _FailingPreviewer:
+    def image(self, latents):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def _preview_fails_on_rank_0(overrides, reqs, sp):
+    """Rank 0's preview raises at every preview: the ranks stay in step and finish; one warning per request."""
+    import logging
+
+    runner = pool_runner(tiny_config(*overrides, sp=sp), return_latents=True)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("pipeline.runner").addHandler(handler)
+    if runner.rank == 0:
+        runner.previewer = _FailingPreviewer()
+    try:
+        out = [[type(e).__name__ for e in runner.generate(r) if not isinstance(e, Frame)] for r in reqs]
+    finally:
+        runner.previewer = None
+        logging.getLogger("pipeline.runner").removeHandler(handler)
+    return out, [r.getMessage() for r in records if r.levelno == logging.WARNING]
+
+
+def test_a_failing_preview_costs_the_preview_not_the_group(dist_pools):
+    overrides = [*STEPS, "sampling.preview_every=2", "runtime.collective_timeout_s=30"]
+    reqs = requests(*overrides)
+    ranks = dist_pools(2).run(_preview_fails_on_rank_0, overrides, reqs, 2)
+    for rank, (kinds, warnings) in enumerate(ranks):
+        for k in kinds:
+            assert "Preview" not in k and k[-1] == "Result" and k.count("Progress") == 8
+        assert warnings == ([f"request {r.request_id}: a preview failed, skipped (logged once per request)"
+                             for r in reqs] if rank == 0 else [])
 
 
 @pytest.mark.parametrize("sp, cfg", [(2, 1), (1, 2)])
