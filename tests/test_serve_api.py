@@ -147,9 +147,14 @@ def web(tmp_path):
     return folder
 
 
+def _client(app, base_url="http://127.0.0.1:8000"):
+    """A client of the app in-process, as a user on this machine reaches it (the Host a browser sends)."""
+    return TestClient(app, base_url=base_url, raise_server_exceptions=False)
+
+
 @pytest.fixture
 def client(service, web):
-    return TestClient(create_app(service, static_dir=web), raise_server_exceptions=False)
+    return _client(create_app(service, static_dir=web))
 
 
 def assert_error(response, status, param=None, type_=None):
@@ -269,9 +274,30 @@ def test_bad_bodies(client, service):
                                                                           "multipart/form-data; boundary=zz"})
     assert r.status_code in (400, 422), r.text  # never a 500
     assert_error(r, r.status_code, param=r.json()["error"]["param"])
-    # no Content-Type at all: curl -d style JSON still works
+    # no Content-Type at all is refused: what a no-cors fetch of a Blob sends from any web page
     r = client.post("/v1/videos", content=json.dumps({"prompt": "a red circle moving right"}).encode())
-    assert r.status_code == 200, r.text
+    assert_error(r, 415)
+    assert "Content-Type" in r.json()["error"]["message"]
+    assert service.submitted == []
+
+
+def test_replies_never_fail_to_encode(client, service):
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which has no UTF-8 form: a field NAME holding one is a
+    422 (values are the service's to refuse), and any text of the service holding one still goes out as JSON."""
+    for raw in (b'{"prompt": "x", "\\ud800": 1}', b'{"prompt": "x", "\\udc80x": 1, "\\udc80x": 2}'):
+        r = client.post("/v1/videos", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        err = assert_error(r, 422, param=r.json()["error"]["param"])
+        assert err["param"].startswith("\\ud"), err  # written as its escape
+        assert "not valid text" in err["message"] or "more than once" in err["message"], err
+    assert service.submitted == []
+    video = service.add(prompt="a record from before \udc80 was refused")
+    r = client.get(f"/v1/videos/{video['id']}")
+    assert r.status_code == 200 and r.json()["prompt"] == video["prompt"]
+    assert client.get("/v1/videos").json()["data"][0]["prompt"] == video["prompt"]
+    # UTF-8 as such stays UTF-8 (escaping is only the fallback)
+    utf8 = service.add(prompt="un cercle rouge, été")
+    assert "été".encode() in client.get(f"/v1/videos/{utf8['id']}").content
 
 
 def test_service_errors_map_to_422_429_503(client, service):
@@ -287,7 +313,7 @@ def test_service_errors_map_to_422_429_503(client, service):
 
 
 def test_body_over_the_limit_is_413_before_parsing(service, web):
-    client = TestClient(create_app(service, max_body_bytes=100, static_dir=web), raise_server_exceptions=False)
+    client = _client(create_app(service, max_body_bytes=100, static_dir=web))
     big = json.dumps({"prompt": "x" * 200}).encode()
     assert_error(client.post("/v1/videos", content=big, headers={"content-type": "application/json"}), 413)
 
@@ -323,7 +349,8 @@ def test_lying_content_length_is_still_counted(service, web):
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/v1/videos", "raw_path": b"/v1/videos",
-                 "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"content-length", b"10")],
+                 "query_string": b"", "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                                                          (b"content-length", b"10")],
                  "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
                  "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
         await app(scope, receive, send)
@@ -428,6 +455,15 @@ def test_parse_range_edges():
     assert parse_range("bytes=0-", 0) == "unsatisfiable"
     assert parse_range("bytes=-3", 0) == "unsatisfiable"
     assert parse_range("bytes=-3", 2) == (0, 1)
+    assert parse_range("bytes=9999999999999999999-", 10) == "unsatisfiable"  # 19 digits: still a number
+    for huge in ("bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=-" + "9" * 5000, "bytes=" + "1" * 20 + "-"):
+        assert parse_range(huge, 10) is None  # past any file: ignored as RFC 9110 allows (was int() of 5000 digits)
+
+
+def test_a_huge_range_number_is_not_a_500(client, service, tmp_path):
+    video_id, data = _video_file(service, tmp_path)
+    r = client.get(f"/v1/videos/{video_id}/content", headers={"range": "bytes=" + "9" * 5000 + "-"})
+    assert r.status_code == 200 and r.content == data
 
 
 def test_content_is_404_until_completed_and_never_through_a_link(client, service, tmp_path):
@@ -469,6 +505,17 @@ def test_models_and_healthz(client, service):
     assert "0 of 1" in r.json()["error"]["message"]
 
 
+def test_livez_answers_while_replicas_load(service, web):
+    """/livez is for liveness probes: 200 as long as the ingress answers, while /healthz (readiness) says 503
+    during the minutes a big model loads, and with a token it stays open like /healthz."""
+    service.ready = False
+    for client in (_client(create_app(service, static_dir=web)),
+                   _client(create_app(service, static_dir=web, token=TOKEN))):
+        assert client.get("/healthz").status_code == 503
+        r = client.get("/livez")
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
 # -- the web page -----------------------------------------------------------------------------------------------
 
 
@@ -484,16 +531,110 @@ def test_web_page_and_static_files(client, web):
 
 
 def test_default_web_folder_is_the_packages(service):
-    client = TestClient(create_app(service), raise_server_exceptions=False)
+    client = _client(create_app(service))
     r = client.get("/")
     assert r.status_code == 200 and r.text == (api.WEB_DIR / "index.html").read_text()
+
+
+# -- same origin: DNS rebinding and cross-site requests ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LocalHost", "[::1]:8000", "127.0.0.1:9000",
+                                  "192.168.1.7:8000", "[fe80::1]:8000"])
+def test_addresses_and_localhost_are_answered(service, web, host):
+    """A name is what rebinding forges: addresses and localhost cannot be, whatever the port (a port forward)."""
+    client = _client(create_app(service, static_dir=web))
+    for path in ("/v1/videos", "/healthz", "/"):
+        assert client.get(path, headers={"host": host}).status_code == 200, (host, path)
+
+
+def test_a_rebound_name_is_refused_on_every_path(client, service):
+    """DNS rebinding: a page on attacker.example whose name now resolves to 127.0.0.1 is same-origin with the server
+    in the browser's eyes; its requests carry its own name in Host and get 421 everywhere, before any work."""
+    video_id = service.add()["id"]
+    for method, path in (("GET", "/v1/videos"), ("GET", f"/v1/videos/{video_id}"), ("GET", "/"),
+                         ("GET", "/healthz"), ("GET", "/livez"), ("GET", "/static/app.js"), ("POST", "/v1/videos"),
+                         ("DELETE", f"/v1/videos/{video_id}"), ("GET", f"/v1/videos/{video_id}/events")):
+        r = client.request(method, path, headers={"host": "attacker.example:8000"}, json={"prompt": "x"})
+        assert_error(r, 421)
+        assert r.headers["x-content-type-options"] == "nosniff"
+    assert service.submitted == [] and service.videos[video_id]["status"] == "queued"
+    assert service.subscribers == {}
+    for bad in ("a b", "x/y", "host:80:80", "host:123456", "[::1"):
+        assert_error(client.get("/v1/videos", headers={"host": bad}), 400)
+
+
+def test_no_host_header_is_a_400(service, web):
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/videos", "raw_path": b"/v1/videos", "query_string": b"",
+             "headers": [], "asgi": {"version": "3.0"}, "http_version": "1.0", "scheme": "http",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    asyncio.run(create_app(service, static_dir=web)(scope, receive, send))
+    assert sent[0]["status"] == 400
+    assert "Host" in json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]["message"]
+
+
+def test_names_a_server_answers_to(service, web):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    # started on a name (--host gpu.lan --insecure): that name and addresses; no other name
+    client = _client(create_app(service, static_dir=web, host="gpu.lan"))
+    assert client.get("/v1/videos", headers={"host": "GPU.lan:8000"}).status_code == 200
+    assert_error(client.get("/v1/videos", headers={"host": "other.lan:8000"}), 421)
+    # a wildcard without a token (--insecure): addresses and this machine's own names
+    client = _client(create_app(service, static_dir=web, host="0.0.0.0"))
+    assert client.get("/v1/videos", headers={"host": f"{socket.gethostname()}:8000"}).status_code == 200
+    assert client.get("/v1/videos", headers={"host": "10.0.0.7:8000"}).status_code == 200
+    assert_error(client.get("/v1/videos", headers={"host": "attacker.example"}), 421)
+    # a non-loopback address with a token: any name (a Kubernetes Service's; a rebound page has no token)
+    for host in ("0.0.0.0", "::", "10.0.0.7"):
+        client = _client(create_app(service, static_dir=web, host=host, token=TOKEN))
+        r = client.get("/v1/videos", headers={"host": "odyssey-serve-svc.default.svc:8000", **auth})
+        assert r.status_code == 200, (host, r.text)
+        assert_error(client.get("/v1/videos", headers={"host": "anything.example"}), 401)
+    # loopback with a token: the token does not widen the names
+    client = _client(create_app(service, static_dir=web, token=TOKEN))
+    assert_error(client.get("/v1/videos", headers={"host": "attacker.example", **auth}), 421)
+
+
+def test_cross_site_writes_are_refused(client, service):
+    """A plain HTML form or a no-cors fetch from any page the user visits reaches a loopback server; the browser
+    marks it with Origin (and Sec-Fetch-Site): POST and DELETE from another origin are 403, nothing done."""
+    video_id = service.add()["id"]
+    form = {"prompt": "x"}
+    for headers in ({"origin": "http://attacker.example"}, {"origin": "null"}, {"origin": "http://127.0.0.1:9999"},
+                    {"origin": "http://localhost:8000"},  # another name of this machine is another origin
+                    {"origin": "http://127.0.0.1:8000.attacker.example"}, {"sec-fetch-site": "cross-site"},
+                    {"origin": "http://127.0.0.1:8000", "sec-fetch-site": "cross-site"}):
+        assert_error(client.post("/v1/videos", data=form, headers=headers), 403, type_="permission_error")
+        assert_error(client.post("/v1/videos", json=form, headers=headers), 403)
+        assert_error(client.delete(f"/v1/videos/{video_id}", headers=headers), 403)
+    assert service.submitted == [] and service.videos[video_id]["status"] == "queued"
+    # the page itself (same origin) and programs (no Origin: curl, the OpenAI SDK) pass
+    same = {"origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}
+    assert client.post("/v1/videos", json=form, headers=same).status_code == 200
+    assert client.post("/v1/videos", json=form).status_code == 200
+    # behind a reverse proxy that sets X-Forwarded-Host (its Host is the upstream's)
+    proxied = {"origin": "https://video.example.com", "x-forwarded-host": "video.example.com"}
+    assert client.post("/v1/videos", json=form, headers=proxied).status_code == 200
+    # reading is left alone: the browser does not show a cross-origin answer to the page that asked
+    assert client.get("/v1/videos", headers={"origin": "http://attacker.example"}).status_code == 200
+    assert client.delete(f"/v1/videos/{video_id}", headers=same).json()["status"] == "cancelled"
 
 
 # -- auth -------------------------------------------------------------------------------------------------------
 
 
 def test_token_guards_every_api_route_and_leaves_the_page_open(service, web, tmp_path):
-    client = TestClient(create_app(service, token=TOKEN, static_dir=web), raise_server_exceptions=False)
+    client = _client(create_app(service, token=TOKEN, static_dir=web))
     video_id, _ = _video_file(service, tmp_path)
     guarded = [("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", f"/v1/videos/{video_id}"),
                ("GET", f"/v1/videos/{video_id}/content"), ("GET", f"/v1/videos/{video_id}/preview"),
@@ -639,7 +780,8 @@ def _asgi_get(app, path: str, receive) -> list[dict]:
         await asyncio.sleep(0.02)
 
     scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "headers": [], "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "headers": [(b"host", b"127.0.0.1:8000")], "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1",
              "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
     asyncio.run(app(scope, receive, send))
     return sent
@@ -690,6 +832,63 @@ def test_open_streams_are_bounded(service, web):
         assert_error(http.get(f"/v1/videos/video_{'0' * 24}/events"), 404, param="video_id")  # frees its slot
         with http.stream("GET", f"/v1/videos/{second}/events") as r:
             assert r.status_code == 200
+
+
+def test_a_client_that_never_reads_holds_a_bounded_buffer(service, web):
+    """A client whose TCP window is full (it never reads) blocks the stream's send: what the service emits
+    meanwhile must not pile up. It gets the newest progress and preview, in order, and every final event."""
+    import asyncio
+
+    video_id = service.add(status="in_progress")["id"]
+    steps, previews = 5000, 40
+    released, sent, requested = threading.Event(), [], []
+
+    async def receive():
+        if not requested:
+            requested.append(True)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(120)  # the client never leaves
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message.get("body") and not released.is_set():  # the `state` event went out; then the window is full
+            await asyncio.get_running_loop().run_in_executor(None, released.wait, 60)
+
+    def push():
+        try:
+            service.wait_subscribed(video_id)
+        except AssertionError:
+            released.set()
+            raise
+        for step in range(1, steps + 1):
+            service.emit(video_id, "progress", {"stage": "denoise", "step": step, "total": steps, "progress": step})
+            if step % (steps // previews) == 0:
+                service.emit(video_id, "preview", {"step": step, "image": "data:image/png;base64," + "A" * 10_000})
+        for n in range(30):  # a burst: each preview is kilobytes, only the newest may wait
+            service.emit(video_id, "preview", {"step": steps, "n": n, "image": "data:image/png;base64," + "B" * 10_000})
+        service.emit(video_id, "completed", {"id": video_id, "status": "completed", "progress": 100})
+        time.sleep(0.5)  # the loop has run every delivery
+        released.set()
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    app = create_app(service, static_dir=web)
+    path = f"/v1/videos/{video_id}/events"
+    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1:8000")], "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
+    pusher.join()
+    events = parse_sse(b"".join(m.get("body", b"") for m in sent[1:]).decode())
+    names = [e for e, _ in events]
+    assert names[0] == "state" and names[-1] == "completed" and names.count("completed") == 1, names[-5:]
+    assert len(events) <= api.MAX_BUFFERED + 2, len(events)  # state, the one sent when the window filled, the rest
+    progress = [d["step"] for e, d in events if e == "progress"]
+    assert progress == sorted(progress) and progress[-1] == steps, progress  # the newest kept, in order
+    shown = [(d["step"], d.get("n")) for e, d in events if e == "preview"]
+    assert shown == [(steps, 29)], shown  # one preview waits at a time: the latest
+    assert service.unsubscribed == [video_id]
 
 
 def test_end_streams_closes_every_open_stream(service, live):
@@ -798,10 +997,35 @@ def test_is_loopback():
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.com", "127.0.0.1.nip.io"))
 
 
+def test_ingress_health_check_restarts_only_for_a_fatal_error_that_is_not_the_configs():
+    """Serve replaces an ingress whose check_health raises: for a crashed service (a bug, a lost driver thread), but
+    not for a config that can never work (a ValueError): a restart would fail the same way, in a loop."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.serve.app import OdysseyIngress
+    from cluster.placement import PlacementError
+
+    def check(error, fatal):  # the method on a stand-in for the replica: only its service is used
+        service = SimpleNamespace(health=lambda: {"ready": False, "error": error}, driver=SimpleNamespace(fatal=fatal))
+        asyncio.run(OdysseyIngress.func_or_class.check_health(SimpleNamespace(service=service)))
+
+    check(None, None)  # healthy, loading or not
+    check("no replica can start: model.path /w does not exist", ValueError("model.path /w does not exist"))
+    check("no replica can start: 4 replicas need 8 CPUs", PlacementError("4 replicas need 8 CPUs"))
+    with pytest.raises(RuntimeError, match="slot 0 crashed"):
+        check("no replica can start: replica slot 0 crashed", RuntimeError("replica slot 0 crashed"))
+
+
 def test_read_token_file(tmp_path):
     from cluster.serve.app import read_token_file
 
-    assert read_token_file(_token_file(tmp_path, "  abc-DEF_123\n")) == "abc-DEF_123"
+    assert read_token_file(_token_file(tmp_path, "  abc-DEF_123-456789\n")) == "abc-DEF_123-456789"
+    for short in ("abc", "x" * 15):  # a guessable token: one line saying how to make a good one
+        with pytest.raises(ValueError, match="at least 16") as e:
+            read_token_file(_token_file(tmp_path, short))
+        assert "\n" not in str(e.value) and "secrets.token_urlsafe" in str(e.value)
+    assert read_token_file(_token_file(tmp_path, "x" * 16)) == "x" * 16
     (tmp_path / "folder").mkdir(mode=0o700)
     for path in (_token_file(tmp_path, "abc", 0o604), tmp_path / "folder", tmp_path / "nothing"):
         with pytest.raises(ValueError):
@@ -816,13 +1040,21 @@ def test_the_deployment_and_build_app(tmp_path):
     # the ingress takes no CPU from the model workers, holds one slot per open stream, and is alone
     assert OdysseyIngress.num_replicas == 1 and OdysseyIngress.ray_actor_options["num_cpus"] == 0
     assert OdysseyIngress.max_ongoing_requests >= 1000
+    # overload: 503 at once past a bounded queue; a stop or redeploy does not keep the folder's lock for long
+    assert 0 < OdysseyIngress.max_queued_requests <= 1000
+    assert OdysseyIngress._deployment_config.graceful_shutdown_timeout_s <= 5
 
-    token = _token_file(tmp_path, "tok-123")
+    token = _token_file(tmp_path, "tok-1234567890abcdef")
     app = build_app({"config": "tiny", "set": ["sampling.steps=7"], "output_dir": str(tmp_path / "o"),
                      "token_file": str(token)})
     config, output_dir, model_name, given = app._bound_deployment.init_args
     assert config["sampling"]["steps"] == 7 and config["sampling"]["preview_every"] == 5
-    assert output_dir == str(tmp_path / "o") and model_name == "tiny" and given == "tok-123"
+    assert output_dir == str(tmp_path / "o") and model_name == "tiny" and given == "tok-1234567890abcdef"
+    # streams never take every slot: API calls keep room beside serve.max_streams of them
+    for streams in (256, 5000):
+        app = build_app({"config": "tiny", "set": [f"serve.max_streams={streams}"], "output_dir": str(tmp_path)})
+        assert app._bound_deployment.max_ongoing_requests >= streams + 500, streams
+        assert app._bound_deployment.max_queued_requests == OdysseyIngress.max_queued_requests
 
     yaml_config = tmp_path / "my-model.yaml"
     yaml_config.write_text("sampling:\n  preview_every: 3\n")

@@ -242,6 +242,26 @@ def _workers(server) -> list[str]:
             if "ray::SPWorker" in line]
 
 
+def test_host_origin_and_content_type_checks_through_serves_proxy(server):
+    """The same-origin checks see what the browser sent: Serve's proxy passes Host and Origin through."""
+    assert httpx.get(f"{server.url}/livez").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/v1/videos", headers={"host": f"localhost:{server.port}"}).status_code == 200
+    r = httpx.get(f"{server.url}/", headers={"host": f"attacker.example:{server.port}"})  # a rebound name
+    assert r.status_code == 421 and r.json()["error"]["type"] == "invalid_request_error"
+    before = httpx.get(f"{server.url}/v1/videos", params={"limit": 100}).json()["data"]
+    body = json.dumps({"prompt": PROMPT, "steps": 1})
+    for headers in ({"origin": "http://attacker.example", "content-type": "application/json"},
+                    {"sec-fetch-site": "cross-site", "content-type": "application/x-www-form-urlencoded"},
+                    {}):  # no Content-Type: a no-cors fetch of a Blob
+        r = httpx.post(f"{server.url}/v1/videos", content=body, headers=headers)
+        assert r.status_code in (403, 415), (headers, r.text)
+    assert httpx.get(f"{server.url}/v1/videos", params={"limit": 100}).json()["data"] == before
+    r = httpx.post(f"{server.url}/v1/videos", content=body, headers={"origin": server.url,  # the page
+                                                                    "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert httpx.delete(f"{server.url}/v1/videos/{r.json()['id']}", headers={"origin": server.url}).status_code == 200
+
+
 def test_ctrl_c_stops_everything(server):
     """Last in the module: Ctrl-C ends the command cleanly and no process of its session is left."""
     assert f"odyssey: serving tiny on {server.url} (1 replica); Ctrl-C stops" in server.log()
@@ -261,3 +281,124 @@ def test_ctrl_c_stops_everything(server):
     assert _session_processes(server.proc.pid) == []
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/healthz", timeout=2)
+
+
+# -- `odyssey serve --address` where Ray Serve already runs ------------------------------------------------------
+
+SERVE_ELSEWHERE = """
+import sys
+
+import ray
+from ray import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Says:
+    def __init__(self, text):
+        self.text = text
+
+    async def __call__(self, request):
+        return self.text
+
+
+ray.init(address=sys.argv[1], logging_level="ERROR")
+if sys.argv[2] == "start":
+    serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[3])})
+    serve.run(Says.bind("someone else's odyssey"), name="odyssey", route_prefix="/")
+    serve.run(Says.bind("another application"), name="other", route_prefix="/other")
+else:
+    serve.delete("odyssey")
+"""
+
+
+def test_joining_a_cluster_where_serve_runs(tmp_path):
+    """A cluster where another user runs Serve: an application named odyssey there is refused, never replaced (nor
+    deleted on exit); Serve's address cannot change while it runs, so another --port is refused instead of printing
+    an address nobody listens on; on Serve's own address the service runs, and its stop removes only its own
+    application (Serve and the other application stay)."""
+    import shutil
+    import tempfile
+
+    from tests.test_launch import _processes_of
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": f"{VENV_BIN}:{SYSTEM_PATH}", "LANG": "C.UTF-8", "RAY_USAGE_STATS_ENABLED": "0",
+           "USER": os.environ.get("USER", "root")}
+    gcs, http, other_port = _free_port(), _free_port(), _free_port()
+    address, url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{http}"
+    temp = tempfile.mkdtemp(prefix="odyj", dir="/tmp")  # short: Ray's socket paths live under it
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=false", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}", "--num-cpus=2",
+         f"--temp-dir={temp}"], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    script = tmp_path / "elsewhere.py"
+    script.write_text(SERVE_ELSEWHERE)
+
+    def driver(*args):
+        done = subprocess.run([sys.executable, str(script), address, *map(str, args)], env=env, cwd=home,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def odyssey_serve(port, timeout=60):  # a refusal takes seconds
+        return subprocess.run(["odyssey", "serve", "--address", address, "--port", str(port), "--output-dir",
+                               str(tmp_path / "out")], env=env, cwd=home, capture_output=True, text=True,
+                              timeout=timeout)
+
+    serving = None
+    try:
+        deadline = time.time() + 120
+        while True:  # the head takes a few seconds to accept drivers
+            done = subprocess.run([sys.executable, str(script), address, "start", str(http)], env=env, cwd=home,
+                                  capture_output=True, text=True, timeout=180)
+            if done.returncode == 0:
+                break
+            assert head.poll() is None and time.time() < deadline, done.stderr[-3000:]
+            time.sleep(2)
+        assert httpx.get(f"{url}/").text == "someone else's odyssey"
+
+        refused = odyssey_serve(http)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        message = [line for line in refused.stderr.splitlines() if line.startswith("odyssey: error")]
+        assert len(message) == 1 and "serve status" in message[0] and "serve shutdown" in message[0], message
+        assert httpx.get(f"{url}/").text == "someone else's odyssey", "the application found was touched"
+
+        driver("delete")
+        refused = odyssey_serve(other_port)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        message = [line for line in refused.stderr.splitlines() if line.startswith("odyssey: error")]
+        assert len(message) == 1 and f"already listens on {url}" in message[0], message
+        assert f"--port {http}" in message[0]
+        assert httpx.get(f"{url}/other").text == "another application"
+
+        stderr = open(tmp_path / "serve.txt", "w")
+        serving = subprocess.Popen(["odyssey", "serve", "--address", address, "--port", str(http), "--output-dir",
+                                    str(tmp_path / "out")], env=env, cwd=home, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, start_new_session=True)
+        deadline = time.time() + 180
+        while httpx.get(f"{url}/healthz", timeout=10).status_code != 200:
+            assert serving.poll() is None and time.time() < deadline, (tmp_path / "serve.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        assert f"odyssey: serving tiny on {url} (1 replica)" in (tmp_path / "serve.txt").read_text()
+        serving.send_signal(signal.SIGINT)
+        assert serving.wait(timeout=90) == 0, (tmp_path / "serve.txt").read_text()[-3000:]
+        stderr.close()
+        assert httpx.get(f"{url}/other").text == "another application", "Serve or its other application went"
+        assert httpx.get(f"{url}/healthz").status_code == 404  # the proxy's own 404: odyssey is gone
+    finally:
+        if serving is not None and serving.poll() is None:
+            os.killpg(serving.pid, signal.SIGKILL)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
+        log.close()
+        for pid in _processes_of(temp, [home]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)

@@ -2,19 +2,22 @@
 Server-Sent Events, previews, health, and the web page, over a VideoService (cluster/serve/service.py).
 
 Every error, FastAPI's own 404/405/validation ones included, is JSON {"error": {"message", "type", "param"}}.
-The app never blocks its event loop on the service: service calls run in the thread pool, event streams wait on an
-asyncio queue that the service's thread feeds through loop.call_soon_threadsafe.
+The app never blocks its event loop on the service: service calls run in the thread pool, event streams wait on a
+bounded buffer (_EventBuffer) that the service's thread feeds through loop.call_soon_threadsafe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
+import socket
 import stat
 from email.utils import formatdate
 from pathlib import Path
@@ -31,7 +34,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
-__all__ = ["create_app", "APIError", "coerce_json", "coerce_form", "parse_range", "WEB_DIR"]
+from .cli import is_loopback
+
+__all__ = ["create_app", "APIError", "coerce_json", "coerce_form", "parse_range", "WEB_DIR", "MAX_BUFFERED"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,10 @@ UNSUPPORTED = {"input_reference": "input_reference is not supported: Odyssey gen
                "remix_video_id": "remixing is not supported"}
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
 _FLOAT_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?")
-_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")  # bounded: past 10**19 bytes is no file's offset
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")  # a Host header: name or [v6], port
+MAX_BUFFERED = 64  # events one stream holds for a client that reads slower than they come (see _EventBuffer)
+_LATEST_ONLY = frozenset({"progress", "frame", "preview"})  # what a slow client may miss: a later one supersedes it
 
 
 class APIError(Exception):
@@ -69,10 +77,34 @@ def _error_type(status: int) -> str:
             503: "service_unavailable_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
+class _JSON(JSONResponse):
+    """JSONResponse that cannot fail to encode: text holding a lone UTF-16 surrogate (JSON's "\\ud800" escape
+    decodes to one) has no UTF-8 form, so such a reply goes out with every non-ASCII character escaped."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _text(value: str | None) -> str | None:
+    """Text any reply can carry: lone surrogates written as their escapes."""
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, message: str, *, type: str | None = None, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type or _error_type(status), "param": param}},
-                        status_code=status, headers=headers)
+    return _JSON({"error": {"message": _text(message), "type": type or _error_type(status), "param": _text(param)}},
+                 status_code=status, headers=headers)
 
 
 def _short(value: Any, n: int = 60) -> str:
@@ -85,6 +117,9 @@ def _short(value: Any, n: int = 60) -> str:
 
 def _check_names(names: list[str]) -> None:
     for name in names:
+        if not _utf8(name):  # from a JSON escape: no log line, record or reply could hold it as it is
+            raise APIError(422, f"the field name {_short(name, 40)} is not valid text (a lone UTF-16 surrogate)",
+                           param=name[:100])
         if name in UNSUPPORTED:
             raise APIError(422, UNSUPPORTED[name], param=name)
     unknown = [n for n in names if n not in FIELDS]
@@ -199,7 +234,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 async def _parse_fields(request: Request, body: bytes) -> dict:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media in ("", "application/json") or (media.startswith("application/") and media.endswith("+json")):
+    if not media:  # a no-cors fetch of a Blob sends none: JSON is never assumed (nor text/plain accepted)
+        raise APIError(415, "the request has no Content-Type: send application/json, multipart/form-data or "
+                       "application/x-www-form-urlencoded")
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
         try:
             data = json.loads(body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -254,6 +292,47 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     if suffix == 0 or size == 0:
         return "unsatisfiable"
     return max(0, size - suffix), size - 1
+
+
+class _EventBuffer:
+    """The events one stream has not sent yet, bounded: a client that reads slower than events come (or never reads:
+    its TCP window full, the send waits) gets the newest progress and preview instead of every step, and the
+    ingress's memory does not grow with it. A new preview replaces one still waiting (each is kilobytes); past
+    `limit` waiting events the oldest progress/frame/preview goes. What is kept stays in order, so progress stays
+    monotonic; state, started, queued and the final event are never dropped. Event loop thread only."""
+
+    OVERFLOW = object()  # put in place of everything when nothing can be dropped: the stream ends
+
+    def __init__(self, limit: int = MAX_BUFFERED):
+        self.items: collections.deque = collections.deque()
+        self.limit = limit
+        self._ready = asyncio.Event()
+
+    def _drop_first(self, kinds) -> bool:
+        for i, item in enumerate(self.items):
+            if isinstance(item, tuple) and item[0] in kinds:
+                del self.items[i]
+                return True
+        return False
+
+    def put(self, item) -> None:
+        """item: (event, data), or None to end the stream (end_streams)."""
+        if self.items and self.items[-1] is self.OVERFLOW:
+            return
+        if isinstance(item, tuple) and item[0] == "preview":
+            self._drop_first(("preview",))
+        if len(self.items) >= self.limit and not self._drop_first(_LATEST_ONLY):
+            self.items.clear()
+            item = self.OVERFLOW
+        self.items.append(item)
+        self._ready.set()
+
+    async def get(self, timeout: float):
+        """The next item; asyncio.TimeoutError after `timeout` seconds without one."""
+        if not self.items:
+            self._ready.clear()
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.items.popleft()
 
 
 class _Stream(StreamingResponse):
@@ -337,8 +416,83 @@ def _file_response(request: Request, path: Path, media_type: str) -> Response:
 
 
 def _open_path(path: str) -> bool:
-    """The page, its files and the health check need no token (the page asks for it); everything else does."""
-    return path in ("/", "/healthz", "/favicon.ico") or path.startswith("/static/")
+    """The page, its files and the health checks need no token (the page asks for it); everything else does."""
+    return path in ("/", "/healthz", "/livez", "/favicon.ico") or path.startswith("/static/")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class _SameOrigin:
+    """ASGI middleware against DNS rebinding and cross-site requests: what a token does not cover when there is none
+    (the default on loopback), since the user's browser can reach loopback from any page it loads.
+
+    Host: a page on a rebound name (attacker.example resolving to 127.0.0.1 after the page loaded) is same-origin
+    with this server in the browser's eyes, so it could read every answer; its requests carry its own name in Host.
+    Allowed names: localhost, any IP literal (an address cannot be rebound), the name the server was started on and,
+    on a wildcard address, this machine's own names; with a token and a non-loopback address any name (the token
+    guards the API; a page on a rebound name does not have it). Ports are not compared: a name is what rebinding
+    forges, and a port forward (ssh -L, kubectl port-forward) changes the port legitimately. Else 421.
+
+    Origin: a state-changing request (anything but GET/HEAD/OPTIONS) whose Origin is not this server (its Host, or
+    the X-Forwarded-Host a reverse proxy sets: neither can be set by a cross-site page without a CORS preflight,
+    which this server never grants), or which the browser marks Sec-Fetch-Site: cross-site, is refused with 403: a
+    plain HTML form or a no-cors fetch from any site could otherwise queue or cancel jobs. Clients that are not
+    browsers (curl, the OpenAI SDK) send no Origin and pass."""
+
+    SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app, host: str, token: bool):
+        self.app = app
+        bound = host.strip("[]").lower()
+        wildcard = _is_ip(bound) and ipaddress.ip_address(bound).is_unspecified
+        self.any_name = token and not is_loopback(bound)
+        self.names = {"localhost", bound}
+        if wildcard:
+            self.names |= {n.lower() for n in (socket.gethostname(), socket.getfqdn()) if n}
+
+    def _host_error(self, host: str | None) -> APIError | None:
+        if not host:
+            return APIError(400, "the request has no Host header")
+        m = _HOST.fullmatch(host.strip())
+        if m is None:
+            return APIError(400, f"the Host header {_short(host, 60)} is not a host name or address")
+        name = m.group(1).strip("[]").lower()
+        if self.any_name or name in self.names or _is_ip(name):
+            return None
+        return APIError(421, f"this server does not answer to the name {_short(name, 60)} (a protection against "
+                        f"DNS rebinding): use its address or localhost, or start it with --token-file to accept "
+                        f"any name")
+
+    @staticmethod
+    def _origin_error(headers: Headers) -> APIError | None:
+        origin = headers.get("origin")
+        if origin is not None:
+            own = {h.strip().lower() for h in (headers.get("host", ""),
+                                                headers.get("x-forwarded-host", "").split(",")[0]) if h.strip()}
+            scheme, sep, netloc = origin.strip().lower().partition("://")
+            if not sep or scheme not in ("http", "https") or netloc.rstrip("/") not in own:
+                return APIError(403, f"cross-origin request refused: Origin {_short(origin, 80)} is not this "
+                                f"server (send no Origin from programs; browsers must use this server's page)")
+        if headers.get("sec-fetch-site", "").strip().lower() == "cross-site":
+            return APIError(403, "cross-site request refused (Sec-Fetch-Site: cross-site)")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            error = self._host_error(headers.get("host"))
+            if error is None and scope.get("method", "GET") not in self.SAFE_METHODS:
+                error = self._origin_error(headers)
+            if error is not None:
+                await error_response(error.status, error.message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _BearerAuth:
@@ -402,17 +556,18 @@ def _service_errors():
 
 
 def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048_576,
-               static_dir: Path | None = None, max_streams: int = 256) -> FastAPI:
+               static_dir: Path | None = None, max_streams: int = 256, host: str = "127.0.0.1") -> FastAPI:
     """The FastAPI app over `service` (a started VideoService, or anything with its methods). token: when set, a
-    Bearer token every path needs but the page (/, /static/*) and /healthz. static_dir: the web page's folder
-    (default: the package's). max_streams: event streams open at once (serve.max_streams; more: 429, as each
-    holds one of the ingress's concurrent requests). app.state.end_streams() ends every open event stream."""
+    Bearer token every path needs but the page (/, /static/*), /healthz and /livez. static_dir: the web page's
+    folder (default: the package's). max_streams: event streams open at once (serve.max_streams; more: 429, as each
+    holds one of the ingress's concurrent requests). host: the address the server listens on (the Host names it
+    answers to follow from it and the token: _SameOrigin). app.state.end_streams() ends every open event stream."""
     if token is not None and not token:
         raise ValueError("the token is empty")
     static_dir = Path(static_dir) if static_dir is not None else WEB_DIR
     InvalidField, QueueFull = _service_errors()
-    app = FastAPI(title="Odyssey", docs_url=None, redoc_url=None, openapi_url=None)
-    streams: set = set()  # (loop, queue) of every open event stream
+    app = FastAPI(title="Odyssey", docs_url=None, redoc_url=None, openapi_url=None, default_response_class=_JSON)
+    streams: set = set()  # (loop, buffer) of every open event stream
     open_streams = [0]  # counted from the subscription on (the event loop's thread only)
     serve_config = getattr(getattr(service, "config", None), "serve", None)
     retry_after_s = getattr(serve_config, "retry_after_s", 10)
@@ -420,9 +575,9 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
     def end_streams() -> None:
         """End every open event stream now (thread-safe): the service is going away, and a graceful shutdown
         would otherwise wait for each watching client."""
-        for loop, queue in list(streams):
+        for loop, buffer in list(streams):
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                loop.call_soon_threadsafe(buffer.put, None)
             except RuntimeError:
                 pass
 
@@ -472,7 +627,7 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
             video = await call(service.submit, fields)
         except RuntimeError as e:  # QueueFull became a 429 in call(): this is a service that cannot run anything
             raise APIError(503, f"the service cannot take jobs: {str(e)[:500]}") from None
-        return JSONResponse(video)
+        return _JSON(video)
 
     @app.get("/v1/videos")
     async def list_videos(request: Request):
@@ -551,11 +706,11 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
 
     async def _open_stream(video_id: str):
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        buffer = _EventBuffer()
 
         def deliver(event: str, data: dict) -> None:  # from the service's thread (or inside subscribe)
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (event, data))
+                loop.call_soon_threadsafe(buffer.put, (event, data))
             except RuntimeError:  # the loop is closed: the stream is long gone
                 pass
 
@@ -563,22 +718,25 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
         if unsubscribe is None:
             raise _not_found(video_id)
 
-        streams.add((loop, queue))
+        streams.add((loop, buffer))
 
         async def close():  # the response is over, however it ended
-            streams.discard((loop, queue))
+            streams.discard((loop, buffer))
             open_streams[0] -= 1
             await run_in_threadpool(unsubscribe)
 
         async def stream():
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                    item = await buffer.get(HEARTBEAT_S)
                 except asyncio.TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
                 if item is None:  # end_streams()
                     yield ": the server is shutting down\n\n"
+                    return
+                if item is _EventBuffer.OVERFLOW:
+                    yield ": too many events waiting for this client; reconnect for the current state\n\n"
                     return
                 event, data = item
                 yield f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
@@ -599,17 +757,25 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
                 return model
         raise APIError(404, f"no model {_short(model_id, 60)}", param="model")
 
+    @app.get("/livez")
+    async def livez():
+        """Liveness: 200 whenever the ingress answers (a probe that restarts what does not answer this one)."""
+        return {"status": "ok"}
+
     @app.get("/healthz")
     async def healthz():
+        """Readiness, never a liveness probe: 200 once every model replica has loaded, 503 meanwhile (loading a
+        14B model takes minutes: a liveness probe on this would restart the service before it is ever up) and
+        when no replica can start (the error says why)."""
         health = dict(await call(service.health))
         if health.get("ready"):
             health.pop("error", None)
             return {"status": "ok", **health}
         problem = health.pop("error", None)
         message = problem or f"replicas loading ({health.get('replicas_up', 0)} of {health.get('replicas', '?')} up)"
-        return JSONResponse({"status": "error" if problem else "starting", **health,
-                             "error": {"message": message, "type": "service_unavailable_error", "param": None}},
-                            status_code=503)
+        return _JSON({"status": "error" if problem else "starting", **health,
+                      "error": {"message": message, "type": "service_unavailable_error", "param": None}},
+                     status_code=503)
 
     # -- the web page
 
@@ -624,5 +790,6 @@ def create_app(service, *, token: str | None = None, max_body_bytes: int = 1_048
 
     if token is not None:
         app.add_middleware(_BearerAuth, token=token)
-    app.add_middleware(_SecurityHeaders)  # the last added is the outermost: a 401 gets the headers too
+    app.add_middleware(_SameOrigin, host=host, token=token is not None)  # before the token: a rebound page has none
+    app.add_middleware(_SecurityHeaders)  # the last added is the outermost: a 401 or 421 gets the headers too
     return app

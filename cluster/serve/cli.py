@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -136,7 +137,9 @@ def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, ho
             raise ValueError(f"the output folder {output_dir} is a symbolic link; pass the folder it points to")
         check_folder_free(output_dir)
         Driver(config, address=address, progress=None).validate()  # weights folder, step cache: before Ray
-        check_listen(host, port)
+        joins = bool(address or os.environ.get("RAY_ADDRESS"))
+        if not joins:  # a Ray of its own, so a Serve of its own: its proxy binds host:port on this machine
+            check_listen(host, port)
     except ValueError as e:
         raise InputError(str(e)) from None
     model_name = model_name_of(config_source)
@@ -149,14 +152,29 @@ def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, ho
     # Ray's core worker takes SIGTERM over (a stack dump, then death, leaving the Serve app behind): SIGTERM
     # stops the service like Ctrl-C again.
     signal.signal(signal.SIGTERM, _interrupt)
-    owns_serve = False
+    owns_serve = deployed = False
     try:
-        owns_serve = not _serve_running()
+        if _serve_running():
+            # another user's application of that name would be replaced, then deleted when this command stops
+            if APP_NAME in ray_serve.status().applications:
+                raise InputError(f"Ray Serve on this cluster already runs an application named {APP_NAME} (`serve "
+                                 f"status` shows it; `serve shutdown` removes it, or stop the odyssey serve that "
+                                 f"deployed it)")
+        else:
+            owns_serve = True
+            if joins:
+                try:
+                    check_listen(host, port)
+                except ValueError as e:
+                    raise InputError(str(e)) from None
         ray_serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
+        host, port = _listening(host, port, owns_serve, token is not None or insecure)
+        config = dataclasses.replace(config, serve=dataclasses.replace(config.serve, host=host, port=port))
         # the ingress runs on this machine, where --output-dir is (any node would do for HTTP and bookkeeping)
         here = {"num_cpus": 0, "resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}}
         app = ingress(config, output_dir=output_dir.expanduser().resolve(), model_name=model_name, token=token,
                       ray_actor_options=here, max_constructor_retry_count=1)
+        deployed = True  # from here on the application is this command's, even if the deploy fails half-way
         try:
             ray_serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
@@ -170,26 +188,55 @@ def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, ho
         except KeyboardInterrupt:
             click.echo("odyssey: stopping", err=True)
     finally:
-        _stop(owns_serve, owns_ray)
+        _stop(owns_serve, owns_ray, deployed)
+
+
+def _listening(host: str, port: int, owns_serve: bool, allowed_public: bool) -> tuple[str, int]:
+    """Where Serve's proxies really listen. A Serve already running keeps the address it started with and ignores
+    the one asked for (with a warning in its log only): refused here unless they agree, so what this command
+    prints is where the API is. InputError."""
+    from ..cli import InputError, RunFailed
+    from .app import proxy_address
+
+    real = proxy_address()
+    if real is None:
+        if not owns_serve:
+            raise RunFailed("cannot read the HTTP address of the Ray Serve running on this cluster")
+        real = (host, port)  # this command started it with these
+    real_host, real_port = real
+    if real_host is None:
+        raise InputError("Ray Serve on this cluster runs without HTTP proxies; `serve shutdown` it first (then "
+                         "this command starts Serve with --host/--port)")
+    if real_host.strip("[]").lower() != host.strip("[]").lower() or real_port != port:
+        raise InputError(f"Ray Serve on this cluster already listens on {_url(real_host, real_port)}, not "
+                         f"{_url(host, port)} (a running Serve keeps its address): pass --host {real_host} --port "
+                         f"{real_port}, or `serve shutdown` first")
+    if not is_loopback(real_host) and not allowed_public:
+        raise InputError(f"Ray Serve on this cluster listens on {real_host} without a token: give --token-file FILE "
+                         f"(or --insecure to allow it)")
+    return real_host, real_port
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _stop(owns_serve: bool, owns_ray: bool) -> None:
+def _stop(owns_serve: bool, owns_ray: bool, deployed: bool) -> None:
+    """Undo what this command did, and only that: its application (never one it found), the Serve it started,
+    the Ray it started."""
     import ray
     from ray import serve as ray_serve
 
     try:
-        try:  # streams ended and model replicas stopped first: Serve's drain would wait for every open stream
-            ray_serve.get_app_handle(APP_NAME).shutdown_service.remote().result(timeout_s=60)
-        except Exception as e:  # noqa: BLE001 - not deployed (a failed start), or already gone
-            logging.getLogger(__name__).debug("shutdown_service: %s", e)
+        if deployed:
+            try:  # streams ended and model replicas stopped first: Serve's drain would wait for every open stream
+                ray_serve.get_app_handle(APP_NAME).shutdown_service.remote().result(timeout_s=60)
+            except Exception as e:  # noqa: BLE001 - a failed start, or already gone
+                logging.getLogger(__name__).debug("shutdown_service: %s", e)
+            if not owns_serve:
+                ray_serve.delete(APP_NAME)
         if owns_serve:
             ray_serve.shutdown()
-        else:
-            ray_serve.delete(APP_NAME)
     finally:
         if owns_ray:
             ray.shutdown()
