@@ -7,8 +7,10 @@ through Serve's proxy, and Ctrl-C leaves no process behind."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -260,6 +262,50 @@ def test_host_origin_and_content_type_checks_through_serves_proxy(server):
                                                                     "content-type": "application/json"})
     assert r.status_code == 200, r.text
     assert httpx.delete(f"{server.url}/v1/videos/{r.json()['id']}", headers={"origin": server.url}).status_code == 200
+
+
+ATTACKER_PAGE = """<!doctype html><title>some site</title>
+<form id="f" method="POST" action="{api}"><input name="prompt" value="csrf form"></form>
+<script>
+const api = "{api}";
+const tries = [
+  {{body: new URLSearchParams({{prompt: "csrf urlencoded"}})}},                         // a simple request
+  {{body: new Blob([JSON.stringify({{prompt: "csrf blob"}})])}},                      // no Content-Type
+  {{body: JSON.stringify({{prompt: "csrf text"}}), headers: {{"Content-Type": "text/plain"}}}},
+];
+Promise.allSettled(tries.map((t) => fetch(api, {{method: "POST", mode: "no-cors", ...t}})))
+  .then(() => {{ document.title = "sent"; document.getElementById("f").submit(); }});
+</script>"""
+
+
+def test_a_page_on_another_site_cannot_queue_jobs(server, tmp_path):
+    """What a web page the user visits can send to a loopback server without any token: no-cors fetches and a
+    plain form POST, from headless Chromium on another origin (localhost:<other port>, another site too)."""
+    import http.server
+
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    chromium = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
+    if chromium is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    (tmp_path / "index.html").write_text(ATTACKER_PAGE.format(api=f"{server.url}/v1/videos"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    before = httpx.get(f"{server.url}/v1/videos", params={"limit": 100}).json()["data"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            with page.expect_navigation(url=f"{server.url}/v1/videos", timeout=30_000):
+                page.goto(f"http://localhost:{site.server_address[1]}/index.html")
+            answer = json.loads(page.inner_text("body"))  # what the form's navigation got
+            browser.close()
+    finally:
+        site.shutdown()
+    assert (answer.get("error") or {}).get("type") == "permission_error", answer  # not a video object
+    after = httpx.get(f"{server.url}/v1/videos", params={"limit": 100}).json()["data"]
+    assert [v["prompt"] for v in after if v["prompt"].startswith("csrf")] == []
+    assert after == before
 
 
 def test_ctrl_c_stops_everything(server):
