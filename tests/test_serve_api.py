@@ -1007,7 +1007,7 @@ def test_ingress_health_check_restarts_only_for_a_fatal_error_that_is_not_the_co
     from cluster.placement import PlacementError
 
     def check(error, fatal):  # the method on a stand-in for the replica: only its service is used
-        service = SimpleNamespace(health=lambda: {"ready": False, "error": error}, driver=SimpleNamespace(fatal=fatal))
+        service = SimpleNamespace(health=lambda: {"ready": False, "error": error}, fatal=fatal)
         asyncio.run(OdysseyIngress.func_or_class.check_health(SimpleNamespace(service=service)))
 
     check(None, None)  # healthy, loading or not

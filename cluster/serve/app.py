@@ -78,7 +78,7 @@ class OdysseyIngress:
         health = await asyncio.to_thread(self.service.health)
         if not health.get("error"):
             return
-        fatal = getattr(getattr(self.service, "driver", None), "fatal", None)
+        fatal = getattr(self.service, "fatal", None)
         if fatal is not None and not isinstance(fatal, ValueError):
             raise RuntimeError(f"the service stopped: {health['error']}")
 

@@ -103,6 +103,7 @@ class VideoService:
         self._threads: list[threading.Thread] = []
         self._store: JobStore | None = None
         self._dir_lock: int | None = None
+        self._start_error: BaseException | None = None
         self.created = int(time.time())
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -126,10 +127,16 @@ class VideoService:
             t.start()
             self._threads.append(t)
 
+    @property
+    def fatal(self) -> BaseException | None:
+        """What stopped every replica for good: the driver's fatal error, or what its start raised."""
+        return (self.driver.fatal if self.driver is not None else None) or self._start_error
+
     def _start_driver(self) -> None:
         try:
             self.driver.start()
         except BaseException as e:  # noqa: BLE001 - reported by health() and to every job
+            self._start_error = e
             if not self._stop.is_set():
                 log.error("no replica can start: %s", e)
                 self._fail_all(f"no replica can start: {e}")
