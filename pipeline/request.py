@@ -96,7 +96,7 @@ class GenerateRequest:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-            if value is not None and not _utf8(value):  # a lone surrogate from JSON: no file or reply could hold it
+            if value is not None and not is_utf8(value):  # a lone surrogate from JSON: no file or reply could hold it
                 raise ValueError(f"{name} is not valid text (it holds a lone UTF-16 surrogate)")
         if len(self.request_id) > 128 or not self.request_id.isprintable():
             raise ValueError(f"request_id must be at most 128 printable characters, got {self.request_id!r:.60}")
@@ -121,7 +121,8 @@ class GenerateRequest:
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def _utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (a lone surrogate from JSON cannot)."""
     try:
         text.encode("utf-8")
         return True

@@ -34,6 +34,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
+from pipeline.request import is_utf8
+
 from .cli import is_loopback
 
 __all__ = ["create_app", "APIError", "coerce_json", "coerce_form", "parse_range", "WEB_DIR", "MAX_BUFFERED"]
@@ -88,14 +90,6 @@ class _JSON(JSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def _text(value: str | None) -> str | None:
     """Text any reply can carry: lone surrogates written as their escapes."""
     return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -117,7 +111,7 @@ def _short(value: Any, n: int = 60) -> str:
 
 def _check_names(names: list[str]) -> None:
     for name in names:
-        if not _utf8(name):  # from a JSON escape: no log line, record or reply could hold it as it is
+        if not is_utf8(name):  # from a JSON escape: no log line, record or reply could hold it as it is
             raise APIError(422, f"the field name {_short(name, 40)} is not valid text (a lone UTF-16 surrogate)",
                            param=name[:100])
         if name in UNSUPPORTED:
