@@ -14,7 +14,7 @@ step and one preview), which a loaded machine makes noisy; so also the time insi
 runs over their step time (in-run share: what a preview costs a step). Beside it, the preview's own time per call,
 timed alone: x0 = x - sigma * v on this rank's
 tokens, the gather (none on one rank), unpatchify, the linear map of the middle latent frame, the upscale and the
-copy to a uint8 array (Runner._preview), and the fit of the map at load.
+copy to a uint8 array (Runner._preview), and the fit of the map (once per decoder, at the first preview).
 
 1. embedded: the embedded model (tiny preset: 32 x 32, 17 frames, UniPC, guidance 4), its own decoder.
 2. random: a 1.3B-shaped Wan DiT (dim 1536, 12 heads, ffn 8960, text 512 x 4096, --layers blocks, random weights)

@@ -11,13 +11,14 @@ the frames before it in its cache, unlike the first one (on a random Wan decoder
 correlates 0.16 with middle frames, one fitted to second frames 0.77).
 The fitting latents imitate what a video's latents look like, not white noise: half are objects on a background
 (a quiet field with a few discs, each one random latent vector), half smooth fields (coarse noise upsampled). On
-the embedded model's own x0 estimates that fit gives 21 dB and a correlation of 0.76 against the real decode pooled
-to the latent grid (white noise: 18 dB and 0.60; a linear map fitted on those very estimates, the best any linear
-map can do there: 23 dB and 0.86); tests/test_preview.py holds both decoders to bounds. The fit decodes 6 latents of
-2 x 8 x 8 (a third of the 8 of 2 x 12 x 12 it decoded before, which scored 21.1 dB / 0.76 on the embedded model and
-22.0 / 0.72 on a small random Wan decoder; these 20.4 / 0.73 and 20.4 / 0.65): a fraction of a second on a GPU or
-for the embedded model, about 10 s for the full-size Wan2.1 decoder on 2 CPU cores. It runs once per decoder
-instance (fitted_previewer caches it), on the first preview a request asks for, not at load.
+the embedded model's own x0 estimates that fit gives 20.4 dB and a correlation of 0.73 against the real decode
+pooled to the latent grid (white noise: 18 dB and 0.60; a linear map fitted on those very estimates, the best any
+linear map can do there: 23 dB and 0.86); tests/test_preview.py holds both decoders to bounds. The fit decodes 6
+latents of 2 x 8 x 8, a third of the pixels of the 8 of 2 x 12 x 12 it used to (those scored 21.1 dB / 0.76 on the
+embedded model and 22.0 / 0.72 on a small random Wan decoder, against 20.4 / 0.73 and 20.4 / 0.65 now): 0.03 s of
+CPU for the embedded decoder (0.07 before), 13 s of one CPU core for the full-size Wan2.1 decoder (37 s before); not
+measured on a GPU. It runs once per decoder instance (fitted_previewer caches it), at the first preview
+a request asks for, not at load (runtime.load_timeout_s and every load with previews off pay nothing).
 
 Legend: z latent channels, T latent frames, h/w latent rows/columns, s the decoder's spatial stride, N pixels.
 """

@@ -282,6 +282,7 @@ class Runner:
             yield from self._generate(request)
         finally:
             self._forget(request.request_id)
+            self._preview_failed = None
 
     @torch.no_grad()
     def _generate(self, request: GenerateRequest) -> Iterator[Event]:
