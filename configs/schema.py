@@ -141,7 +141,8 @@ class SamplingConfig:
     preview_every: int = 0
     """Live previews: every this many denoising steps (never after the last), rank 0 emits a Preview event, a small
     RGB image (longest side <= 256 px) of the model's current estimate of the clean video's middle latent frame,
-    through a linear latent-to-RGB map fitted to the decoder at load. 0 turns previews off; `odyssey serve` and
+    through a linear latent-to-RGB map fitted to the loaded decoder at the first preview (once: a few small decodes
+    on rank 0). 0 turns previews off; `odyssey serve` and
     `odyssey generate --preview` use 5 when this is 0."""
 
     def __post_init__(self) -> None:
