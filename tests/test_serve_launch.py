@@ -337,6 +337,14 @@ def test_rayservice_runs_the_serve_yaml_application_on_the_head(tmp_path):
     assert ports["serve"] == config.http_options.port
     assert {"gcs-server", "dashboard", "client"} <= set(ports), "listing ports replaces KubeRay's defaults"
     assert config.http_options.request_timeout_s is None
+    # The GPU workers keep KubeRay's readiness probe (raylet + a Serve proxy on 8000): Serve runs proxies only on
+    # the head and where Serve replicas are, so it keeps the workers, which the serve Service selects (KubeRay
+    # labels every RayService worker ray.io/serve=true), out of that Service. A probe of our own (raylet only)
+    # would make them Ready endpoints that refuse the API's port.
+    assert all(d.name == "OdysseyIngress" for d in app.deployments), "a Serve replica would put a proxy on a worker"
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            assert "readinessProbe" not in container, "workers would join odyssey-serve-serve-svc without a proxy"
 
 
 def test_rayservice_cluster_is_the_rayjob_cluster():
