@@ -182,16 +182,7 @@ def local_head(tmp_path_factory):
         # Job entrypoints run in sessions of their own and escape the group: end every process of this head,
         # which is any naming its --temp-dir or living in its (or a test worker's) HOME, then check none is left.
         homes = [node, *tmp_path_factory.getbasetemp().glob("test_workers_join*/worker")]
-        leftover = _processes_of(temp, homes)
-        for pid in leftover:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 20
-        while (left := _processes_of(temp, homes)) and time.time() < deadline:
-            time.sleep(0.3)
-        shutil.rmtree(temp, ignore_errors=True)
+        left = _sweep(temp, homes)
         assert not left, f"processes of the local.yaml head survived its teardown: {left}"
 
 
@@ -210,6 +201,21 @@ def _processes_of(temp: str, homes: list[Path]) -> list[int]:
         if any(m in seen for m in marks):
             found.append(int(entry.name))
     return found
+
+
+def _sweep(temp: str, homes: list[Path], wait_s: float = 20.0) -> list[int]:
+    """SIGKILL every process of a head (_processes_of), wait up to wait_s for them to go, remove temp; returns the
+    ones still alive."""
+    for pid in _processes_of(temp, homes):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + wait_s
+    while (left := _processes_of(temp, homes)) and time.time() < deadline:
+        time.sleep(0.3)
+    shutil.rmtree(temp, ignore_errors=True)
+    return left
 
 
 def _accepts_jobs(address: str, token: str) -> str | None:

@@ -362,10 +362,9 @@ def test_joining_a_cluster_where_serve_runs(tmp_path):
     deleted on exit); Serve's address cannot change while it runs, so another --port is refused instead of printing
     an address nobody listens on; on Serve's own address the service runs, and its stop removes only its own
     application (Serve and the other application stay)."""
-    import shutil
     import tempfile
 
-    from tests.test_launch import _processes_of
+    from tests.test_launch import _sweep
 
     home = tmp_path / "home"
     home.mkdir()
@@ -442,9 +441,4 @@ def test_joining_a_cluster_where_serve_runs(tmp_path):
             pass
         head.wait(timeout=30)
         log.close()
-        for pid in _processes_of(temp, [home]):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        _sweep(temp, [home])

@@ -374,7 +374,6 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
     of serve.yaml with only its head paths and port changed (output_dir, the HTTP port: this machine is shared); the
     API answers on loopback, makes a video, and the ingress's records land in output_dir."""
     import os
-    import shutil
     import signal
     import subprocess
     import sys
@@ -383,7 +382,7 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
     import urllib.request
 
     from cluster.video import read_mp4
-    from tests.test_launch import _free_port, _processes_of
+    from tests.test_launch import _free_port, _sweep
 
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "home"
@@ -448,15 +447,7 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
             pass
         head.wait(timeout=30)
         log.close()
-        for pid in _processes_of(temp, [home]):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        end = time.time() + 20
-        while (left := _processes_of(temp, [home])) and time.time() < end:
-            time.sleep(0.3)
-        shutil.rmtree(temp, ignore_errors=True)
+        left = _sweep(temp, [home])
         assert not left, f"processes of the head survived its teardown: {left}"
 
 
