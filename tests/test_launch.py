@@ -203,9 +203,15 @@ def _processes_of(temp: str, homes: list[Path]) -> list[int]:
     return found
 
 
-def _sweep(temp: str, homes: list[Path], wait_s: float = 20.0) -> list[int]:
-    """SIGKILL every process of a head (_processes_of), wait up to wait_s for them to go, remove temp; returns the
-    ones still alive."""
+def _sweep(temp: str, homes: list[Path], head: subprocess.Popen | None = None, wait_s: float = 20.0) -> list[int]:
+    """SIGKILL a head's process group (when given), then every process of that head outside it (_processes_of), wait
+    up to wait_s for them to go, remove temp; returns the ones still alive."""
+    if head is not None:
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
     for pid in _processes_of(temp, homes):
         try:
             os.kill(pid, signal.SIGKILL)

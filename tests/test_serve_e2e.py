@@ -435,10 +435,5 @@ def test_joining_a_cluster_where_serve_runs(tmp_path):
     finally:
         if serving is not None and serving.poll() is None:
             os.killpg(serving.pid, signal.SIGKILL)
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait(timeout=30)
+        _sweep(temp, [home], head)
         log.close()
-        _sweep(temp, [home])

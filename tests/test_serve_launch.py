@@ -374,7 +374,6 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
     of serve.yaml with only its head paths and port changed (output_dir, the HTTP port: this machine is shared); the
     API answers on loopback, makes a video, and the ingress's records land in output_dir."""
     import os
-    import signal
     import subprocess
     import sys
     import tempfile
@@ -441,13 +440,8 @@ def test_serve_deploy_of_serve_yaml_serves_videos(tmp_path):
     finally:
         # Nothing here is about a graceful stop (SIGTERM waits for Ray's own teardown): end the head's group, then
         # any process of this head outside it (naming its --temp-dir or living in its HOME), and check none is left.
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait(timeout=30)
+        left = _sweep(temp, [home], head)
         log.close()
-        left = _sweep(temp, [home])
         assert not left, f"processes of the head survived its teardown: {left}"
 
 
