@@ -28,7 +28,8 @@ single-process ones before anything starts NCCL):
                     exercised there); (c) the real SeqToHead/HeadToSeq all-to-alls, native and fp8, fused or not,
                     chunked, on NCCL; (b) the fp8 codec round trip on CUDA; (d) fuse_qkv="auto" planning returns.
 5. runner           the Runner on the device in bf16 (one rank, NCCL) on a small random Wan pipeline, 20 steps, vs the
-                    same request on CPU in fp32 (PSNR of the frames); runner_embedded: the embedded model through
+                    same request on CPU in fp32 (PSNR of the frames), and again with a live preview after every
+                    step (count, time vs without, the video unchanged); runner_embedded: the embedded model through
                     the Runner on the device, analyzer vs prompt for the 40 canonical prompts at seed 1000. Times
                     are of generate only (no process-group start-up or model load).
 6. ray_generate     `odyssey generate` with runtime.device=cuda through one Ray actor holding the GPU (needs Ray).

@@ -286,9 +286,10 @@ def write_small_pipeline(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def run_runner(overrides: list[str], requests: list, preset: str | None = None) -> tuple[list[np.ndarray], float]:
+def run_runner(overrides: list[str], requests: list, preset: str | None = None,
+               events: list | None = None) -> tuple[list[np.ndarray], float]:
     """(videos [F, H, W, 3] uint8 for resolved requests, seconds in generate) through one one-rank Runner; the
-    seconds leave out the process group's start-up and the model load."""
+    seconds leave out the process group's start-up and the model load. events: every event is appended to it."""
     from configs import load_config
     from pipeline.request import Frame
     from pipeline.runner import Runner
@@ -301,9 +302,12 @@ def run_runner(overrides: list[str], requests: list, preset: str | None = None) 
             for request in requests:
                 resolved = request.resolve(cfg)
                 t0 = time.perf_counter()
-                frames = [e.image for e in runner.generate(resolved) if isinstance(e, Frame)]
+                seen = list(runner.generate(resolved))
+                frames = [e.image for e in seen if isinstance(e, Frame)]
                 seconds += time.perf_counter() - t0
                 videos.append(np.stack(frames))
+                if events is not None:
+                    events.extend(seen)
             return videos, seconds
         finally:
             runner.close()
@@ -330,6 +334,20 @@ def check_runner(ctx: Ctx, row: Row) -> None:
                        psnr_dB=round(value, 1))
     if on_device.shape != on_cpu.shape or not value >= 25.0:
         raise CheckFailed(f"{ctx.device.type} bf16 vs CPU fp32: PSNR {value:.1f} dB (want >= 25)")
+    # Live previews (odyssey serve): a preview after every step, its map fitted at the first one, against the run
+    # above; previews only read the state, so the video must not change.
+    from pipeline.request import Preview
+
+    events: list = []
+    (previewed,), preview_s = run_runner(common + [f"runtime.device={ctx.device.type}", "model.dtype=bfloat16",
+                                                   "sampling.preview_every=1"], [request], events=events)
+    previews = [e for e in events if isinstance(e, Preview)]
+    row.figures.update(previews=len(previews), preview_every_1_s=round(preview_s, 2),
+                       preview_cost=f"{preview_s / seconds - 1:+.1%} (fit included)")
+    if len(previews) != 19 or previews[-1].image.dtype != np.uint8 or max(previews[-1].image.shape[:2]) > 256:
+        raise CheckFailed(f"{len(previews)} previews (want 19, uint8, <= 256 px)")
+    if psnr(previewed, on_device) < 40.0:
+        raise CheckFailed(f"previews changed the video: PSNR {psnr(previewed, on_device):.1f} dB vs without")
 
 
 def check_runner_embedded(ctx: Ctx, row: Row) -> None:
