@@ -220,13 +220,13 @@ class PreviewFile:
     def write(self, image) -> None:
         import tempfile
 
-        import imageio.v3 as iio
+        from .video import png_bytes
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(iio.imwrite("<bytes>", image, extension=".png"))
+                f.write(png_bytes(image))
             os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the image from a viewer run by someone else
             os.replace(tmp, self.path)
         except BaseException:

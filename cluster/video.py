@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["StreamingMP4", "read_mp4", "clean_stale_partials", "PARTIAL_SUFFIX", "RUN_ID"]
+__all__ = ["StreamingMP4", "png_bytes", "read_mp4", "clean_stale_partials", "PARTIAL_SUFFIX", "RUN_ID"]
 
 PARTIAL_SUFFIX = ".partial.mp4"
 RUN_ID = uuid.uuid4().hex[:12]
@@ -211,6 +211,13 @@ class StreamingMP4:
         if self._locked is not None:
             _LOCKS.release(self._locked)
             self._locked = None
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One RGB image [H, W, 3] uint8 as PNG (live previews: the service's and `generate --preview`'s)."""
+    import imageio.v3 as iio
+
+    return iio.imwrite("<bytes>", image, extension=".png")
 
 
 def read_mp4(path: Path) -> tuple[np.ndarray, float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import io
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from configs import OdysseyConfig
 from pipeline.request import Frame, GenerateRequest, Preview, Progress, Result
 
 from ..driver import Driver, Job
-from ..video import StreamingMP4, clean_stale_partials
+from ..video import StreamingMP4, clean_stale_partials, png_bytes
 from .store import JobStore
 
 __all__ = ["VideoService", "InvalidField", "QueueFull", "ServiceUnavailable", "ID_RE", "FINAL"]
@@ -454,7 +453,7 @@ class VideoService:
             self._save(rec)
             return "completed", self._object(rec)
         if isinstance(event, Preview):
-            png = _png(event.image)
+            png = png_bytes(event.image)
             rec.preview = (event.step, event.total, png)
             return "preview", _preview_data(rec.preview)
         return None
@@ -557,14 +556,6 @@ def _param_of(message: str) -> str | None:
     if "guidance" in message:
         return "guidance_scale"
     return None
-
-
-def _png(image) -> bytes:
-    import imageio.v3 as iio
-
-    buf = io.BytesIO()
-    iio.imwrite(buf, image, extension=".png")
-    return buf.getvalue()
 
 
 def _preview_data(preview: tuple[int, int, bytes]) -> dict:
