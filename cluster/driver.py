@@ -25,7 +25,7 @@ from .manifest import append_manifest_line
 from .progress import ProgressReporter, cache_note, make_reporter
 from .replica import POLL_S, Replica, ReplicaFailed, RequestCancelled, RequestFailed, RequestRejected
 from .token_file import secure_default_token
-from .validate import check_batch, check_config_cache
+from .validate import check_batch, check_config
 from .video import StreamingMP4
 
 __all__ = ["Driver", "Job", "Outcome", "connect_ray"]
@@ -120,8 +120,8 @@ class Driver:
         self.close()
 
     def validate(self) -> None:
-        """Checks that need no cluster: the weights folder (when this machine is the cluster), and that the model
-        can use the configured step cache."""
+        """Checks that need no cluster: the weights folder (when this machine is the cluster), that the model
+        can use the configured step cache, and that this torch can shard weights when asked to."""
         import ray
 
         path = self.config.model.path
@@ -132,7 +132,7 @@ class Driver:
             if not Path(path).expanduser().exists():
                 raise ValueError(f"model.path {path} does not exist (download the weights there or "
                                  f"--set model.path=/path/to/Wan2.1-folder)")
-        check_config_cache(self.config)
+        check_config(self.config)
 
     def start(self) -> None:
         """Plan, ask for what the cluster lacks, start every replica slot, and return once the first replica is up

@@ -7,6 +7,9 @@ latent or 10^8 steps, and a bad one fails the batch with one line before anythin
 A step cache the model cannot use (teacache on a DiT TeaCache has no coefficients for) is refused here too, from the
 DiT config read on the driver (config.json and safetensors headers, never a weight): the ranks would refuse it
 anyway, but only after the cluster had placed and loaded every replica.
+
+Sharded weights (parallel.shard_weights, model.shard_text_encoder) on a torch without FSDP2's pieces are refused
+here too, on the driver, before any actor starts: the workers run the driver's torch (one environment per cluster).
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ from configs import OdysseyConfig
 from pipeline.dit import WanDiTConfig
 from pipeline.step_cache import check_cache
 
+try:
+    from pipeline.sharding import fsdp_unavailable
+except ImportError:  # pipeline/sharding.py not landed yet (issue #15, helper A): treat FSDP2 as available
+    def fsdp_unavailable() -> str | None:
+        return None
+
 from .manifest import check_manifest
 
-__all__ = ["check_batch", "check_config_cache", "check_request_cache", "model_dit_config"]
+__all__ = ["check_batch", "check_config", "check_config_cache", "check_config_sharding", "check_request_cache",
+           "model_dit_config"]
 
 
 def check_batch(jobs: Sequence, config: OdysseyConfig, manifest: Path | None) -> None:
@@ -76,6 +86,23 @@ def check_config_cache(config: OdysseyConfig) -> None:
             check_cache(s.cache, s.cache_threshold, s.steps, model_dit_config(config))
         except ValueError as e:
             raise ValueError(f"sampling.cache: {e}") from None
+
+
+def check_config_sharding(config: OdysseyConfig) -> None:
+    """ValueError (one line) when the config shards weights but this torch cannot (pipeline.sharding says why)."""
+    if not (config.parallel.shard_weights or config.model.shard_text_encoder):
+        return
+    reason = fsdp_unavailable()
+    if reason is not None:
+        key = "parallel.shard_weights" if config.parallel.shard_weights else "model.shard_text_encoder"
+        raise ValueError(f"{key}: {reason}")
+
+
+def check_config(config: OdysseyConfig) -> None:
+    """Every check of the config alone that needs the model's headers or this torch (the step cache, sharding):
+    what the driver runs before it starts anything."""
+    check_config_cache(config)
+    check_config_sharding(config)
 
 
 def check_request_cache(request, config: OdysseyConfig) -> None:

@@ -19,6 +19,12 @@ __all__ = ["serve", "check_listen", "is_loopback"]
 APP_NAME = "odyssey"
 
 
+# --shard-weights of every command that takes --ulysses (cluster/cli.py imports it from here: see _config_options)
+SHARD_WEIGHTS_HELP = ("Shard the DiT's weights over the replica's ranks (FSDP2) instead of a whole copy on each GPU, "
+                      "so a model larger than one GPU fits; costs one all-gather of each block's weights per forward, "
+                      "prefetched (parallel.shard_weights=true; needs --ulysses 2+ or --cfg-parallel).")
+
+
 def _config_options(fn):
     """cluster/cli.py's --config/--set. That module registers this command when it loads, so this one imports it
     only inside functions (a module-level import is circular whenever this module is imported first)."""
@@ -102,6 +108,7 @@ def _deploy_error(e: Exception) -> str:
 @click.command("serve")
 @_config_options
 @click.option("--ulysses", type=click.IntRange(1), help="Ranks per video (sequence parallel degree).")
+@click.option("--shard-weights", is_flag=True, help=SHARD_WEIGHTS_HELP)
 @click.option("--cfg-parallel", is_flag=True, help="Run the two guidance passes on two halves of the ranks.")
 @click.option("--replicas", type=click.IntRange(1), help="Model copies serving requests at once.")
 @click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster in-process).")
@@ -113,8 +120,8 @@ def _deploy_error(e: Exception) -> str:
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/serve"),
               show_default=True, help="Jobs database and videos (kept across restarts).")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
-def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, host, port, token_file, output_dir,
-          insecure):
+def serve(config_source, overrides, ulysses, shard_weights, cfg_parallel, replicas, address, host, port, token_file,
+          output_dir, insecure):
     """Serve text-to-video over HTTP (OpenAI's video API, live progress and previews, a web page at /)."""
     from ..cli import InputError, RunFailed, resolve_config
     from ..driver import Driver, connect_ray
@@ -122,7 +129,7 @@ def serve(config_source, overrides, ulysses, cfg_parallel, replicas, address, ho
     from .app import ingress, model_name_of, read_token_file, with_previews
 
     config = with_previews(resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel,
-                                          replicas=replicas))
+                                          replicas=replicas, shard_weights=shard_weights))
     host = host if host is not None else config.serve.host
     port = port if port is not None else config.serve.port
     token = None
