@@ -12,7 +12,8 @@ import torch
 
 from .weights import WeightsError, check_keys, inside_model, model_root, rename_first
 
-__all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR"]
+__all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR", "locate", "load_tokenizer", "original_state",
+           "original_config"]
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +41,71 @@ def _hf_name(key: str) -> str:
     return name
 
 
-def _load_original(path: Path, dtype):
-    from transformers import UMT5Config, UMT5EncoderModel
-
+def original_state(path: Path) -> dict[str, torch.Tensor]:
+    """The original release's .pth under transformers' names, memory-mapped (weights_only: no code runs; mmap: a
+    tensor's pages are read only when used, so slicing a row range reads just those rows)."""
     raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = {_hf_name(k): v for k, v in raw.items()}
-    state["encoder.embed_tokens.weight"] = state["shared.weight"]
-    vocab, d_model = state["shared.weight"].shape
-    heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
-    cfg = UMT5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
-        d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-        num_layers=1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.block.")),
-        num_heads=heads,
-        relative_attention_num_buckets=state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[0],
+    return {_hf_name(k): v for k, v in raw.items()}
+
+
+def original_config(shapes: dict[str, tuple[int, ...]]):
+    """UMT5Config of the original release's encoder, from its tensors' shapes (transformers' names)."""
+    from transformers import UMT5Config
+
+    vocab, d_model = shapes["shared.weight"]
+    buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    return UMT5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads,
+        d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+        num_layers=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.")),
+        num_heads=heads, relative_attention_num_buckets=buckets,
         relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
         dropout_rate=0.0,
     )
+
+
+def _load_original(path: Path, dtype):
+    from transformers import UMT5EncoderModel
+
+    state = original_state(path)
+    state["encoder.embed_tokens.weight"] = state["shared.weight"]
     with torch.device("meta"):
-        model = UMT5EncoderModel(cfg)
+        model = UMT5EncoderModel(original_config({k: tuple(v.shape) for k, v in state.items()}))
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
                {k: tuple(v.shape) for k, v in state.items()}, f"{path} does not fit UMT5")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     model.tie_weights()
     return model
+
+
+def locate(path) -> tuple[bool, Path, Path]:
+    """(diffusers layout?, tokenizer folder, weights: text_encoder/ or the .pth) of a model folder, after checking
+    that everything to be read resolves inside it (the .pth is unpickled): WeightsError before any load."""
+    path = Path(path)
+    if (path / "text_encoder" / "config.json").is_file():
+        diffusers, tok_dir = True, path / "tokenizer"
+    elif (path / ORIGINAL_T5_FILE).is_file():
+        diffusers, tok_dir = False, path / ORIGINAL_TOKENIZER_DIR
+    else:
+        raise WeightsError(f"{path} holds no text encoder: expected text_encoder/ + tokenizer/ (diffusers) or "
+                           f"{ORIGINAL_T5_FILE} + {ORIGINAL_TOKENIZER_DIR}/ (original Wan2.1)")
+    if not tok_dir.is_dir():
+        raise WeightsError(f"tokenizer folder {tok_dir} is missing")
+    root = model_root(path)
+    for folder in (path / "text_encoder",) * diffusers + (tok_dir,):
+        inside_model(root, folder, "text encoder file")
+        for file in folder.iterdir():
+            inside_model(root, file, "text encoder file")
+    weights = path / "text_encoder" if diffusers else inside_model(root, path / ORIGINAL_T5_FILE, "text encoder file")
+    return diffusers, tok_dir, weights
+
+
+def load_tokenizer(tok_dir: Path):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 class WanTextEncoder:
@@ -85,31 +127,16 @@ class WanTextEncoder:
     def from_pretrained(cls, path, *, device="cpu", dtype=torch.bfloat16, text_len: int = 512) -> "WanTextEncoder":
         """A diffusers pipeline folder (text_encoder/ + tokenizer/) or the original Wan2.1 folder
         (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/)."""
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        path = Path(path)
-        if (path / "text_encoder" / "config.json").is_file():
-            diffusers, tok_dir = True, path / "tokenizer"
-        elif (path / ORIGINAL_T5_FILE).is_file():
-            diffusers, tok_dir = False, path / ORIGINAL_TOKENIZER_DIR
-        else:
-            raise WeightsError(f"{path} holds no text encoder: expected text_encoder/ + tokenizer/ (diffusers) or "
-                               f"{ORIGINAL_T5_FILE} + {ORIGINAL_TOKENIZER_DIR}/ (original Wan2.1)")
-        if not tok_dir.is_dir():
-            raise WeightsError(f"tokenizer folder {tok_dir} is missing")
-        # Everything read must resolve inside the model folder (the .pth is unpickled), checked before any load.
-        root = model_root(path)
-        for folder in (path / "text_encoder",) * diffusers + (tok_dir,):
-            inside_model(root, folder, "text encoder file")
-            for file in folder.iterdir():
-                inside_model(root, file, "text encoder file")
+        diffusers, tok_dir, weights = locate(path)  # everything read resolves inside the model folder
         if diffusers:
-            model = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype, use_safetensors=True)
+            model = UMT5EncoderModel.from_pretrained(weights, dtype=dtype, use_safetensors=True)
         else:
-            model = _load_original(inside_model(root, path / ORIGINAL_T5_FILE, "text encoder file"), dtype)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            model = _load_original(weights, dtype)
+        tokenizer = load_tokenizer(tok_dir)
         return cls(model.to(device), tokenizer, text_len)
 
     def to(self, device) -> "WanTextEncoder":
