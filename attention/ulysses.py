@@ -10,110 +10,62 @@ import torch
 import torch.distributed as dist
 
 from .comm import FP8Codec, HeadLayout, HeadToSeq, NativeCodec, SeqToHead, plan_fuse
-from .local import local_attention, resolve_backend
+from .local import local_attention
+from .ring import SIGNATURE_FIELDS, agree, check_inputs, comm_device, group_info, ring_pass, signature
 
 __all__ = ["ulysses_attention"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_SIGNATURE = ("inputs valid", "batch", "S_local", "heads", "head_dim", "dtype", "seq_len", "joint tokens",
-              "joint_first", "fuse_qkv", "fp8_comm", "head_chunks")
+_OPTION_FIELDS = ("fuse_qkv", "fp8_comm", "head_chunks")
 
 
-def _group_info(group) -> tuple[object, int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        if group is not None:
-            raise ValueError("ulysses_attention got a process group but torch.distributed is not initialised")
-        return None, 1, 0
-    group = group if group is not None else dist.group.WORLD
-    return group, dist.get_world_size(group), dist.get_rank(group)
-
-
-def _comm_device(group, q: torch.Tensor) -> torch.device:
-    backend = str(dist.get_backend(group))
-    if "nccl" in backend:
-        return q.device if q.is_cuda else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _check_local(q, k, v, P, fuse_qkv, fp8_comm, head_chunks, seq_len, joint, joint_first, backend) -> None:
-    """Everything one rank can check alone; raises ValueError."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"ulysses_attention: {name} must be a [B, S_local, H, D] tensor")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"ulysses_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"ulysses_attention: q, k, v must share a float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"ulysses_attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if min(q.shape) < 1:
-        raise ValueError(f"ulysses_attention: empty input {tuple(q.shape)}")
+def _check_options(fuse_qkv, fp8_comm, head_chunks) -> None:
     if fuse_qkv not in (True, False, "auto"):
         raise ValueError(f"ulysses_attention: fuse_qkv must be True, False or 'auto', got {fuse_qkv!r}")
     if not isinstance(fp8_comm, bool):
         raise ValueError(f"ulysses_attention: fp8_comm must be a bool, got {fp8_comm!r}")
     if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks < 1:
         raise ValueError(f"ulysses_attention: head_chunks must be an int >= 1, got {head_chunks!r}")
-    if seq_len is not None and not (isinstance(seq_len, int) and 1 <= seq_len <= P * q.shape[1]):
-        raise ValueError(f"ulysses_attention: seq_len must be in 1..{P * q.shape[1]} (P*S_local), got {seq_len!r}")
-    if joint is not None:
-        if not (isinstance(joint, (tuple, list)) and len(joint) == 3):
-            raise ValueError("ulysses_attention: joint must be a (q, k, v) tuple of [B, T, H, D] tensors")
-        for name, t in zip(("joint q", "joint k", "joint v"), joint):
-            ok = isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] >= 1
-            if not ok or t.shape[0] != q.shape[0] or t.shape[2:] != q.shape[2:] or t.shape != joint[0].shape:
-                raise ValueError(
-                    f"ulysses_attention: {name} must be [B={q.shape[0]}, T, H={q.shape[2]}, D={q.shape[3]}] like "
-                    f"the others, got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
-                )
-            if t.dtype != q.dtype or t.device != q.device:
-                raise ValueError(f"ulysses_attention: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
-    if not isinstance(joint_first, bool):
-        raise ValueError(f"ulysses_attention: joint_first must be a bool, got {joint_first!r}")
-    resolve_backend(backend, q)
 
 
-def _validate(group, P, rank, q, k, v, fuse_qkv, fp8_comm, head_chunks, seq_len, joint, joint_first, backend):
-    """Local checks, then one all_gather of a signature so that a mismatch is a ValueError on every rank."""
-    error = None
+def _validate(group, P, rank, ring, q, k, v, fuse_qkv, fp8_comm, head_chunks, seq_len, joint, joint_first, backend):
+    """Local checks, then one all_gather of a signature per group so that a mismatch is a ValueError on every rank.
+
+    With a ring group the ring compares first (with each rank's Ulysses index, which must be the same along a
+    ring), then the Ulysses group (with the ring index, the same within a Ulysses group, and whether the ring
+    agreed): any rank's error or any mismatch anywhere in the P x R mesh reaches every rank."""
+    who = "ulysses_attention"
+    R = 1 if ring is None else ring[1]
+    error, sig = None, None
     try:
-        _check_local(q, k, v, P, fuse_qkv, fp8_comm, head_chunks, seq_len, joint, joint_first, backend)
+        if not isinstance(q, torch.Tensor) or q.dim() != 4:
+            raise ValueError(f"{who}: q must be a [B, S_local, H, D] tensor")
+        check_inputs(q, k, v, joint, joint_first, seq_len, R * P * q.shape[1], backend, who)
+        _check_options(fuse_qkv, fp8_comm, head_chunks)
+        sig = signature(q, seq_len, R * P * q.shape[1], joint, joint_first) + [
+            {True: 1, False: 0, "auto": 2}[fuse_qkv], int(fp8_comm), head_chunks]
     except ValueError as e:
         error = e
-    if P == 1:
-        if error:
-            raise error
-        return
-    if error is None:
-        B, L, H, D = q.shape
-        sig = [1, B, L, H, D, _DTYPES.index(q.dtype), seq_len or P * L, joint[0].shape[1] if joint else 0,
-               int(joint_first), {True: 1, False: 0, "auto": 2}[fuse_qkv], int(fp8_comm), head_chunks]
-    else:
-        sig = [0] + [-1] * (len(_SIGNATURE) - 1)
-    device = _comm_device(group, q if isinstance(q, torch.Tensor) else torch.empty(0))
-    mine = torch.tensor(sig, dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(P)]
-    dist.all_gather(every, mine, group=group)
-    table = torch.stack(every).cpu().tolist()
+    fields = SIGNATURE_FIELDS + _OPTION_FIELDS
+    if ring is not None and R > 1:
+        mine = None if sig is None else sig + [P, rank]
+        mismatch = agree(ring[0], R, mine, fields + ("Ulysses size", "Ulysses index"), f"{who} (ring group)", q)
+        error = error or mismatch
+        if mismatch is not None:
+            sig = None  # tell the Ulysses group too, so the other rings hear of it
+    if P > 1:
+        mine = None if sig is None else sig + [R, 0 if ring is None else ring[2]]
+        mismatch = agree(group, P, mine, fields + ("ring size", "ring index"), who, q)
+        error = error or mismatch
     if error is not None:
         raise error
-    bad = [r for r, row in enumerate(table) if row[0] != 1]
-    if bad:
-        raise ValueError(f"ulysses_attention: rank(s) {bad} of the group rejected their inputs (see their errors)")
-    for i, field in enumerate(_SIGNATURE[1:], start=1):
-        values = [row[i] for row in table]
-        if len(set(values)) > 1:
-            if field == "dtype":
-                values = [str(_DTYPES[x]).replace("torch.", "") for x in values]
-            raise ValueError(f"ulysses_attention: {field} differs across ranks: " + ", ".join(
-                f"rank {r}: {x}" for r, x in enumerate(values)))
 
 
-def _attend(q, k, v, seq_len, joint, joint_first, backend):
-    """Attention over the gathered sequence [B, S, h, D] (keys past seq_len dropped) and optional joint tokens.
+def _attend(q, k, v, seq_len, joint, joint_first, backend, ring=None):
+    """Attention over the gathered sequence [B, S, h, D] (keys past seq_len dropped) and optional joint tokens;
+    with ring = (ring group, R, ring index) that sequence is ring block i of R and the ring attends the rest.
     Returns (sequence output [B, S, h, D], joint output [B, T, h, D] or None)."""
+    if ring is not None:
+        return ring_pass(q, k, v, *ring, seq_len, joint, joint_first, backend)
     if joint is None:
         return local_attention(q, k, v, backend=backend, kv_len=seq_len), None
     jq, jk, jv = joint
@@ -140,6 +92,7 @@ def ulysses_attention(
     joint_first: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    ring_group=None,
 ):
     """Self-attention over a sequence sharded across `group`: q, k, v ``[B, S_local, H, D]`` -> ``[B, S_local, H, D]``.
 
@@ -162,21 +115,34 @@ def ulysses_attention(
     validate: check inputs on every rank and compare them across ranks (one small all_gather) before the first
         collective, so a mismatch is a ValueError everywhere instead of a hang. Callers that have validated
         identical shapes already (e.g. layers after the first in a model forward) may pass False.
+    ring_group: Ulysses x Ring (USP). The all-to-all runs inside `group` (U ranks, e.g. one node) and
+        `ring_attention` across `ring_group` (R ranks, e.g. one per node) on the head-sharded, sequence-gathered
+        tensors. The rank with ring index i and Ulysses index j holds global token block i*U + j, so after the
+        all-to-all ring rank i holds blocks i*U .. i*U+U-1 (ring block i) for its heads. seq_len counts the
+        whole R*U*S_local sequence (its padding lies in the last ring blocks; all-padding blocks skip the ring);
+        head_chunks runs one ring pass per chunk (chunk i+1's all-to-all in flight meanwhile); fp8_comm applies
+        to the all-to-alls only (the ring carries K/V in their own dtype). Uneven heads work as without a ring.
     """
-    group, P, rank = _group_info(group)
+    who = "ulysses_attention"
+    group, P, rank = group_info(group, who)
+    ring = None
+    if ring_group is not None:
+        ring_group, R, ring_rank = group_info(ring_group, who)
+        ring = (ring_group, R, ring_rank)
     if validate:
-        _validate(group, P, rank, q, k, v, fuse_qkv, fp8_comm, head_chunks, seq_len, joint, joint_first, backend)
+        _validate(group, P, rank, ring, q, k, v, fuse_qkv, fp8_comm, head_chunks, seq_len, joint, joint_first,
+                  backend)
     B, L, H, D = q.shape
-    seq_len = seq_len or P * L
+    seq_len = seq_len or (1 if ring is None else ring[1]) * P * L
     if P == 1:
-        out, joint_out = _attend(q, k, v, seq_len, joint, joint_first, backend)
+        out, joint_out = _attend(q, k, v, seq_len, joint, joint_first, backend, ring)
         out = out.to(q.dtype)
         return out if joint is None else (out, joint_out.contiguous())
 
     layout = HeadLayout(H, P, head_chunks)
     codec = FP8Codec() if fp8_comm else NativeCodec()
     if fuse_qkv == "auto":
-        fuse_qkv = plan_fuse(group, layout, rank, codec, q, _comm_device(group, q))
+        fuse_qkv = plan_fuse(group, layout, rank, codec, q, comm_device(group, q))
     to_heads = SeqToHead(layout, rank, codec, fuse_qkv, group)
     to_seq = HeadToSeq(layout, rank, codec, group)
     chunks = layout.live_chunks()
@@ -191,7 +157,7 @@ def ulysses_attention(
         start, h = layout.chunk(rank, c)
         if h:
             jc = None if joint is None else tuple(t[:, :, start : start + h] for t in joint)
-            out_c, joint_c = _attend(qc, kc, vc, seq_len, jc, joint_first, backend)
+            out_c, joint_c = _attend(qc, kc, vc, seq_len, jc, joint_first, backend, ring)
             if joint_c is not None:
                 joint_mine[:, :, start - my_heads.start : start - my_heads.start + h] = joint_c
         else:  # this rank owns no head in this chunk but still takes part in the exchange
