@@ -100,7 +100,7 @@ class ParallelConfig:
     shard_weights: bool = False
     """Shard the DiT's weights over every rank of the replica (FSDP2 over its ulysses_degree x cfg_degree ranks)
     instead of a whole copy on each: every rank keeps 1/ranks of each block's weights plus the small non-block
-    ones (14B: 28 GiB whole, ~3.6 GiB on each of 8 ranks), so the replica's GPUs add up their memory. Cost: one
+    ones (14B: 27 GiB whole, 4.1 GiB on each of 8 ranks), so the replica's GPUs add up their memory. Cost: one
     all-gather of each block's weights per forward (14B: 0.65 GiB per block, 2 x 40 per step with guidance),
     prefetched one block ahead so it overlaps the block running; fast on NVLink, noticeable on PCIe. The videos
     are the same as unsharded. Needs a replica of 2 or more ranks."""

@@ -26,6 +26,13 @@ tensors under LiveBytes, which adds up the bytes of every tensor alive at once (
     - Live previews (sampling.preview_every > 0), on the ranks of rank 0's SP group, after a step's velocity (the
       DiT's activations are freed by then, so the larger of the two counts): the fp32 clean-video estimate of this
       rank's tokens and its all-gathered whole sequence, and on rank 0 the unpatchified copy. 1.3B at 720p on one rank: 39 MB.
+    - Sharded weights (parallel.shard_weights): every rank keeps ceil(rows / ranks) rows of each block parameter
+      (FSDP2 allocates that padded shard on every rank) and the parameters outside the blocks whole; while the DiT
+      runs, two blocks are gathered whole (the one running and the next, prefetched) next to its activations.
+      14B in bf16: 27.0 GiB whole; on 8 ranks 4.05 GiB each (0.78 outside the blocks + 3.27 of block shards) and
+      1.31 GiB gathered. model.shard_text_encoder: every rank keeps its shards of the encoder's embedding and
+      blocks (umt5-xxl: 10.6 GiB whole, 1.33 on 8 ranks) and, while encoding, two of them gathered (at most the
+      embedding, 2.0 GiB, and the first block, prefetched).
 Assumptions: batch 1, the size is config.video (Runner.generate checks each request's own size against the
 free memory it measured before loading: check_request), the text encoder encodes two prompts of 512 tokens.
 Then the allocator's share: activation peaks x 1.1 (fragmentation) and RESERVE_BYTES (NCCL buffers, cuBLAS
@@ -50,6 +57,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 import time
 import weakref
 from dataclasses import dataclass, replace
@@ -258,6 +266,59 @@ def _dit_param_bytes(cfg: WanDiTConfig, dtype: torch.dtype) -> int:
     return _meta_bytes(dit, lambda name: torch.float32 if WanDiT.keeps_fp32(name) else dtype)
 
 
+# -- sharded weights (parallel.shard_weights, model.shard_text_encoder) -------------------------------------------
+
+_LAYER = re.compile(r"(?:^|\.)(?:blocks|block|layers)\.(\d+)\.")  # WanDiT, transformers' UMT5, Wan's T5, tiny
+_EMBEDDING = re.compile(r"^(?:shared|encoder\.embed_tokens|token_embedding)\.")  # umt5's tied token embedding
+
+
+def _shard_bytes(shape: tuple[int, ...], itemsize: int, world: int) -> int:
+    """Bytes FSDP2 keeps of one parameter on each of `world` ranks: ceil(rows / world) rows of dim 0. Every rank
+    allocates that padded shard, the last ranks too when their rows run out (their local view is shorter)."""
+    if not shape:
+        return itemsize
+    return -(-shape[0] // world) * math.prod(shape[1:]) * itemsize
+
+
+def _sharded(named, itemsize_of, unit_of, world: int) -> tuple[int, int]:
+    """(bytes each rank keeps, bytes gathered at once) of a model sharded as pipeline.sharding does: unit_of(name)
+    -> the FSDP unit holding the parameter (units run in sorted order), None for one left whole on every rank.
+    Each unit is gathered whole just before it runs, padded shards and all, and the next one is prefetched
+    meanwhile: two neighbours at once at most."""
+    whole = 0
+    shards: dict[int, int] = {}
+    for name, shape in named:
+        unit, itemsize = unit_of(name), itemsize_of(name)
+        if unit is None:
+            whole += math.prod(shape) * itemsize
+        else:
+            shards[unit] = shards.get(unit, 0) + _shard_bytes(shape, itemsize, world)
+    order = [world * shards[u] for u in sorted(shards)]
+    return whole + sum(shards.values()), max((a + b for a, b in zip(order, order[1:])), default=sum(order))
+
+
+def _layer(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return None if m is None else int(m.group(1))
+
+
+@functools.lru_cache(maxsize=16)
+def _dit_sharded(cfg: WanDiTConfig, dtype: torch.dtype, world: int) -> tuple[int, int]:
+    """(bytes each rank keeps, bytes gathered at once) with parallel.shard_weights: each block one FSDP unit, the
+    rest (patch, text and time embeddings, head: 0.84 GB of 14B's 29 GB) whole on every rank."""
+    with torch.device("meta"):
+        dit = WanDiT(cfg)
+    return _sharded([(n, tuple(p.shape)) for n, p in dit.named_parameters()],
+                    lambda n: (torch.float32 if WanDiT.keeps_fp32(n) else dtype).itemsize, _layer, world)
+
+
+def _text_sharded(path: Path | None, itemsize: int, world: int) -> tuple[int, int]:
+    """(bytes each rank keeps, bytes gathered at once) with model.shard_text_encoder: the token embedding (2 GiB of
+    umt5-xxl's 10.6) and each block one FSDP unit, in that order, the final norm whole."""
+    return _sharded(_text_encoder_named(path)[0], lambda n: itemsize,
+                    lambda n: -1 if _EMBEDDING.match(n) else _layer(n), world)
+
+
 def _dit_config(path: Path | None) -> WanDiTConfig:
     if path is None:
         return _tiny_spec().dit_config()
@@ -288,15 +349,15 @@ def _tiny_spec():
 
 
 @functools.lru_cache(maxsize=8)  # read once per process: Runner.generate estimates every request
-def _text_encoder_shape(path: Path | None) -> tuple[int, dict]:
-    """(parameter count with tied embeddings once, UMT5 dims for the activations; {} for the embedded model)."""
+def _text_encoder_named(path: Path | None) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], dict]:
+    """(name, shape) of every parameter (tied embeddings once), and the UMT5 dims."""
     if path is None:
         from safetensors import safe_open
 
         from .tiny import WEIGHTS
 
         with safe_open(str(WEIGHTS), framework="pt") as f:
-            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("text.")), {}
+            return tuple((k, tuple(f.get_slice(k).get_shape())) for k in f.keys() if k.startswith("text.")), {}
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .text_encoder import ORIGINAL_T5_FILE
@@ -307,12 +368,19 @@ def _text_encoder_shape(path: Path | None) -> tuple[int, dict]:
         state = torch.load(path / ORIGINAL_T5_FILE, map_location="cpu", weights_only=True, mmap=True)
         dims = {"d_model": state["token_embedding.weight"].shape[1], "d_ff": state["blocks.0.ffn.fc1.weight"].shape[0],
                 "num_heads": state["blocks.0.pos_embedding.embedding.weight"].shape[1]}
-        return sum(t.numel() for t in state.values()), dims
+        return tuple((k, tuple(t.shape)) for k, t in state.items()), dims
     else:
         cfg = UMT5Config(**UMT5_XXL)
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
-    return sum(p.numel() for p in model.parameters()), {k: getattr(cfg, k) for k in ("d_model", "d_ff", "num_heads")}
+    named = tuple((k, tuple(p.shape)) for k, p in model.named_parameters())
+    return named, {k: getattr(cfg, k) for k in ("d_model", "d_ff", "num_heads")}
+
+
+def _text_encoder_shape(path: Path | None) -> tuple[int, dict]:
+    """(parameter count with tied embeddings once, UMT5 dims for the activations; {} for the embedded model)."""
+    named, dims = _text_encoder_named(path)
+    return sum(math.prod(shape) for _, shape in named), dims
 
 
 def _text_encode_activations(dims: dict, text_len: int) -> int:
@@ -354,19 +422,24 @@ class MemoryEstimate:
     step_cache: int = 0  # residuals a step cache keeps between denoising steps (freed before the decode)
     preview: int = 0  # a live preview's fp32 x0 (this rank's, gathered, unpatchified), after the DiT's forward
     reserve: int = RESERVE_BYTES
+    dit_gather: int = 0  # parallel.shard_weights: the running and the prefetched block, gathered whole (denoise)
+    text_gather: int = 0  # model.shard_text_encoder: two of its units gathered at once (embedding, blocks) (encode)
 
     @property
     def total(self) -> int:
         resident = self.dit_params + self.vae_params + self.reserve
         resident += self.text_encoder if self.text_encoder_resident else 0
-        encode = (0 if self.text_encoder_resident else self.text_encoder) + self.text_activations
-        denoise = self.step_cache + max(self.dit_activations, self.preview)
+        encode = (0 if self.text_encoder_resident else self.text_encoder) + self.text_activations + self.text_gather
+        # a block's gathered weights are freed after it runs: gone by the time a preview is computed
+        denoise = self.step_cache + max(self.dit_activations + self.dit_gather, self.preview)
         return resident + max(encode, denoise, self.vae_decode)
 
     def summary(self) -> str:
-        parts = [("DiT", self.dit_params), ("T5" + ("" if self.text_encoder_resident else " while encoding"),
-                                                  self.text_encoder),
-                 ("VAE", self.vae_params), ("T5 activations", self.text_activations),
+        parts = [("DiT" + (" shard" if self.dit_gather else ""), self.dit_params),
+                 ("T5" + (" shard" if self.text_gather else "" if self.text_encoder_resident else " while encoding"),
+                  self.text_encoder),
+                 ("VAE", self.vae_params), ("T5 gathered", self.text_gather),
+                 ("T5 activations", self.text_activations), ("DiT gathered", self.dit_gather),
                  ("DiT activations", self.dit_activations), ("step cache", self.step_cache),
                  ("preview", self.preview),
                  ("VAE decode", self.vae_decode), ("reserve", self.reserve)]
@@ -386,7 +459,10 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     device = torch.device(device_type)
     dtype = resolve_dtype(model.dtype, device)
     cfg = dit_config or _dit_config(path)
-    dit_params = _dit_param_bytes(cfg, dtype)
+    if par.shard_weights:
+        dit_params, dit_gather = _dit_sharded(cfg, dtype, par.group_size)
+    else:
+        dit_params, dit_gather = _dit_param_bytes(cfg, dtype), 0
 
     spec = _vae_spec(path)
     ts, ss = spec.temporal_stride, spec.spatial_stride
@@ -405,19 +481,23 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
         gathered = tokens_per_rank * par.ulysses_degree if par.ulysses_degree > 1 else 0  # 1 rank: a view
         preview = (tokens_per_rank + gathered + (math.prod(grid) if rank == 0 else 0)) * patch_bytes
 
-    text = text_acts = vae = decode = 0
+    text = text_acts = text_gather = vae = decode = 0
     resident = True
     # parallel.vae_parallel: every rank decodes a band of rows (pipeline.vae_parallel), rank 0 alone otherwise
     split = splits_decode(config)
-    if rank == 0:
+    shard_text = model.shard_text_encoder and path is not None  # the embedded model's few MB: whole on rank 0
+    if rank == 0 or shard_text:  # sharded: every rank holds its shards and encodes with the others
         place = encoder_placement(model.text_encoder_device, model.offload_text_encoder, device)
         if place.run.type != "cpu":
             n, dims = _text_encoder_shape(path)
-            text = n * (4 if path is None else TEXT_ENCODER_DTYPE.itemsize)
+            itemsize = 4 if path is None else TEXT_ENCODER_DTYPE.itemsize
             text_acts = _text_encode_activations(dims, cfg.text_len)
-            resident = place.home.type != "cpu"
-        if path is None:  # the embedded model's 32 x 32 frames: its decoder is a few MB
-            vae = _tiny_decoder_bytes()
+            if shard_text:
+                text, text_gather = _text_sharded(path, itemsize, par.group_size)
+            else:
+                text, resident = n * itemsize, place.home.type != "cpu"
+    if rank == 0 and path is None:  # the embedded model's 32 x 32 frames: its decoder is a few MB
+        vae = _tiny_decoder_bytes()
     if path is not None and (rank == 0 or split):
         from .vae import WanVAEDecoder
 
@@ -431,7 +511,8 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
             decode = int(vae_decode_bytes(spec, band, w, False) * FRAGMENTATION) + gathered
         else:
             decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
-    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts, cached, preview)
+    return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts, cached, preview,
+                          dit_gather=dit_gather, text_gather=text_gather)
 
 
 def replica_estimates(config: OdysseyConfig, *, device_type: str = "cuda") -> list[MemoryEstimate]:
@@ -490,14 +571,21 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
         for key, value in changes.items():
             section, name = key.split(".")
             sections.setdefault(section, {})[name] = value
-        changed = replace(config, **{s: replace(getattr(config, s), **kv) for s, kv in sections.items()})
+        try:
+            changed = replace(config, **{s: replace(getattr(config, s), **kv) for s, kv in sections.items()})
+        except ValueError:  # settings that exclude each other (a sharded encoder on the CPU, sharding 1 rank)
+            return False
         return estimate_rank_memory(changed, rank, device_type=device_type, dit_config=cfg).total <= capacity
 
     options = []
+    if not config.parallel.shard_weights:  # over a replica of 2+ ranks: alone, or with a Ulysses degree below
+        options.append({"parallel.shard_weights": True})
     if est.text_encoder:
         options.append({"model.text_encoder_device": "cpu"})
-        if est.text_encoder_resident:
+        if est.text_encoder_resident and not config.model.shard_text_encoder:
             options.append({"model.offload_text_encoder": True})
+        if not config.model.shard_text_encoder and config.model.path is not None:  # here only: elsewhere it adds
+            options.append({"model.shard_text_encoder": True})
     if rank == 0 and not config.model.vae_tiling and config.model.path is not None:
         options.append({"model.vae_tiling": True})
     if config.parallel.attention_backend == "reference":
@@ -508,19 +596,24 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
         options.append({"model.dtype": "float16"})  # bf16 before Ampere: the math kernel's S x S scores
     # The fewest changes that fit: each alone, then pairs, ...; Ulysses (which shards activations, not weights)
     # with the smallest degree that fits.
-    degrees = [None] + [d for d in (2, 4, 8, 16) if d > config.parallel.ulysses_degree]
-    working = []
-    for size in range(0, len(options) + 1):
-        for combo in itertools.combinations(options, size):
-            changes = {k: v for o in combo for k, v in o.items()}
-            if size and "model.text_encoder_device" in changes and "model.offload_text_encoder" in changes:
-                continue  # offloading a CPU encoder is moot
-            d = next((d for d in degrees if (size or d) and fits(
-                changes if d is None else {**changes, "parallel.ulysses_degree": d})), False)
-            if d is not False:
-                working.append(changes if d is None else {**changes, "parallel.ulysses_degree": d})
-        if working:
-            break
+    def fewest(degrees: list) -> list[dict]:
+        working = []
+        for size in range(0, len(options) + 1):
+            for combo in itertools.combinations(options, size):
+                changes = {k: v for o in combo for k, v in o.items()}
+                if size and "model.text_encoder_device" in changes and "model.offload_text_encoder" in changes:
+                    continue  # offloading a CPU encoder is moot
+                d = next((d for d in degrees if (size or d) and fits(
+                    changes if d is None else {**changes, "parallel.ulysses_degree": d})), False)
+                if d is not False:
+                    working.append(changes if d is None else {**changes, "parallel.ulysses_degree": d})
+            if working:
+                return working
+        return working
+
+    working = fewest([None] + [d for d in (2, 4, 8, 16) if d > config.parallel.ulysses_degree])
+    if working and all("parallel.ulysses_degree" in o for o in working):
+        working += fewest([None])  # and what fits the GPUs the replica has, when more settings can do it
     if est.step_cache and fits({"sampling.cache": "off"}):
         working.insert(0, {"sampling.cache": "off"})  # the one change that costs no GPU and no setting
 

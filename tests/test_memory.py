@@ -90,8 +90,10 @@ def test_too_small_a_gpu_is_refused_naming_what_fits():
     assert "\n" not in message and message.startswith("rank 0 needs ~")
     assert "--set model.text_encoder_device=cpu" in message and "--set model.offload_text_encoder=true" in message
     assert f"of {(need - 5 * GiB) / GiB:.1f} GiB free" in message
+    # each change that fits alone, the 8-rank replica's sharding among them
+    assert "use --set parallel.shard_weights=true, or --set model.text_encoder_device=cpu, or " in message
     with pytest.raises(ValueError, match="no setting here makes it fit"):
-        check_fits(config, 0, 20 * GiB)  # less than the DiT's weights
+        check_fits(config, 0, 4 * GiB)  # less than rank 0's DiT shard at 16 ranks and its tiled decode together
 
 
 def test_more_gpus_are_named_when_activations_are_the_problem():
@@ -102,10 +104,13 @@ def test_more_gpus_are_named_when_activations_are_the_problem():
                                             "parallel.vae_parallel=false"])
     est = estimate_rank_memory(config, 1)
     assert est.text_encoder == est.vae_decode == 0 and est.dit_activations > 8 * GiB
-    # cfg_degree 2 x ulysses_degree: the GPUs the suggestion costs
-    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=2 \(needs 4 GPUs per replica\)$"):
+    # cfg_degree 2 x ulysses_degree: the GPUs the suggestion costs; and, on the replica's own 2 GPUs, sharding
+    # the weights over the two CFG halves frees more than the activations need
+    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=2 \(needs 4 GPUs per replica\), "
+                                         r"or --set parallel.shard_weights=true$"):
         check_fits(config, 1, est.total - int(0.4 * est.dit_activations))
-    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=4 \(needs 8 GPUs per replica\)$"):
+    with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=4 \(needs 8 GPUs per replica\), or "
+                                         r"--set parallel.shard_weights=true$"):
         check_fits(config, 1, est.total - int(0.6 * est.dit_activations))
 
 
@@ -323,3 +328,137 @@ def test_live_previews_charge_their_transient_on_rank_zeros_sp_group():
     small = dataclasses.replace(ests[0], dit_activations=1, step_cache=7, vae_decode=0, text_activations=0,
                                 text_encoder=0)
     assert small.total == small.dit_params + small.vae_params + small.reserve + 7 + small.preview
+
+
+# -- sharded weights (parallel.shard_weights, model.shard_text_encoder) ------------------------------------------
+
+# Wan2.1-14B by hand from its architecture (C 5120, F 13824, 40 blocks; matmuls in bf16, modulation / norm3 /
+# time embedding / time projection in fp32), independent of the meta model the estimate builds.
+C, F, BF16, FP32 = 5120, 13824, 2, 4
+ATTENTION = 4 * C * C + 4 * C + 2 * C  # q, k, v, o with biases, rms norm_q / norm_k
+BLOCK = 2 * ATTENTION * BF16 + (2 * C * F + F + C) * BF16 + 2 * C * FP32 + 6 * C * FP32  # + norm3 + modulation
+OUTSIDE = ((C * 16 * 4 + C + C * 4096 + C + C * C + C + 64 * C + 64) * BF16  # patch, text embedding, head
+           + (C * 256 + C + C * C + C + 6 * C * C + 6 * C + 2 * C) * FP32)  # time embedding, projection, head mod
+# FSDP2 shards dim 0: the [1, 6, C] modulation has one row, so each of 8 ranks keeps a padded copy of it whole
+BLOCK_SHARD_8 = (BLOCK - 6 * C * FP32) // 8 + 6 * C * FP32
+# umt5-xxl (d_model 4096, d_ff 10240, 64 heads, 24 layers, 32 buckets, vocab 256384), bfloat16
+D, DFF = 4096, 10240
+T5_LAYER = (4 * D * D + 3 * D * DFF + 2 * D + 32 * 64) * BF16
+T5_EMBEDDING, T5_NORM = 256384 * D * BF16, D * BF16  # the tied token embedding; the final norm (kept whole)
+
+
+def test_14b_sharded_over_8_ranks_keeps_an_eighth_of_the_blocks():
+    whole = estimate_rank_memory(load_config("wan2.1-t2v-14b", BIG), 0)
+    assert whole.dit_params == OUTSIDE + 40 * BLOCK and whole.dit_gather == 0
+    sharded = load_config("wan2.1-t2v-14b", BIG + ["parallel.shard_weights=true"])
+    ests = [estimate_rank_memory(sharded, r) for r in range(8)]
+    for est in ests:  # every rank the same: 0.78 GiB outside the blocks whole, 1/8 of the blocks' 26.2
+        assert est.dit_params == OUTSIDE + 40 * BLOCK_SHARD_8
+        # the running block and the prefetched one, as the all-gathers output them: 8 padded shards each
+        assert est.dit_gather == 2 * 8 * BLOCK_SHARD_8 == 2 * BLOCK + 2 * 7 * 6 * C * FP32
+    assert 0.14 < ests[0].dit_params / whole.dit_params < 0.16
+    assert ests[1].text_encoder == 0 and ests[0].text_encoder == whole.text_encoder  # T5 still whole on rank 0
+    # the gathered blocks sit next to the DiT's activations: the denoise phase grows by them, nothing else does
+    assert ests[1].total == (ests[1].dit_params + ests[1].vae_params + ests[1].reserve
+                             + max(ests[1].dit_activations + ests[1].dit_gather, ests[1].vae_decode))
+    assert whole.total - ests[0].total == pytest.approx(40 * (BLOCK - BLOCK_SHARD_8) - 2 * BLOCK, abs=2 * GiB)
+    summary = ests[0].summary()
+    assert "DiT shard 4.1" in summary and "DiT gathered 1.3" in summary and "T5 10.6" in summary
+    # at 2 ranks (cfg-parallel halves count: the replica is every rank) half the blocks
+    cfg2 = estimate_rank_memory(load_config("wan2.1-t2v-14b", BIG[:1] + ["parallel.cfg_degree=2",
+                                                                        "parallel.shard_weights=true"]), 1)
+    assert cfg2.dit_params == OUTSIDE + 40 * ((BLOCK - 6 * C * FP32) // 2 + 6 * C * FP32)
+
+
+def test_a_sharded_text_encoder_is_on_every_rank_in_eighths():
+    config = load_config("wan2.1-t2v-14b", BIG + ["parallel.shard_weights=true", "model.shard_text_encoder=true"])
+    whole = estimate_rank_memory(load_config("wan2.1-t2v-14b", BIG), 0)
+    assert whole.text_encoder == T5_EMBEDDING + T5_NORM + 24 * T5_LAYER
+    for rank in (0, 1, 7):  # every rank holds its shard and encodes with the others: the same bytes
+        est = estimate_rank_memory(config, rank)
+        assert est.text_encoder == (T5_EMBEDDING + 24 * T5_LAYER) // 8 + T5_NORM and est.text_encoder_resident
+        assert est.text_gather == T5_EMBEDDING + T5_LAYER  # the embedding running, the first block prefetched
+        assert est.text_activations == whole.text_activations
+        assert "T5 shard 1.3" in est.summary() and "T5 gathered 2.3" in est.summary()
+    rank0, rank1 = estimate_rank_memory(config, 0), estimate_rank_memory(config, 1)
+    assert rank0.total == rank1.total  # rank 0 no longer carries the encoder alone
+
+
+@pytest.mark.parametrize("height, width", [(480, 832), (720, 1280)])
+def test_a_24gb_card_is_refused_unsharded_and_takes_14b_sharded(height, width):
+    """The smallest common "24 GB" cards (A10G, L4: 22.5 GiB) on 8 ranks: 14B whole does not fit any rank, and
+    the refusal names sharding; sharded, every rank fits, at 720p too (rank 0 ~19.3 GiB with the whole encoder)."""
+    card = int(22.5 * GiB)
+    size = [f"video.height={height}", f"video.width={width}"]
+    plain = load_config("wan2.1-t2v-14b", BIG + size)
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match=r"this GPU can hold .*: use --set parallel.shard_weights=true$"):
+            check_fits(plain, rank, card, card)
+    sharded = load_config("wan2.1-t2v-14b", BIG + size + ["parallel.shard_weights=true"])
+    for rank in range(8):
+        assert check_fits(sharded, rank, card, card).total < card - CONTEXT_BYTES
+
+
+def test_sharding_advice_needs_a_replica_of_several_ranks_and_names_the_encoder():
+    # one GPU: sharding is offered with the Ulysses degree that gives it ranks to shard over
+    one = load_config("wan2.1-t2v-14b", BIG[:1])
+    with pytest.raises(ValueError, match=r"use --set parallel.shard_weights=true --set parallel.ulysses_degree=4 "
+                                         r"\(needs 4 GPUs per replica\)$"):
+        check_fits(one, 0, 24 * GiB, 24 * GiB)
+    # 4 ranks at 720p on 24 GiB: sharding the DiT alone needs 8 GPUs; on these 4 the encoder must move too, and
+    # model.shard_text_encoder is named with the others (rank 0 holds the encoder)
+    four = load_config("wan2.1-t2v-14b", BIG[:1] + ["parallel.ulysses_degree=4", "video.height=720",
+                                                    "video.width=1280"])
+    with pytest.raises(ValueError) as err:
+        check_fits(four, 0, 24 * GiB, 24 * GiB)
+    message = str(err.value)
+    assert ("use --set parallel.shard_weights=true --set parallel.ulysses_degree=8 (needs 8 GPUs per replica), "
+            "or --set parallel.shard_weights=true --set model.text_encoder_device=cpu, ") in message
+    assert message.endswith("or --set parallel.shard_weights=true --set model.shard_text_encoder=true")
+    fixed = load_config("wan2.1-t2v-14b", BIG[:1] + ["parallel.ulysses_degree=4", "video.height=720",
+                                                     "video.width=1280", "parallel.shard_weights=true",
+                                                     "model.shard_text_encoder=true"])
+    assert all(check_fits(fixed, r, 24 * GiB, 24 * GiB) for r in range(4))
+    # rank 1 holds no encoder: sharding it is never offered there (it would add its shard to rank 1)
+    with pytest.raises(ValueError) as err:
+        check_fits(four, 1, 20 * GiB, 20 * GiB)
+    assert "shard_text_encoder" not in str(err.value) and "--set parallel.shard_weights=true" in str(err.value)
+
+
+def _sharded_forward(cfg: WanDiTConfig, shard: bool) -> tuple[int, int]:
+    """(bytes of parameter storage this rank holds, live-bytes peak of a forward_tokens after a warm-up one) of a
+    real fp32 DiT, sharded over the pool's gloo group (pipeline.sharding) or whole."""
+    import torch.distributed as dist
+
+    from pipeline.sharding import shard_dit
+
+    torch.manual_seed(0)
+    dit = WanDiT(cfg, attention_backend="sdpa").eval()
+    if shard:
+        shard_dit(dit, dist.group.WORLD)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in dit.parameters()]
+    held = sum(t.untyped_storage().nbytes() for t in local)
+    x_BLP, ctx = torch.randn(1, 240, cfg.patch_dim), torch.randn(1, cfg.text_len, cfg.text_dim)
+    with torch.no_grad():
+        dit.forward_tokens(x_BLP, GRID, torch.ones(1), ctx)  # FSDP2's lazy init
+        with LiveBytes() as live:
+            dit.forward_tokens(x_BLP, GRID, torch.ones(1), ctx)
+    return held, live.peak
+
+
+def test_sharded_estimate_matches_a_real_fsdp2_dit(dist_pools):
+    """3 ranks, 4 blocks: each rank's parameter storage is what the estimate says, to the byte (padded shards);
+    the forward's extra peak over the whole model's is more than one block gathered and at most the estimate's
+    two (the running block and the prefetched one, or one and the all-gather's output it is copied out of), never
+    all four."""
+    from pipeline.memory import _dit_sharded
+
+    cfg = dataclasses.replace(SMALL, num_layers=4)
+    pool = dist_pools(3)
+    whole = pool.run(_sharded_forward, cfg, False)
+    sharded = pool.run(_sharded_forward, cfg, True)
+    resident, gather = _dit_sharded(cfg, torch.float32, 3)
+    block = gather // 2
+    for (held_whole, peak_whole), (held, peak) in zip(whole, sharded):
+        assert held == resident < 0.6 * held_whole
+        assert block < peak - peak_whole <= gather < 3 * block
