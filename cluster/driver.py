@@ -469,6 +469,7 @@ class Driver:
             "frames": outcome.result.num_frames, "attempts": job.attempts + 1,
             "request": dataclasses.asdict(job.request), "config": to_dict(self.config), "timings": outcome.timings,
             "cache": outcome.result.cache,  # policy, threshold, computed_steps, steps, skipped; null when off
+            "memory": outcome.result.memory,  # param_bytes, peak_bytes: one int per rank of the replica
         }
         del line["request"]["prompt"]  # once is enough: it can be 10,000 characters
         append_manifest_line(self.manifest, line)

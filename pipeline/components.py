@@ -126,10 +126,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_components(model: ModelConfig, *, device: torch.device, encode: bool, decode: bool,
-                    attention_backend: str = "auto") -> Components:
+                    attention_backend: str = "auto", shard_group=None, shard_text_group=None) -> Components:
     """The DiT (compute dtype per config, on `device`), plus the text encoder if `encode` (in bfloat16, loaded
     straight to its home, see encoder_placement) and the decoder if `decode`. model.path None loads the embedded
-    tiny model."""
+    tiny model. shard_group: the DiT's blocks sharded over it (pipeline.sharding; every rank of it loads
+    together); shard_text_group: the umt5 encoder too (needs `encode`; the embedded model's few-MB encoder is
+    never sharded)."""
     dtype = resolve_dtype(model.dtype, device)
     place = encoder_placement(model.text_encoder_device, model.offload_text_encoder, device)
     if model.path is None:
@@ -137,6 +139,10 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
 
         comp = load_tiny_components(device=device, dtype=dtype, encode=encode, decode=decode,
                                     attention_backend=attention_backend)
+        if shard_group is not None:
+            from .sharding import shard_dit
+
+            shard_dit(comp.dit, shard_group)
         if comp.text_encoder is not None:
             comp.text_encoder.to(place.home)  # a few MB: its float32 is kept
         comp.text_placement = place
@@ -146,17 +152,28 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
     from .vae_weights import read_vae_spec
 
     path = Path(model.path).expanduser()
-    dit = WanDiT.from_pretrained(path, device=device, dtype=dtype, attention_backend=attention_backend)
+    if shard_group is not None:
+        from .sharding import load_dit_sharded
+
+        dit = load_dit_sharded(path, shard_group, device=device, dtype=dtype, attention_backend=attention_backend)
+    else:
+        dit = WanDiT.from_pretrained(path, device=device, dtype=dtype, attention_backend=attention_backend)
     spec = read_vae_spec(path)
     if spec.z_dim != dit.config.in_dim:
         raise ValueError(f"the VAE's {spec.z_dim} latent channels do not match the DiT's {dit.config.in_dim}")
     text_encoder = decoder = None
-    if encode:
+    if encode and shard_text_group is not None:
+        from .sharding import load_text_encoder_sharded
+
+        assert not place.moves, "a sharded encoder stays where its shards are (config forbids offloading it)"
+        text_encoder = load_text_encoder_sharded(path, shard_text_group, device=place.home, dtype=TEXT_ENCODER_DTYPE,
+                                                 text_len=dit.config.text_len)
+    elif encode:
         text_encoder = WanTextEncoder.from_pretrained(path, device=place.home, dtype=TEXT_ENCODER_DTYPE,
                                                       text_len=dit.config.text_len)
-        if text_encoder.dim != dit.config.text_dim:
-            raise ValueError(f"the text encoder's width {text_encoder.dim} does not match the DiT's text_dim "
-                             f"{dit.config.text_dim}")
+    if text_encoder is not None and text_encoder.dim != dit.config.text_dim:
+        raise ValueError(f"the text encoder's width {text_encoder.dim} does not match the DiT's text_dim "
+                         f"{dit.config.text_dim}")
     if decode:
         decoder = WanVAEDecoder.from_pretrained(path, device=device, dtype=torch.float32)
         decoder.tiling = model.vae_tiling

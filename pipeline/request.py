@@ -175,6 +175,9 @@ class Result:
     latents: object = None  # final latents [1, z, T, h, w] when the Runner was asked to return them
     finished_at: float = 0.0  # wall clock on the worker when the generation finished
     cache: dict | None = None  # step cache: policy, threshold, computed_steps, steps, skipped (step indices)
+    # rank 0: {"param_bytes": [per rank], "peak_bytes": [per rank]}: every model weight each rank holds (its
+    # shards of sharded ones), and its peak this request (CUDA: max allocated; CPU: peak RSS of the process)
+    memory: dict | None = None
 
 
 Event = Progress | Frame | Preview | Result

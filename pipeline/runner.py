@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +28,7 @@ from .preview import LatentPreviewer, fitted_previewer
 from .request import (Event, Frame, GenerateRequest, Preview, Progress, RequestCancelledError, RequestRejectedError,
                       Result)
 from .samplers import make_sampler
+from .sharding import resident_param_bytes
 from .step_cache import StepCache, check_cache
 from .vae_parallel import splits_decode
 
@@ -45,6 +48,37 @@ def guided_velocity(dit, x_BLP, grid, t_B, cond, uncond, guidance: float) -> tor
     """Sequential CFG: the conditional and the unconditional pass one after the other on the same ranks."""
     return cfg_combine(dit.forward_tokens(x_BLP, grid, t_B, cond), dit.forward_tokens(x_BLP, grid, t_B, uncond),
                        guidance)
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: CUDA's allocator peak, or on Linux the process's peak RSS (VmHWM, reset by writing 5 to
+    /proc/self/clear_refs). False where it could not be reset (peak_memory_bytes then reports the process's
+    lifetime peak RSS)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(device: torch.device, since_reset: bool) -> int:
+    """Bytes at the peak since reset_peak_memory: CUDA's max allocated, or the process's peak RSS (CPU ranks)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    if since_reset:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024  # kB
+        except (OSError, ValueError, IndexError):
+            pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, kB elsewhere
 
 
 def pick_device(preference: str, rank: int) -> torch.device:
@@ -85,6 +119,8 @@ class Runner:
         self.components: Components | None = None
         self.memory_budget: int | None = None  # GPU bytes free before loading (load_models); None: no checks
         self.load_s = 0.0
+        self.shard_text = False  # every rank holds shards of the text encoder and encodes (load_models)
+        self._peak_reset = False  # whether this request's peak memory could be reset at its start
         self.progress = (None, "idle", 0, 0)  # (request id, stage, step, total), read by health checks
         self.previewer: LatentPreviewer | None = None  # rank 0, fitted at the first preview a request asks for
         self._preview_failed: str | None = None  # the last request whose preview failed (logged once each)
@@ -117,9 +153,16 @@ class Runner:
             estimate, self.memory_budget = wait_until_fits(self.config, self.rank,
                                                            lambda: torch.cuda.mem_get_info(self.device))
             log.info("%s", estimate.summary())
+        # Sharded weights are sharded over the whole replica (every SP and CFG rank), before sequence parallelism
+        # is applied (which only swaps the token layout). The embedded model's encoder (a few MB) is never sharded.
+        world = dist.group.WORLD
+        self.shard_text = self.config.model.shard_text_encoder and self.config.model.path is not None
+        if self.config.model.shard_text_encoder and not self.shard_text and self.rank == 0:
+            log.info("model.shard_text_encoder: the embedded model's text encoder is a few MB, kept whole on rank 0")
         self.components = load_components(
-            self.config.model, device=self.device, encode=self.rank == 0, decode=self.rank == 0 or self.split_decode,
-            attention_backend=par.attention_backend)
+            self.config.model, device=self.device, encode=self.rank == 0 or self.shard_text,
+            decode=self.rank == 0 or self.split_decode, attention_backend=par.attention_backend,
+            shard_group=world if par.shard_weights else None, shard_text_group=world if self.shard_text else None)
         apply_sequence_parallel(self.components.dit, self.mesh.sp_group, fuse_qkv=par.fuse_qkv,
                                 fp8_comm=par.fp8_comm, head_chunks=par.head_chunks)
         self.load_s = time.perf_counter() - t0
@@ -217,11 +260,12 @@ class Runner:
 
     def _context(self, request: GenerateRequest) -> torch.Tensor:
         """[1 or 2, T, C] text embeddings (conditional, then unconditional when guidance is on): encoded on rank 0,
-        broadcast to the replica."""
+        broadcast to the replica. A sharded encoder encodes on every rank together (each layer's forward gathers
+        its weights: a collective); rank 0's result is still broadcast, so every rank's context is bit-identical."""
         n = 1 if request.guidance_scale == 1.0 else 2
         comp = self.components
         ctx = torch.empty((n, comp.text_len, comp.text_dim), dtype=torch.float32, device=self._comm_device)
-        if self.rank == 0:
+        if self.rank == 0 or self.shard_text:
             prompts = [request.prompt] + ([request.negative_prompt] if n == 2 else [])
             ctx.copy_(comp.encode_text(prompts))  # where it runs: components.encoder_placement
         if self.world_size > 1:
@@ -274,6 +318,16 @@ class Runner:
                          branches=len(self._branch_contexts(ctx)), valid=dit.layout.valid_tokens(seq_len),
                          agree=self._gather_table, stats_rank=self.rank == 0)
 
+    def _memory_row(self) -> list[int]:
+        """[bytes of every model weight this rank holds (its shards of sharded ones), peak bytes this request]."""
+        comp = self.components
+        return [resident_param_bytes(comp.dit, comp.text_encoder, comp.decoder),
+                peak_memory_bytes(self.device, self._peak_reset)]
+
+    def _memory_table(self) -> list[list[int]]:
+        """[[param bytes, peak bytes] per rank], rank order: one all_gather of two int64 per rank (none on one)."""
+        return self._gather_table(torch.tensor(self._memory_row(), dtype=torch.int64)).tolist()
+
     # -- the job ----------------------------------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> Iterator[Event]:
@@ -287,6 +341,7 @@ class Runner:
     @torch.no_grad()
     def _generate(self, request: GenerateRequest) -> Iterator[Event]:
         assert self.components is not None, "load_models() before generate()"
+        self._peak_reset = reset_peak_memory(self.device)
         error = None
         try:
             if not request.is_resolved:
@@ -351,6 +406,10 @@ class Runner:
         timings["denoise_s"] = time.perf_counter() - t0
 
         num_frames = (shape[2] - 1) * comp.temporal_stride + 1
+        # Memory per rank, gathered once. With rank 0 decoding alone the others are done now: gathering here, not
+        # after the decode, keeps them out of a collective while rank 0 decodes (and rank 0's cancel between
+        # frames, which it decides alone, leaves no rank waiting in one); rank 0 then puts in its final numbers.
+        memory = None if self.split_decode else self._memory_table()
         if self.rank == 0 or self.split_decode:
             t0 = time.perf_counter()
             # Split: every rank decodes a band of rows of each frame; rank 0 gets the whole frames, the others None.
@@ -375,10 +434,19 @@ class Runner:
                     raise RequestCancelledError(f"request {rid} cancelled while decoding, after frame {index + 1} "
                                                 f"of {num_frames}")
             timings["decode_s"] = time.perf_counter() - t0
+        if self.split_decode:
+            memory = self._memory_table()
+        elif self.rank == 0:
+            memory[0] = self._memory_row()  # after its decode
         timings["total_s"] = time.perf_counter() - t_start
         self.progress = (rid, "done", 0, 0)
         yield Result(rid, request.seed, num_frames, timings,
                      {"latents": list(shape), "tokens": seq_len, "tokens_per_rank": x_BLP.shape[1],
                       "video": [num_frames, request.height, request.width, 3]},
                      latents.cpu() if self.return_latents and self.rank == 0 else None, time.time(),
-                     cache_summary)
+                     cache_summary, _memory_summary(memory) if self.rank == 0 else None)
+
+
+def _memory_summary(table: list[list[int]]) -> dict:
+    """Result.memory from the gathered [[param bytes, peak bytes] per rank]."""
+    return {"param_bytes": [row[0] for row in table], "peak_bytes": [row[1] for row in table]}
