@@ -20,13 +20,8 @@ from typing import Sequence
 
 from configs import OdysseyConfig
 from pipeline.dit import WanDiTConfig
+from pipeline.sharding import fsdp_unavailable
 from pipeline.step_cache import check_cache
-
-try:
-    from pipeline.sharding import fsdp_unavailable
-except ImportError:  # pipeline/sharding.py not landed yet (issue #15, helper A): treat FSDP2 as available
-    def fsdp_unavailable() -> str | None:
-        return None
 
 from .manifest import check_manifest
 

@@ -142,3 +142,35 @@ def test_range_boundaries_are_accepted(key, value):
     assert getattr(from_dict(OdysseyConfig, {"parallel": {key: value}}).parallel, key) == value
     assert from_dict(OdysseyConfig, {"runtime": {"max_retries": 0}}).runtime.max_retries == 0
     assert from_dict(OdysseyConfig, {"sampling": {"seed": 2**63 - 1, "guidance_scale": 0}}).sampling.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"parallel": {"shard_weights": True}},
+     r"^parallel\.shard_weights needs a replica of 2 or more ranks \(ulysses_degree x cfg_degree is 1\): there is "
+     r"nothing to shard over"),
+    ({"parallel": {"shard_weights": True, "replicas": 4}}, r"^parallel\.shard_weights needs a replica of 2 or more"),
+    ({"model": {"shard_text_encoder": True}}, r"^model\.shard_text_encoder needs a replica of 2 or more ranks"),
+    ({"model": {"shard_text_encoder": True, "text_encoder_device": "cpu"}, "parallel": {"ulysses_degree": 2}},
+     r"^model\.shard_text_encoder shards the encoder over the replica's devices, but model\.text_encoder_device="
+     r"cpu keeps it whole on rank 0's CPU: choose one$"),
+    ({"model": {"shard_text_encoder": True, "offload_text_encoder": True}, "parallel": {"cfg_degree": 2}},
+     r"^model\.shard_text_encoder keeps the encoder's shards on every rank's GPU, but model\.offload_text_encoder="
+     r"true moves the whole encoder to one GPU per prompt: choose one$"),
+])
+def test_sharding_needs_ranks_to_shard_over_and_a_gpu_encoder(data, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        from_dict(OdysseyConfig, data)
+    assert "\n" not in str(err.value)
+
+
+def test_sharding_settings_default_off_and_take_any_replica_of_two_or_more():
+    assert not OdysseyConfig().parallel.shard_weights and not OdysseyConfig().model.shard_text_encoder
+    for name in list_presets():  # the 14B preset explains them; none turns them on
+        cfg = load_config(name)
+        assert not cfg.parallel.shard_weights and not cfg.model.shard_text_encoder
+    for parallel in ({"ulysses_degree": 2}, {"cfg_degree": 2}, {"ulysses_degree": 3, "replicas": 2}):
+        cfg = from_dict(OdysseyConfig, {"parallel": {**parallel, "shard_weights": True},
+                                        "model": {"shard_text_encoder": True}})
+        assert cfg.parallel.shard_weights and cfg.model.shard_text_encoder
+    cfg = load_config(overrides=["parallel.ulysses_degree=2", "parallel.shard_weights=true"])
+    assert cfg.parallel.shard_weights and cfg.parallel.group_size == 2
