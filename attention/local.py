@@ -129,15 +129,19 @@ _CUDA_LSE_KERNEL: dict[tuple, str] = {}
 
 
 def _cuda_sdpa_lse(q_BHSD, k_BHTD, v_BHTD):
-    """torch's fused CUDA kernels that return a real log-sum-exp: flash (fp16/bf16), then memory-efficient
+    """torch's fused CUDA kernels that return a real log-sum-exp, fastest first: cuDNN (fp16/bf16; as fast as
+    F.scaled_dot_product_attention, measured on an H200), flash (fp16/bf16; ~1.6x slower there), memory-efficient
     (fp32 too; its LSE is padded to a multiple of 32 queries). Not the math path: it returns weights, not an LSE.
-    Neither accepting the tensors -> None (the caller computes it explicitly)."""
+    None accepting the tensors -> None (the caller computes it explicitly)."""
     S = q_BHSD.shape[2]
     key = (q_BHSD.dtype, q_BHSD.shape[-1], q_BHSD.device.index)
-    tried = [_CUDA_LSE_KERNEL[key]] if key in _CUDA_LSE_KERNEL else ["flash", "efficient", "explicit"]
+    tried = [_CUDA_LSE_KERNEL[key]] if key in _CUDA_LSE_KERNEL else ["cudnn", "flash", "efficient", "explicit"]
     for name in tried:
         try:
-            if name == "flash" and q_BHSD.dtype in (torch.float16, torch.bfloat16):
+            if name == "cudnn" and q_BHSD.dtype in (torch.float16, torch.bfloat16):
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(q_BHSD, k_BHTD, v_BHTD, None, True)
+                out_BHSD, lse_BHS = res[0], res[1].reshape(res[1].shape[:3])  # cuDNN's LSE is [B, H, S, 1]
+            elif name == "flash" and q_BHSD.dtype in (torch.float16, torch.bfloat16):
                 res = torch.ops.aten._scaled_dot_product_flash_attention(q_BHSD, k_BHTD, v_BHTD, 0.0, False, False)
                 out_BHSD, lse_BHS = res[0], res[1]
             elif name == "efficient" and q_BHSD.dtype != torch.float64:
@@ -148,7 +152,7 @@ def _cuda_sdpa_lse(q_BHSD, k_BHTD, v_BHTD):
                 return None
             else:
                 continue
-        except RuntimeError:  # the kernel refuses this dtype/head_dim/GPU
+        except (RuntimeError, NotImplementedError):  # the kernel refuses this dtype/head_dim/GPU/build
             continue
         _CUDA_LSE_KERNEL[key] = name
         return out_BHSD, lse_BHS
