@@ -27,6 +27,9 @@ single-process ones before anything starts NCCL):
                     combination (with one rank it attends locally before any codec, so fp8/fused/chunked are not
                     exercised there); (c) the real SeqToHead/HeadToSeq all-to-alls, native and fp8, fused or not,
                     chunked, on NCCL; (b) the fp8 codec round trip on CUDA; (d) fuse_qkv="auto" planning returns.
+   sharding         pipeline.sharding.shard_dit over the one-rank NCCL group on the 1.3B shape (bf16, 480p's 32760
+                    tokens): FSDP2's all-gather streams, prefetch and reshard on CUDA; the forward (and forward_tokens)
+                    vs the same model unsharded, time ratio, peak memory of both.
 5. runner           the Runner on the device in bf16 (one rank, NCCL) on a small random Wan pipeline, 20 steps, vs the
                     same request on CPU in fp32 (PSNR of the frames), and again with a live preview after every
                     step (count, time vs without, the video unchanged); runner_embedded: the embedded model through
@@ -84,6 +87,7 @@ from bench.gpu_attention_checks import check_local_attention, check_ulysses  # n
 from bench.gpu_common import CheckFailed, Ctx, Row, Skip, sizes_for  # noqa: E402
 from bench.gpu_model_checks import (check_ray_generate, check_runner, check_runner_embedded,  # noqa: E402
                                     check_step_cache, check_vae, check_wan_dit)
+from bench.gpu_sharding_checks import check_sharding  # noqa: E402
 
 __all__ = ["CHECKS", "main", "run_check"]
 
@@ -100,17 +104,19 @@ CHECKS: dict[str, Callable[[Ctx, Row], None]] = {
     "vae_stream": check_vae,
     "step_cache": check_step_cache,
     "ulysses_nccl": check_ulysses,
+    "sharding": check_sharding,
     "runner": check_runner,
     "runner_embedded": check_runner_embedded,
     "ray_generate": check_ray_generate,
 }
 
 # Seconds a check may run before faulthandler prints every thread's stack and ends the process: about 4-5x the
-# H100 estimates (attention ~10 s, DiT ~60 s with diffusers, VAE ~30 s, Ulysses ~5 s, Runner ~15 s, embedded
-# ~60 s), so a hang (a stuck NCCL call, a wedged kernel) leaves a trace well inside the device call's limit instead
-# of burning it. The whole run is also held to --time-limit (default 400 s, under the documented 420 s call).
-TIMEOUT_S = {"local_attention": 50, "wan_dit": 240, "vae_stream": 150, "step_cache": 120, "ulysses_nccl": 30, "runner": 75,
-             "runner_embedded": 240, "ray_generate": 320}
+# H100 estimates (attention ~10 s, DiT ~60 s with diffusers, VAE ~30 s, Ulysses ~5 s, sharding ~25 s, Runner
+# ~15 s, embedded ~60 s), so a hang (a stuck NCCL call, a wedged kernel) leaves a trace well inside the device
+# call's limit instead of burning it. The whole run is also held to --time-limit (default 400 s, under the
+# documented 420 s call).
+TIMEOUT_S = {"local_attention": 50, "wan_dit": 240, "vae_stream": 150, "step_cache": 120, "ulysses_nccl": 30,
+             "sharding": 120, "runner": 75, "runner_embedded": 240, "ray_generate": 320}
 DEFAULT_TIMEOUT_S = 120
 
 # A FAIL whose note says this leaves the CUDA context unusable (illegal address, device-side assert): every later

@@ -24,7 +24,8 @@ from bench import gpu_check  # noqa: E402
 from bench.gpu_attention_checks import check_local_attention, reference_fp64  # noqa: E402
 
 # single-process checks first, then the ones that start NCCL
-EXPECTED = ["local_attention", "wan_dit", "vae_stream", "step_cache", "ulysses_nccl", "runner", "runner_embedded", "ray_generate"]
+EXPECTED = ["local_attention", "wan_dit", "vae_stream", "step_cache", "ulysses_nccl", "sharding", "runner",
+            "runner_embedded", "ray_generate"]
 
 
 @pytest.fixture
@@ -64,7 +65,9 @@ def test_cpu_quick_run_is_clean(tmp_path):
     assert "| local_attention | ok |" in done.stdout
     cached = rows["step_cache"]["figures"]  # every policy ran, and a cached run differs from the uncached one
     assert {"teacache", "fbcache", "easycache"} <= set(cached) and "computed" in cached["fbcache"]
-    assert "summary: 7 ok, 0 FAIL, 1 skipped" in done.stdout
+    sharded = rows["sharding"]["figures"]  # FSDP2 over the one-rank group computes what the unsharded model does
+    assert sharded["backend"] == "gloo" and sharded["forward"] == sharded["forward_tokens"] == "bitwise"
+    assert "summary: 8 ok, 0 FAIL, 1 skipped" in done.stdout
 
 
 def test_wrong_attention_kernel_fails_the_run(tmp_path, monkeypatch, keep_threads):
@@ -87,6 +90,43 @@ def test_bad_fp8_scale_fails_ulysses(tmp_path, monkeypatch, keep_threads):
     row = _rows(out)["ulysses_nccl"]
     assert row["status"] == "FAIL" and row["note"].startswith("fp8 round trip error")
     assert "wire_fp8" in row["note"]  # and the attention over the fp8 wire is off too
+
+
+def _shard_then(monkeypatch, spoil):
+    """pipeline.sharding.shard_dit followed by spoil(dit): what the sharding check must catch."""
+    from pipeline import sharding
+
+    real = sharding.shard_dit
+
+    def shard_dit(dit, group, **kw):
+        real(dit, group, **kw)
+        spoil(dit)
+        return dit
+
+    monkeypatch.setattr(sharding, "shard_dit", shard_dit)
+
+
+def test_sharding_that_changes_the_weights_fails(tmp_path, monkeypatch, keep_threads):
+    # a shard that lost its rows (here: zeroed) is what a wrong row range in loading looks like
+    _shard_then(monkeypatch, lambda dit: dit.blocks[-1].ffn[0].weight.to_local().zero_())
+    out = tmp_path / "rows.json"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--checks", "sharding", "--json", str(out)]) == 1
+    row = _rows(out)["sharding"]
+    assert row["status"] == "FAIL" and "sharded forward differs from the unsharded model" in row["note"]
+    assert "sharded forward_tokens differs" in row["note"]
+
+
+def test_sharding_that_keeps_blocks_gathered_fails(tmp_path, monkeypatch, keep_threads):
+    # no reshard after forward: the same output, but every block's whole weights stay resident (no memory saved)
+    def keep_gathered(dit):
+        for block in dit.blocks:
+            block.set_reshard_after_forward(False)
+
+    _shard_then(monkeypatch, keep_gathered)
+    out = tmp_path / "rows.json"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--checks", "sharding", "--json", str(out)]) == 1
+    row = _rows(out)["sharding"]
+    assert row["status"] == "FAIL" and "still gathered after the forward" in row["note"], row["note"]
 
 
 def test_a_crashing_check_fails_alone(tmp_path, keep_threads):
