@@ -124,24 +124,26 @@ def test_sp2_sharded_runner_equals_unsharded_and_reports_memory(dist_pools, wan_
     assert torch.equal(rank0["again"], sharded[0])
 
 
-def _cfg_cache(folder, shard):
-    """CFG-parallel (2 ranks, one branch each), fbcache and a preview after every step."""
-    config = wan_config(folder, "parallel.cfg_degree=2", "sampling.steps=10", "sampling.cache=fbcache",
-                        "sampling.cache_threshold=0.5", "sampling.preview_every=1",
-                        *(["parallel.shard_weights=true"] if shard else []))
+def _cached(folder, layout, cache, shard):
+    """A step cache and a preview after every step."""
+    config = wan_config(folder, layout, "sampling.steps=8", f"sampling.cache={cache}", "sampling.cache_threshold=0.5",
+                        "sampling.preview_every=1", *(["parallel.shard_weights=true"] if shard else []))
     runner = pool_runner(config, return_latents=True)
     result, steps, previews = _serve(runner, GenerateRequest("a blue ball moving up", seed=7).resolve(config))
     return result.latents, result.cache, previews, result.memory
 
 
-def test_cfg_parallel_step_cache_and_previews_with_sharding(dist_pools, wan_folder):
-    """Sharded over both CFG halves (they run the same blocks, each with its own text), with skipped steps (a
-    skip leaves the next block's prefetch pending) and previews: the same latents, skips and previews."""
+@pytest.mark.parametrize("layout, cache", [("parallel.cfg_degree=2", "fbcache"), ("parallel.ulysses_degree=2",
+                                                                                 "easycache")])
+def test_step_cache_and_previews_with_sharding(dist_pools, wan_folder, layout, cache):
+    """Sharded over both CFG halves (they run the same blocks, each with its own text) or SP ranks, with skipped
+    steps (fbcache: a skip after block 0 leaves block 1's prefetch pending) and previews: the same latents, skips
+    and previews as unsharded."""
     pool = dist_pools(2)
-    plain = pool.run(_cfg_cache, wan_folder, False)[0]
-    sharded = pool.run(_cfg_cache, wan_folder, True)[0]
+    plain = pool.run(_cached, wan_folder, layout, cache, False)[0]
+    sharded = pool.run(_cached, wan_folder, layout, cache, True)[0]
     assert _rel(sharded[0], plain[0]) <= 1e-5
-    assert sharded[1] == plain[1] and 0 < len(plain[1]["skipped"]) and plain[2] == sharded[2] == 9
+    assert sharded[1] == plain[1] and 0 < len(plain[1]["skipped"]) and plain[2] == sharded[2] == 7
     assert sum(sharded[3]["param_bytes"]) < sum(plain[3]["param_bytes"])
 
 
