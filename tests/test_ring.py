@@ -142,8 +142,9 @@ def test_hybrid_matches_reference(dist_pools, world, U):
     # Ulysses 2 x Ring 2 and 2 x 3: even and uneven heads (3, 5 on 2 ranks), chunked heads, padding that leaves
     # whole ring blocks empty, joint tokens on either side, both wire layouts.
     L = 3
+    fuse = [True, False] if world == 4 else [True]  # the wire layout is the all-to-all's business: once is enough
     cases = grid(seed=[2], B=[1], L=[L], S=lengths(world, L), H=[4, 3, 5], D=[8], T=[0, 2],
-                 joint_first=[False, True], head_chunks=[1, 2], fuse_qkv=[True, False], U=[U])
+                 joint_first=[False, True], head_chunks=[1, 2], fuse_qkv=fuse, U=[U])
     check(dist_pools(world).run(run_cases, cases), cases, 1e-5)
 
 
@@ -327,7 +328,7 @@ def test_hybrid_crossed_groups_refused(dist_pools):
 
 def _stalled_ring():
     """Rank 1 thinks its block is all padding, so it sends nothing: rank 0 waits for a block that never comes.
-    That wait must end with gloo's timeout error after the group's 2 s; rank 1 keeps the group open for 6 s, so an
+    That wait must end with gloo's timeout error after the group's 2 s; rank 1 keeps the group open for 5 s, so an
     unbounded wait would instead end with 'connection closed' when rank 1 leaves."""
     from attention.ring import ring_pass
 
@@ -342,7 +343,7 @@ def _stalled_ring():
         outcome = f"error: {e}"
     seconds = time.monotonic() - t0
     if rank == 1:
-        time.sleep(6)
+        time.sleep(5)
     dist.destroy_process_group(group)  # the stalled transfer dies with its group; the pool's group is untouched
     return rank, outcome, seconds
 
