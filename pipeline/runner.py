@@ -142,11 +142,14 @@ class Runner:
         return splits_decode(self.config)
 
     def load_models(self) -> float:
-        """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took. On a GPU,
-        first checks that this rank's estimated memory fits, before reading any weights and before any collective:
-        ValueError naming settings that would when the card is too small; when it fits the card but others still
-        hold memory (a replaced rank exiting), waits up to memory.FREE_WAIT_S, then MemoryBusy (a RuntimeError:
-        retried). The free bytes it fitted in become memory_budget, which every request's size is checked against."""
+        """Load the DiT (and on rank 0 the text encoder and decoder) once; returns the seconds it took. With
+        parallel.shard_weights the DiT's blocks are sharded over the replica (pipeline/sharding.py: each rank
+        reads only its rows), with model.shard_text_encoder the umt5 encoder too (every rank then holds a part
+        of it and encodes). On a GPU, first checks that this rank's estimated memory fits, before reading any
+        weights and before any collective: ValueError naming settings that would when the card is too small;
+        when it fits the card but others still hold memory (a replaced rank exiting), waits up to
+        memory.FREE_WAIT_S, then MemoryBusy (a RuntimeError: retried). The free bytes it fitted in become
+        memory_budget, which every request's size is checked against."""
         par = self.config.parallel
         t0 = time.perf_counter()
         if self.device.type == "cuda":

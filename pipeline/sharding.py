@@ -47,12 +47,14 @@ def fsdp_unavailable() -> str | None:
     if not dist.is_available():
         return f"torch {version} was built without torch.distributed: parallel.shard_weights needs it"
     try:
+        import torch.distributed.fsdp as fsdp
         from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # noqa: F401
     except ImportError:
+        fsdp = DeviceMesh = None
+    if not all(hasattr(fsdp, name) for name in ("fully_shard", "register_fsdp_forward_method", "FSDPModule")):
         return f"torch {version} has no FSDP2 (torch.distributed.fsdp.fully_shard): parallel.shard_weights needs " \
                f"torch >= 2.7"
-    if "ignored_params" not in inspect.signature(fully_shard).parameters or not hasattr(DeviceMesh, "from_group"):
+    if "ignored_params" not in inspect.signature(fsdp.fully_shard).parameters or not hasattr(DeviceMesh, "from_group"):
         return f"torch {version} has no fully_shard(ignored_params=...): parallel.shard_weights needs torch >= 2.7"
     return None
 
