@@ -499,10 +499,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     if rank == 0 and path is None:  # the embedded model's 32 x 32 frames: its decoder is a few MB
         vae = _tiny_decoder_bytes()
     if path is not None and (rank == 0 or split):
-        from .vae import WanVAEDecoder
-
-        with torch.device("meta"):
-            vae = _meta_bytes(WanVAEDecoder(spec), lambda name: torch.float32)
+        vae = _vae_param_bytes(spec)
         if split:
             # the tallest band and the halo rows it reads; plus the mid-block's gathered keys and values (2 x
             # mid_dim channels of the whole latent frame) and every rank's uint8 rows of one decoded chunk
@@ -520,6 +517,14 @@ def replica_estimates(config: OdysseyConfig, *, device_type: str = "cuda") -> li
     other rank (they only run the DiT), when the replica has more than one. For `odyssey config` style reports."""
     ranks = [0, 1] if config.parallel.group_size > 1 else [0]
     return [estimate_rank_memory(config, r, device_type=device_type) for r in ranks]
+
+
+@functools.lru_cache(maxsize=8)  # check_fits estimates dozens of alternatives: build the decoder once
+def _vae_param_bytes(spec) -> int:
+    from .vae import WanVAEDecoder
+
+    with torch.device("meta"):
+        return _meta_bytes(WanVAEDecoder(spec), lambda name: torch.float32)
 
 
 def _tiny_decoder_bytes() -> int:
