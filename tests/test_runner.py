@@ -91,8 +91,9 @@ def test_bad_request_fails_every_rank_and_the_group_lives_on(wan_folder):
 
 
 def test_load_models_refuses_a_gpu_too_small_before_loading(monkeypatch):
-    """On a GPU, load_models checks the estimate against free memory first: a 14B replica on a 24 GiB card fails
-    with the one-line estimate, and nothing is read (no GPU needed: the device is only a torch.device here)."""
+    """On a GPU, load_models checks the estimate against free memory first: a 14B replica of one GPU on a 24 GiB
+    card fails with the one-line estimate (naming the sharded layout that would fit), and nothing is read (no GPU
+    needed: the device is only a torch.device here)."""
     import pipeline.runner as runner_module
     from pipeline.runner import Runner
 
@@ -102,8 +103,9 @@ def test_load_models_refuses_a_gpu_too_small_before_loading(monkeypatch):
     runner = Runner.__new__(Runner)
     runner.config = load_config("wan2.1-t2v-14b", ["model.path=/nonexistent/Wan2.1-T2V-14B"])
     runner.rank, runner.world_size, runner.device = 0, 1, torch.device("cuda", 0)
-    with pytest.raises(ValueError, match=r"^rank 0 needs ~.* of the 23\.5 GiB this GPU can hold .*: no setting here "
-                                         r"makes it fit"):
+    with pytest.raises(ValueError, match=r"^rank 0 needs ~.* of the 23\.5 GiB this GPU can hold .*: use --set "
+                                         r"parallel.shard_weights=true --set parallel.ulysses_degree=4 \(needs 4 GPUs "
+                                         r"per replica\)$"):
         runner.load_models()
     assert loaded == []
 
