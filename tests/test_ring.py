@@ -148,6 +148,15 @@ def test_hybrid_matches_reference(dist_pools, world, U):
     check(dist_pools(world).run(run_cases, cases), cases, 1e-5)
 
 
+@pytest.mark.parametrize("U", [1, 2])
+def test_hybrid_degenerate_meshes(dist_pools, U):
+    # 2 ranks as Ulysses 1 x Ring 2 (groups of one: the ring does it all) and Ulysses 2 x Ring 1 (rings of one).
+    L = 4
+    cases = grid(seed=[9], B=[1], L=[L], S=lengths(2, L), H=[3], D=[8], T=[0, 2], joint_first=[False, True],
+                 head_chunks=[1, 2], U=[U])
+    check(dist_pools(2).run(run_cases, cases), cases, 1e-5)
+
+
 def test_hybrid_bf16_and_fp8(dist_pools):
     L = 8
     cases = grid(seed=[3], B=[1], L=[L], S=[4 * L - 5], H=[5], D=[32], T=[0, 3], joint_first=[True],
