@@ -245,7 +245,14 @@ def _load_sharded(folder: str, dtype_name: str):
     dtype = getattr(torch, dtype_name)
 
     with spy_safetensors() as log:
-        dit = load_dit_sharded(folder, dist.group.WORLD, device="cpu", dtype=dtype)
+        try:
+            dit, failed = load_dit_sharded(folder, dist.group.WORLD, device="cpu", dtype=dtype), None
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows (no rank left in a gather)
+            dit, failed = None, e
+    flag = torch.tensor([float(failed is not None)])
+    dist.all_reduce(flag)
+    if failed is not None or flag.item():
+        raise failed or RuntimeError("another rank failed to load")
     ref = load_dit(folder, device="cpu", dtype=dtype)
     assert is_sharded(dit)
     # every parameter holds exactly this rank's rows of load_dit's (blocks) or all of it (the rest), same dtype
@@ -507,3 +514,23 @@ def test_sharding_cuts_the_weights_each_rank_holds(served, sp, cfg):
     if (sp, cfg) == (2, 1):  # the encoder sharded too: rank 0 gives up half of it, rank 1 takes that half
         with_t5 = _result(served[sp, cfg, "sharded+t5"][0][0][0]).memory["param_bytes"]
         assert with_t5[0] < sharded[0] and with_t5[1] > sharded[1], (with_t5, sharded)
+
+
+def _serve_embedded(shard: bool):
+    """The embedded model (built in memory, then shard_dit) at SP=2: rank 0's Result, every rank's DiT bytes."""
+    from pipeline.sharding import is_sharded, resident_param_bytes
+
+    config = load_config("tiny", ["runtime.device=cpu", "parallel.ulysses_degree=2", "sampling.steps=4",
+                                  "runtime.collective_timeout_s=60", f"parallel.shard_weights={str(shard).lower()}"])
+    runner = pool_runner(config, return_latents=True)
+    request = GenerateRequest("a red circle moving right", seed=11, request_id="embedded").resolve(config)
+    events = list(runner.generate(request))
+    dit = runner.components.dit
+    assert is_sharded(dit) == shard
+    return (_result(events) if runner.rank == 0 else None), resident_param_bytes(dit)
+
+
+def test_the_embedded_model_sharded_gives_the_same_video(dist_pools):
+    whole, sharded = (dist_pools(2).run(_serve_embedded, shard, timeout=TIMEOUT_S) for shard in (False, True))
+    assert rel(sharded[0][0].latents, whole[0][0].latents) <= REL
+    assert all(s < w for (_, s), (_, w) in zip(sharded, whole))
