@@ -1,8 +1,11 @@
 """What each worker reserves and how a replica's workers are packed, decided from the config and the cluster's
 nodes before anything starts.
 
-A replica's placement group has one bundle per Ulysses group (a bundle always lives on one node, so the group's
-all-to-alls never cross nodes); with cfg_degree=2 the two halves may land on different nodes. On GPUs a job that
+A replica is cfg x ring x ulysses ranks, Ulysses innermost. Its placement group has one bundle per Ulysses group
+(a bundle always lives on one node, so the group's all-to-alls never cross nodes): bundle g = cfg_rank * R +
+ring_rank holds ranks g*U .. g*U+U-1. So a replica spreads over nodes only along the ring (point-to-point K/V hops)
+and between the cfg halves (one exchange per step), never inside a Ulysses group: a Ulysses group larger than
+every GPU node there is is refused (more nodes of those kinds would not help). On GPUs a job that
 the live nodes cannot hold is not refused: the driver asks the autoscaler for the rest and waits
 (runtime.scale_up_timeout_s). CPU-only jobs are sized to fit the CPUs there are, and refused when they cannot be.
 """
@@ -35,11 +38,12 @@ class WorkerShape:
     strategy: str  # across a replica's bundles: "STRICT_PACK" (one node) or "PACK"
     threads: int  # torch threads per worker
     group_size: int = 1  # workers per bundle: one Ulysses group
-    groups: int = 1  # bundles per replica: cfg_degree
+    groups: int = 1  # bundles per replica: cfg_degree x ring_degree; bundle g = cfg_rank * ring_degree + ring_rank
     encoder_cpus: float = 0.0  # extra CPUs of rank 0 (bundle 0), which encodes prompts on CPU
 
     def bundles(self) -> list[dict]:
-        """One replica's placement-group bundles, one per Ulysses group; bundle 0 holds rank 0."""
+        """One replica's placement-group bundles, one per Ulysses group; bundle g holds ranks g*group_size ..
+        (g+1)*group_size-1, so bundle 0 holds rank 0."""
         out = []
         for g in range(self.groups):
             b = {"CPU": self.num_cpus * self.group_size + (self.encoder_cpus if g == 0 else 0.0)}
@@ -91,8 +95,10 @@ def shortfall(shape: WorkerShape, replicas: int, nodes: list[dict]) -> str | Non
 
 def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
     par, rt = config.parallel, config.runtime
-    world, u = par.world_size, par.ulysses_degree
-    layout = f"{par.replicas} replica(s) x cfg {par.cfg_degree} x ulysses {u}"
+    u, ring = par.ulysses_degree, getattr(par, "ring_degree", 1)
+    replica = par.cfg_degree * ring * u  # ranks of one replica
+    world, groups = par.replicas * replica, par.cfg_degree * ring
+    layout = f"{par.replicas} replica(s) x cfg {par.cfg_degree} x ring {ring} x ulysses {u}"
     gpus = [n.get("GPU", 0.0) for n in nodes]
     cpus = [n.get("CPU", 0.0) for n in nodes]
     use_gpu = rt.device == "cuda" or (rt.device == "auto" and sum(gpus) > 0)
@@ -100,6 +106,12 @@ def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
     if use_gpu:
         # GPU presets never fall back to CPU ranks: too few GPUs now means "ask the autoscaler and wait".
         gpu_nodes = [n for n in nodes if n.get("GPU", 0.0) >= 1]
+        largest = max((math.floor(n["GPU"] + 1e-9) for n in gpu_nodes), default=0)
+        if gpu_nodes and largest < u:
+            # More nodes of the kind there are would not help: a Ulysses group never spans nodes.
+            raise PlacementError(f"{layout}: a Ulysses group of {u} GPUs must fit on one node (its all-to-all "
+                                 f"never crosses nodes) and the largest GPU node has {largest}; "
+                                 f"{_suggest(u * ring, largest)}")
         need, per_node, unit = 1.0, gpus, "GPU"
         # One CPU per GPU worker where nodes have it (typical GPU nodes have many), else an equal share.
         num_cpus = min([1.0] + [math.floor(n.get("CPU", 0.0) / n["GPU"] * 100) / 100 for n in gpu_nodes])
@@ -108,7 +120,7 @@ def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
             if rt.encoder_cpus is not None:
                 encoder_cpus = rt.encoder_cpus
             elif gpu_nodes:
-                encoder_cpus = min(_spare_cpus(gpu_nodes, num_cpus, par.group_size), ENCODER_CPUS_MAX)
+                encoder_cpus = min(_spare_cpus(gpu_nodes, num_cpus, replica), ENCODER_CPUS_MAX)
             else:  # nothing to size it from yet: a default a GPU node is sure to have (not the 1 thread of a rank)
                 encoder_cpus = ENCODER_CPUS_DEFAULT
         threads = 1
@@ -119,20 +131,26 @@ def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
             need = min(1.0, math.floor(sum(cpus) / world * 100) / 100,
                        math.floor(max(cpus, default=0.0) / u * 100) / 100)
         fit = sum(math.floor(c / (need * u) + 1e-9) for c in cpus) if need > 0 else 0
-        if need <= 0 or need * world > sum(cpus) + 1e-9 or fit < par.replicas * par.cfg_degree:
+        if need <= 0 or need * world > sum(cpus) + 1e-9 or fit < par.replicas * groups:
             raise PlacementError(f"{layout} needs {world} workers x {rt.num_cpus_per_worker or 0.01:g} CPUs in "
                                  f"groups of {u} per node; the Ray cluster has {sum(cpus):g} CPUs "
                                  f"(largest node {max(cpus, default=0.0):g})")
         per_node, unit, num_cpus, encoder_cpus, threads = cpus, "CPU", need, 0.0, max(1, int(need))
 
-    fits_one_node = max((math.floor(p / need + 1e-9) for p in per_node), default=0) >= par.group_size
+    fits_one_node = max((math.floor(p / need + 1e-9) for p in per_node), default=0) >= replica
     if rt.placement == "STRICT_PACK" and not fits_one_node and not use_gpu:  # GPU nodes may still arrive
-        raise PlacementError(f"runtime.placement=STRICT_PACK needs {par.group_size} x {need:g} {unit} on one node "
+        raise PlacementError(f"runtime.placement=STRICT_PACK needs {replica} x {need:g} {unit} on one node "
                              f"for a replica; the largest node has {max(per_node, default=0):g} (use "
                              f"runtime.placement=PACK or auto)")
     strategy = "STRICT_PACK" if rt.placement == "STRICT_PACK" or (rt.placement == "auto" and fits_one_node) else "PACK"
     return WorkerShape(num_gpus=1.0 if use_gpu else 0.0, num_cpus=num_cpus, strategy=strategy, threads=threads,
-                       group_size=u, groups=par.cfg_degree, encoder_cpus=encoder_cpus)
+                       group_size=u, groups=groups, encoder_cpus=encoder_cpus)
+
+
+def _suggest(ranks: int, largest: int) -> str:
+    """A layout of the same ranks per cfg half whose Ulysses groups fit the largest node."""
+    u = max(d for d in range(1, largest + 1) if ranks % d == 0)
+    return f"use --ulysses {u} --ring {ranks // u} (Ulysses inside a node, the ring across nodes)"
 
 
 def _spare_cpus(gpu_nodes: list[dict], cpus_per_gpu: float, replica_gpus: int) -> float:

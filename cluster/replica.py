@@ -1,5 +1,7 @@
-"""One replica: a placement group with one bundle per Ulysses group, its SPWorkers with ranks assigned after
-placement, and the event stream of one request at a time.
+"""One replica: a placement group with one bundle per Ulysses group (cfg x ring bundles; bundle g = cfg_rank * R +
+ring_rank, always on one node), its SPWorkers with ranks assigned after placement (bundle g's members are ranks
+g*U .. g*U+U-1, consecutive in Ulysses order, as pipeline.parallel.build_mesh expects), and the event stream of one
+request at a time.
 
 Failures are told apart, because they call for different cures:
 - ReplicaFailed: a worker or node died, or the replica could not be placed/started in time. The replica is gone;
@@ -96,7 +98,8 @@ class Replica:
         n = shape.group_size * shape.groups
         try:
             bundles = shape.bundles()
-            # PACK/STRICT_PACK across the bundles; a bundle (one Ulysses group) is always on one node.
+            # PACK/STRICT_PACK across the bundles; a bundle (one Ulysses group) is always on one node, so a replica
+            # spans nodes only along its ring and between its cfg halves.
             self.pg = placement_group(bundles, strategy=shape.strategy, name=self.name)
             self._wait(self.pg.ready(), rt.scale_up_timeout_s, lambda: (
                 f"waited {rt.scale_up_timeout_s:g} s (runtime.scale_up_timeout_s) for {bundles} ({shape.strategy}); "
@@ -112,8 +115,9 @@ class Replica:
             self.workers = list(workers)  # killed by kill() if anything below fails
             infos = self._wait([w.info.remote() for w in workers], rt.placement_timeout_s,
                                lambda: f"workers did not start in {rt.placement_timeout_s:g} s")
-            # Ranks after placement: a Ulysses group is one bundle (one node) of contiguous ranks, in GPU order;
-            # rank 0 is the worker of bundle 0 that holds the encoder's extra CPUs.
+            # Ranks after placement: bundle g (one Ulysses group, one node) gets ranks g*U .. g*U+U-1 in GPU order,
+            # so rank = cfg_rank*(R*U) + ring_rank*U + ulysses_rank; rank 0 is the worker of bundle 0 that holds
+            # the encoder's extra CPUs.
             order = sorted(range(n), key=lambda i: (where[i][0], where[i][1] != 0 or not shape.encoder_cpus,
                                                     _gpu_order(infos[i].gpu_ids), infos[i].pid))
             self.workers, self.infos = [workers[i] for i in order], [infos[i] for i in order]
