@@ -137,7 +137,10 @@ def ring_pass(q, k, v, group, P: int, rank: int, seq_len: int, joint, joint_firs
 
     At step s this rank attends block (rank - s) mod P, while sending it on to rank+1 and receiving the next one
     from rank-1 (one batch_isend_irecv, waited after the attention). Only a block's real keys travel; a block that
-    is all padding is neither sent, received nor attended (every rank derives the same plan from seq_len)."""
+    is all padding is neither sent, received nor attended (every rank derives the same plan from seq_len).
+    Batched P2P on gloo "can hang" (PiPPy #1130) when the two sides' ops do not pair up; here every isend meets
+    its peer's irecv of the same block in the same step, and tests/test_ring.py runs it on 2, 3, 4 and 6 gloo
+    ranks without a hang."""
     B, L, H, D = q.shape
     valid = [max(0, min(L, seq_len - b * L)) for b in range(P)]
     if P > 1:
