@@ -348,7 +348,7 @@ def test_bad_weights_are_a_weights_error_on_every_rank_before_any_tensor_is_read
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. The text encoder sharded
+# 3. The text encoder sharded
 
 
 PROMPTS = ["a red circle moving right", "ein Hund läuft über eine grüne Wiese"]
@@ -389,7 +389,7 @@ def test_the_sharded_text_encoder_encodes_as_the_whole_one(dist_pools, t5_folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Through the Runner: the same latents, frames and previews; memory reported per rank
+# 4. Through the Runner: the same latents, frames and previews; memory reported per rank
 
 
 STEPS = 8
