@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -172,7 +173,7 @@ def rank_main(rank: int, variant: str, cfg: WanDiTConfig, latent: tuple, reps: i
         torch.set_num_threads(1)  # two ranks on two cores
         dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        import torch.distributed.tensor  # noqa: F401 (DTensor's import is slow: here, not inside the timed load)
+        importlib.import_module("torch.distributed.tensor")  # slow to import: here, not inside the timed load
 
         from pipeline.sharding import resident_param_bytes, shard_dit
 
