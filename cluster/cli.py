@@ -23,7 +23,7 @@ import yaml
 
 from configs import OdysseyConfig, field_docs, load_config, to_dict
 
-from .serve.cli import SHARD_WEIGHTS_HELP  # serve's module imports nothing of this one at import time
+from .serve.cli import RING_HELP, SHARD_WEIGHTS_HELP, ULYSSES_HELP  # that module imports nothing of this one
 
 DEFAULT_PRESET = "tiny"
 
@@ -101,7 +101,8 @@ def _run_options(fn):
                        "(fbcache:0.1); a shortcut for sampling.cache and sampling.cache_threshold.")
     @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed of the initial noise (batch: seed + index).")
     @click.option("--negative-prompt", help="What guidance steers away from.")
-    @click.option("--ulysses", type=click.IntRange(1), help="Ranks per video (sequence parallel degree).")
+    @click.option("--ulysses", type=click.IntRange(1), help=ULYSSES_HELP)
+    @click.option("--ring", type=click.IntRange(1), help=RING_HELP)
     @click.option("--shard-weights", is_flag=True, help=SHARD_WEIGHTS_HELP)
     @click.option("--cfg-parallel", is_flag=True, help="Run the two guidance passes on two halves of the ranks.")
     @click.option("--replicas", type=click.IntRange(1), help="Model copies serving prompts at once.")
@@ -124,7 +125,7 @@ def _config_policy(config_source) -> str | None:
         return None
 
 
-def resolve_config(config_source, overrides, *, ulysses=None, cfg_parallel=False, replicas=None,
+def resolve_config(config_source, overrides, *, ulysses=None, ring=None, cfg_parallel=False, replicas=None,
                    negative_prompt=None, cache=None, shard_weights=False) -> OdysseyConfig:
     flags = list(overrides)
     if cache is not None:
@@ -139,6 +140,8 @@ def resolve_config(config_source, overrides, *, ulysses=None, cfg_parallel=False
             flags.append(f"sampling.cache_threshold={threshold!r}")
     if ulysses:
         flags.append(f"parallel.ulysses_degree={ulysses}")
+    if ring:
+        flags.append(f"parallel.ring_degree={ring}")
     if shard_weights:
         flags.append("parallel.shard_weights=true")
     if cfg_parallel:
@@ -252,7 +255,7 @@ class PreviewFile:
                    "sampling.preview_every steps; 5 when that is 0).")
 @_run_options
 def generate(prompt, output, manifest, preview, config_source, overrides, cache, seed, negative_prompt, ulysses,
-             shard_weights, cfg_parallel, replicas, address, progress):
+             ring, shard_weights, cfg_parallel, replicas, address, progress):
     """Generate one video from PROMPT."""
     from pipeline.request import GenerateRequest
 
@@ -271,8 +274,9 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
         if preview.is_dir():
             raise InputError(f"--preview {preview} is a folder")
         check_job_output(preview, "--preview")
-    config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
-                            negative_prompt=negative_prompt, cache=cache, shard_weights=shard_weights)
+    config = resolve_config(config_source, overrides, ulysses=ulysses, ring=ring, cfg_parallel=cfg_parallel,
+                            replicas=replicas, negative_prompt=negative_prompt, cache=cache,
+                            shard_weights=shard_weights)
     if preview is not None and config.sampling.preview_every == 0:
         config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, preview_every=5))
     if not prompt.strip():
@@ -300,7 +304,7 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
               help="Skip prompts whose output is already complete.")
 @_run_options
 def batch(prompts_file, output_dir, resume, config_source, overrides, cache, seed, negative_prompt, ulysses,
-          shard_weights, cfg_parallel, replicas, address, progress):
+          ring, shard_weights, cfg_parallel, replicas, address, progress):
     """Generate a video per prompt of PROMPTS_FILE (.txt: a prompt per line; .jsonl: objects with 'prompt' and
     optional name, seed, negative_prompt and sampling/video settings)."""
     from pipeline.request import GenerateRequest
@@ -315,8 +319,9 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
     check_job_output(output_dir, "-o")  # a Ray Job's relative paths land in Ray's cache
     if output_dir.is_symlink():  # videos, manifest and the partials' cleanup would all happen where it points
         raise InputError(f"the output folder {output_dir} is a symbolic link; pass the folder it points to")
-    config = resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel, replicas=replicas,
-                            negative_prompt=negative_prompt, cache=cache, shard_weights=shard_weights)
+    config = resolve_config(config_source, overrides, ulysses=ulysses, ring=ring, cfg_parallel=cfg_parallel,
+                            replicas=replicas, negative_prompt=negative_prompt, cache=cache,
+                            shard_weights=shard_weights)
     try:
         check_config(config)  # even when every line sets its own cache: the Driver refuses such a config
     except ValueError as e:

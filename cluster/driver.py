@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from configs import OdysseyConfig, to_dict
 from pipeline.request import Frame, GenerateRequest, Result
 
-from .placement import PlacementError, WorkerShape, cluster_nodes, plan_placement, shortfall
+from .placement import PlacementError, WorkerShape, cluster_nodes, describe_layout, plan_placement, shortfall
 from .manifest import append_manifest_line
 from .progress import ProgressReporter, cache_note, make_reporter
 from .replica import POLL_S, Replica, ReplicaFailed, RequestCancelled, RequestFailed, RequestRejected
@@ -143,7 +143,7 @@ class Driver:
         self.shape = plan_placement(self.config, nodes)
         par, rt = self.config.parallel, self.config.runtime
         missing = shortfall(self.shape, par.replicas, nodes)
-        layout = f"{par.replicas} replica(s) x cfg {par.cfg_degree} x ulysses {par.ulysses_degree}"
+        layout = describe_layout(self.config)
         if missing and self._owns_ray and not (self.address or os.environ.get("RAY_ADDRESS")):
             # the Ray this process just started on this machine: no autoscaler, it will never grow
             raise PlacementError(f"{layout} {missing} (Ray on this machine only; join a cluster with --address, "

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from configs import OdysseyConfig
 
-__all__ = ["PlacementError", "WorkerShape", "plan_placement", "shortfall", "cluster_nodes", "cluster_totals"]
+__all__ = ["PlacementError", "WorkerShape", "plan_placement", "shortfall", "cluster_nodes", "cluster_totals",
+           "describe_layout"]
 
 # Rank 0 encoding prompts on CPU next to GPU ranks (model.text_encoder_device=cpu, runtime.encoder_cpus null):
 ENCODER_CPUS_DEFAULT = 8.0  # its extra CPUs when no GPU node is up yet to size them from (autoscaling clusters)
@@ -93,12 +94,18 @@ def shortfall(shape: WorkerShape, replicas: int, nodes: list[dict]) -> str | Non
     return None
 
 
+def describe_layout(config: OdysseyConfig) -> str:
+    """'2 replica(s) x cfg 1 x ulysses 8', with ' x ring R' before the ulysses when there is a ring."""
+    par = config.parallel
+    ring = f" x ring {par.ring_degree}" if par.ring_degree > 1 else ""
+    return f"{par.replicas} replica(s) x cfg {par.cfg_degree}{ring} x ulysses {par.ulysses_degree}"
+
+
 def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
     par, rt = config.parallel, config.runtime
-    u, ring = par.ulysses_degree, getattr(par, "ring_degree", 1)
-    replica = par.cfg_degree * ring * u  # ranks of one replica
-    world, groups = par.replicas * replica, par.cfg_degree * ring
-    layout = f"{par.replicas} replica(s) x cfg {par.cfg_degree} x ring {ring} x ulysses {u}"
+    u, ring = par.ulysses_degree, par.ring_degree
+    replica, world, groups = par.group_size, par.world_size, par.cfg_degree * ring
+    layout = describe_layout(config)
     gpus = [n.get("GPU", 0.0) for n in nodes]
     cpus = [n.get("CPU", 0.0) for n in nodes]
     use_gpu = rt.device == "cuda" or (rt.device == "auto" and sum(gpus) > 0)

@@ -70,14 +70,22 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     ulysses_degree: int = 1
-    """Ranks that share one video's tokens (Ulysses sequence parallelism). Heads need not divide it."""
+    """Ranks of one all-to-all group (Ulysses sequence parallelism), kept on one node. Heads need not divide it."""
+
+    ring_degree: int = 1
+    """Ulysses groups that share one video's tokens by ring attention (Ulysses x Ring, as USP / xDiT): each keeps
+    its heads and passes key/value blocks around the ring point to point, so the ring may cross nodes where an
+    all-to-all would crawl. A video's tokens are split over ring_degree x ulysses_degree ranks. Use it to run one
+    video on more than one node (e.g. 2 nodes x 8 GPUs: ulysses 8 x ring 2) or where heads divide unevenly among
+    the ranks (12 heads on 8 ranks: ulysses 4 x ring 2); within one NVLink node Ulysses alone is faster."""
 
     cfg_degree: Literal[1, 2] = 1
     """2 runs the conditional and unconditional passes of classifier-free guidance at once on two halves of
     the ranks."""
 
     replicas: int = 1
-    """Independent copies of the model; each serves its own prompts. world = replicas * cfg_degree * ulysses_degree."""
+    """Independent copies of the model; each serves its own prompts.
+    world = replicas * cfg_degree * ring_degree * ulysses_degree."""
 
     fuse_qkv: bool | Literal["auto"] = "auto"
     """Send Q, K and V in one all-to-all (true) or three concurrent ones (false); auto measures both once per
@@ -98,7 +106,7 @@ class ParallelConfig:
     """Local attention kernel: flash (flash-attn, CUDA fp16/bf16), sdpa (torch), reference (slow, exact) or auto."""
 
     shard_weights: bool = False
-    """Shard the DiT's weights over every rank of the replica (FSDP2 over its ulysses_degree x cfg_degree ranks)
+    """Shard the DiT's weights over every rank of the replica (FSDP2 over its cfg x ring x ulysses ranks)
     instead of a whole copy on each: every rank keeps 1/ranks of each block's weights plus the small non-block
     ones (14B: 27 GiB whole, 4.1 GiB on each of 8 ranks), so the replica's GPUs add up their memory. Cost: one
     all-gather of each block's weights per forward (14B: 0.65 GiB per block, 2 x 40 per step with guidance),
@@ -107,13 +115,14 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require(self.ulysses_degree >= 1, "ulysses_degree must be >= 1, got {}", self.ulysses_degree)
+        _require(self.ring_degree >= 1, "ring_degree must be >= 1, got {}", self.ring_degree)
         _require(self.replicas >= 1, "replicas must be >= 1, got {}", self.replicas)
         _require(self.head_chunks >= 1, "head_chunks must be >= 1, got {}", self.head_chunks)
 
     @property
     def group_size(self) -> int:
         """Ranks of one replica."""
-        return self.cfg_degree * self.ulysses_degree
+        return self.cfg_degree * self.ring_degree * self.ulysses_degree
 
     @property
     def world_size(self) -> int:

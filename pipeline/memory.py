@@ -4,7 +4,7 @@ Nothing here reads weights: parameter bytes come from the real modules built on 
 Wan2.1 VAE decoder, transformers' UMT5EncoderModel) from the folder's config.json / safetensors headers, or from
 the published shapes when the folder is not there. Activation peaks come from running the real code on meta
 tensors under LiveBytes, which adds up the bytes of every tensor alive at once (what a tracemalloc would see):
-    - DiT: one forward_tokens at the request's tokens per rank, L = ceil(S / ulysses_degree). Attention runs as
+    - DiT: one forward_tokens at the request's tokens per rank, L = ceil(S / (ring x ulysses)). Attention runs as
       flash / memory-efficient kernels do (output and log-sum-exp only, no S x S scores) when one can run
       (fused_attention_available), else as torch's math SDPA and the reference backend do: q, k, v upcast to
       fp32 and two fp32 [h, S, S] score / probability matrices alive at once (attention_backend=reference, or
@@ -170,29 +170,44 @@ def _sdpa_BSHD(q_BSHD, k_BSHD, v_BSHD) -> torch.Tensor:
 
 class _UlyssesBuffers:
     """A TokenLayout for rank 0 of P that allocates what UlyssesLayout + attention/comm.py allocate (fused Q/K/V
-    on a native wire), with no communication: shapes and lifetimes only."""
+    on a native wire), with no communication: shapes and lifetimes only. With a ring of R > 1 the attention is
+    attention/ring.py's ring_pass over the gathered ring block: its own and the incoming K/V blocks, the fp32
+    running output and LSE, each block's partial output and the merge's fp32 temporaries."""
 
-    def __init__(self, world: int, heads: int):
-        self.world, self.heads = world, heads
+    def __init__(self, world: int, heads: int, ring: int = 1):
+        self.world, self.heads, self.ring = world, heads, ring
         self.mine = heads // world + (1 if heads % world else 0)  # rank 0 owns the most heads
 
     def shard(self, x_BS: torch.Tensor) -> torch.Tensor:
-        L = -(-x_BS.shape[1] // self.world)
+        L = -(-x_BS.shape[1] // (self.ring * self.world))
         return x_BS.new_empty((x_BS.shape[0], L, *x_BS.shape[2:]))
 
     def gather(self, x_BL: torch.Tensor, seq_len: int) -> torch.Tensor:
         return x_BL.new_empty((x_BL.shape[0], seq_len, *x_BL.shape[2:]))
 
+    def _ring(self, q_BSHD, k_BSHD, v_BSHD) -> torch.Tensor:
+        B, S, h, D = q_BSHD.shape
+        kv, incoming = (q_BSHD.new_empty((2, B, S, h, D)) for _ in range(2))
+        acc = q_BSHD.new_empty((B, S, h, D), dtype=torch.float32)
+        lse = q_BSHD.new_empty((B, S, h), dtype=torch.float32)
+        part = _sdpa_BSHD(q_BSHD, k_BSHD, v_BSHD)  # a block's partial output (its LSE is freed with it)
+        part_lse = q_BSHD.new_empty((B, h, S), dtype=torch.float32)
+        diff, weighted = (q_BSHD.new_empty((B, S, h, D), dtype=torch.float32) for _ in range(2))
+        del diff, weighted, part, part_lse, kv, incoming, lse
+        out = acc.to(q_BSHD.dtype)
+        return out
+
     def attend(self, q_BLHD, k_BLHD, v_BLHD, seq_len: int, layer: int) -> torch.Tensor:
+        attention = _sdpa_BSHD if self.ring == 1 else self._ring
         if self.world == 1:
-            return _sdpa_BSHD(q_BLHD, k_BLHD, v_BLHD)
+            return attention(q_BLHD, k_BLHD, v_BLHD)
         B, L, H, D = q_BLHD.shape
         S, h = L * self.world, self.mine
         send = q_BLHD.new_empty((3 * B * L * H, D))
         recv = q_BLHD.new_empty((3 * B * S * h, D))
         q, k, v = (q_BLHD.new_empty((B, S, h, D)) for _ in range(3))  # decoded contiguous copies
         del send, recv
-        out = _sdpa_BSHD(q, k, v)
+        out = attention(q, k, v)
         del q, k, v
         send = out.new_empty((B * S * h, D))
         del out
@@ -204,15 +219,15 @@ class _UlyssesBuffers:
 @functools.lru_cache(maxsize=32)
 @torch.no_grad()
 def dit_activation_bytes(cfg: WanDiTConfig, grid: tuple[int, int, int], ulysses_degree: int,
-                         dtype: torch.dtype, fused: bool = True) -> int:
+                         dtype: torch.dtype, fused: bool = True, ring_degree: int = 1) -> int:
     """Peak bytes alive during one forward_tokens of rank 0 (the rank with the most heads) at this token grid;
     fused=False: attention materialises its fp32 scores (see _FusedAttention)."""
     # Blocks are identical and hand on only the residual stream: two of them peak like forty.
     with torch.device("meta"):
         dit = WanDiT(replace(cfg, num_layers=min(cfg.num_layers, 2))).to_compute_dtype(dtype)
-    dit.layout = _UlyssesBuffers(ulysses_degree, cfg.num_heads)
+    dit.layout = _UlyssesBuffers(ulysses_degree, cfg.num_heads, ring_degree)
     S = math.prod(grid)
-    x_BLP = torch.empty((1, -(-S // ulysses_degree), cfg.patch_dim), device="meta")
+    x_BLP = torch.empty((1, -(-S // (ring_degree * ulysses_degree)), cfg.patch_dim), device="meta")
     ctx = torch.empty((1, cfg.text_len, cfg.text_dim), device="meta")
     with _FusedAttention(fused), LiveBytes() as live:
         dit.forward_tokens(x_BLP, grid, torch.ones(1, device="meta"), ctx)
@@ -470,15 +485,16 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     h, w = video.height // ss, video.width // ss
     grid = (((video.frames - 1) // ts + 1) // pt, h // ph, w // pw)
     fused = par.attention_backend != "reference" and fused_attention_available(device, dtype)
-    acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype, fused) * FRAGMENTATION)
+    acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype, fused, par.ring_degree) * FRAGMENTATION)
     sampling = config.sampling
     branches = 2 if sampling.guidance_scale != 1.0 and par.cfg_degree == 1 else 1
-    tokens_per_rank = -(-math.prod(grid) // par.ulysses_degree)
+    sequence_ranks = par.ring_degree * par.ulysses_degree  # the ranks one video's tokens are split over
+    tokens_per_rank = -(-math.prod(grid) // sequence_ranks)
     cached = cache_buffers(sampling.cache, tokens_per_rank, cfg.dim, branches)
     preview = 0
-    if sampling.preview_every > 0 and rank // par.ulysses_degree == 0:  # the CFG half holding rank 0 gathers
+    if sampling.preview_every > 0 and rank // sequence_ranks == 0:  # the CFG half holding rank 0 gathers
         patch_bytes = cfg.out_dim * math.prod(cfg.patch_size) * 4  # fp32 x0 per token
-        gathered = tokens_per_rank * par.ulysses_degree if par.ulysses_degree > 1 else 0  # 1 rank: a view
+        gathered = tokens_per_rank * sequence_ranks if sequence_ranks > 1 else 0  # 1 rank: a view
         preview = (tokens_per_rank + gathered + (math.prod(grid) if rank == 0 else 0)) * patch_bytes
 
     text = text_acts = text_gather = vae = decode = 0
@@ -625,7 +641,8 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
     def show(o: dict) -> str:
         shown = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in o.items())
         if "parallel.ulysses_degree" in o:
-            shown += f" (needs {config.parallel.cfg_degree * o['parallel.ulysses_degree']} GPUs per replica)"
+            par = config.parallel
+            shown += f" (needs {par.cfg_degree * par.ring_degree * o['parallel.ulysses_degree']} GPUs per replica)"
         return shown
 
     advice = ("use " + ", or ".join(show(o) for o in working) if working else

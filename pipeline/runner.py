@@ -93,7 +93,7 @@ def pick_device(preference: str, rank: int) -> torch.device:
 
 
 class Runner:
-    """Joins the replica's process group, builds the (cfg, ulysses) mesh, loads the models once, then serves
+    """Joins the replica's process group, builds the (cfg, ring, ulysses) mesh, loads the models once, then serves
     generate(request) as an iterator of events: Progress per step, Preview every sampling.preview_every steps and
     Frame per decoded frame (rank 0), Result. cancel(request_id), from any thread, stops a request on every rank
     at the same step (RequestCancelledError)."""
@@ -106,8 +106,8 @@ class Runner:
         assert (init_method is None) != (store is None), "give init_method or store"
         par = config.parallel
         if world_size != par.group_size:
-            raise ValueError(f"world_size {world_size} != cfg_degree {par.cfg_degree} x ulysses_degree "
-                             f"{par.ulysses_degree}")
+            raise ValueError(f"world_size {world_size} != cfg_degree {par.cfg_degree} x ring_degree "
+                             f"{par.ring_degree} x ulysses_degree {par.ulysses_degree}")
         self.config, self.rank, self.world_size = config, rank, world_size
         # accelerator_check=false (fake GPU resources in tests): a worker that sees no GPU computes on CPU
         preference = config.runtime.device
@@ -132,7 +132,7 @@ class Runner:
         rendezvous = {"store": store} if store is not None else {"init_method": init_method}
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **rendezvous, **kwargs)
         self._comm_device = self.device if backend == "nccl" else torch.device("cpu")
-        self.mesh: Mesh = build_mesh(par.cfg_degree, par.ulysses_degree, timeout)
+        self.mesh: Mesh = build_mesh(par.cfg_degree, par.ulysses_degree, timeout, ring_degree=par.ring_degree)
         if load:
             self.load_models()
 
@@ -166,8 +166,9 @@ class Runner:
             self.config.model, device=self.device, encode=self.rank == 0 or self.shard_text,
             decode=self.rank == 0 or self.split_decode, attention_backend=par.attention_backend,
             shard_group=world if par.shard_weights else None, shard_text_group=world if self.shard_text else None)
-        apply_sequence_parallel(self.components.dit, self.mesh.sp_group, fuse_qkv=par.fuse_qkv,
-                                fp8_comm=par.fp8_comm, head_chunks=par.head_chunks)
+        mesh = self.mesh
+        apply_sequence_parallel(self.components.dit, mesh.ulysses_group, fuse_qkv=par.fuse_qkv, fp8_comm=par.fp8_comm,
+                                head_chunks=par.head_chunks, ring_group=mesh.ring_group, sequence_group=mesh.sp_group)
         self.load_s = time.perf_counter() - t0
         return self.load_s
 

@@ -102,3 +102,41 @@ def test_rank0_gets_a_default_share_when_no_gpu_node_is_up_yet():
 def test_recovery_settings_are_checked(override, message):
     with pytest.raises(ValueError, match=message):
         config(override)
+
+
+# -- Ulysses x Ring (issue #13) ----------------------------------------------------------------------------------
+
+
+def test_a_ring_spreads_a_replica_over_nodes_one_ulysses_group_per_node():
+    # ulysses 8 x ring 2 on 2 nodes of 8 GPUs: two bundles of 8, one per node (PACK: the replica spans the nodes)
+    cfg = config("parallel.ulysses_degree=8", "parallel.ring_degree=2", "runtime.device=cuda")
+    nodes = [{"CPU": 16.0, "GPU": 8.0}] * 2
+    shape = plan_placement(cfg, nodes)
+    assert shape.bundles() == [{"CPU": 8.0, "GPU": 8.0}] * 2 and shape.strategy == "PACK"
+    assert (shape.group_size, shape.groups) == (8, 2)
+    assert shortfall(shape, 1, nodes) is None
+    # the same replica on one 16-GPU node stays on it
+    assert plan_placement(cfg, [{"CPU": 32.0, "GPU": 16.0}]).strategy == "STRICT_PACK"
+    # cfg 2 x ring 2 x ulysses 2: four bundles, g = cfg_rank * 2 + ring_rank, each a pair of consecutive ranks
+    cfg = config("parallel.ulysses_degree=2", "parallel.ring_degree=2", "parallel.cfg_degree=2",
+                 "runtime.device=cuda")
+    shape = plan_placement(cfg, [{"CPU": 8.0, "GPU": 2.0}] * 4)
+    assert shape.bundles() == [{"CPU": 2.0, "GPU": 2.0}] * 4 and shape.strategy == "PACK"
+    # CPU-only: two 1-CPU nodes hold ulysses 2 x ring 2 at half a CPU a rank, a group per node
+    shape = plan_placement(config("parallel.ulysses_degree=2", "parallel.ring_degree=2"), [{"CPU": 1.0}] * 2)
+    assert shape.num_cpus == 0.5 and shape.bundles() == [{"CPU": 1.0}] * 2 and shape.strategy == "PACK"
+
+
+def test_a_ulysses_group_larger_than_every_node_is_refused_with_a_layout_that_fits():
+    nodes = [{"CPU": 16.0, "GPU": 8.0}] * 2
+    with pytest.raises(PlacementError, match=r"^1 replica\(s\) x cfg 1 x ulysses 16: a Ulysses group of 16 GPUs "
+                                             r"must fit on one node .* the largest GPU node has 8; use "
+                                             r"--ulysses 8 --ring 2 \("):
+        plan_placement(config("parallel.ulysses_degree=16", "runtime.device=cuda"), nodes)
+    with pytest.raises(PlacementError, match="use --ulysses 2 --ring 5"):  # 10 ranks on nodes of 4: groups of 2
+        plan_placement(config("parallel.ulysses_degree=10", "runtime.device=cuda"), [{"CPU": 8.0, "GPU": 4.0}])
+    # no GPU node up yet (autoscaling from zero): nothing to judge by, so the job waits for nodes
+    assert plan_placement(config("parallel.ulysses_degree=16", "runtime.device=cuda"), [{"CPU": 8.0}]).num_gpus == 1
+    # CPU ranks: a group of 4 on nodes of 2 CPUs at 1 CPU a rank cannot be placed
+    with pytest.raises(PlacementError, match="in groups of 4 per node"):
+        plan_placement(config("parallel.ulysses_degree=4", "runtime.num_cpus_per_worker=1"), [{"CPU": 2.0}] * 2)

@@ -19,10 +19,15 @@ __all__ = ["serve", "check_listen", "is_loopback"]
 APP_NAME = "odyssey"
 
 
-# --shard-weights of every command that takes --ulysses (cluster/cli.py imports it from here: see _config_options)
+# --shard-weights and --ring of every command that takes --ulysses (cluster/cli.py imports them from here: see
+# _config_options)
 SHARD_WEIGHTS_HELP = ("Shard the DiT's weights over the replica's ranks (FSDP2) instead of a whole copy on each GPU, "
                       "so a model larger than one GPU fits; costs one all-gather of each block's weights per forward, "
                       "prefetched (parallel.shard_weights=true; needs --ulysses 2+ or --cfg-parallel).")
+ULYSSES_HELP = "Ranks per Ulysses group: they share a video's tokens by all-to-all, on one node."
+RING_HELP = ("Ulysses groups per video, sharing its tokens by ring attention (point to point, may cross nodes): a "
+             "video runs on ring x ulysses ranks (parallel.ring_degree; e.g. --ulysses 8 --ring 2 on 2 nodes of 8 "
+             "GPUs).")
 
 
 def _config_options(fn):
@@ -107,7 +112,8 @@ def _deploy_error(e: Exception) -> str:
 
 @click.command("serve")
 @_config_options
-@click.option("--ulysses", type=click.IntRange(1), help="Ranks per video (sequence parallel degree).")
+@click.option("--ulysses", type=click.IntRange(1), help=ULYSSES_HELP)
+@click.option("--ring", type=click.IntRange(1), help=RING_HELP)
 @click.option("--shard-weights", is_flag=True, help=SHARD_WEIGHTS_HELP)
 @click.option("--cfg-parallel", is_flag=True, help="Run the two guidance passes on two halves of the ranks.")
 @click.option("--replicas", type=click.IntRange(1), help="Model copies serving requests at once.")
@@ -120,16 +126,16 @@ def _deploy_error(e: Exception) -> str:
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/serve"),
               show_default=True, help="Jobs database and videos (kept across restarts).")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
-def serve(config_source, overrides, ulysses, shard_weights, cfg_parallel, replicas, address, host, port, token_file,
-          output_dir, insecure):
+def serve(config_source, overrides, ulysses, ring, shard_weights, cfg_parallel, replicas, address, host, port,
+          token_file, output_dir, insecure):
     """Serve text-to-video over HTTP (OpenAI's video API, live progress and previews, a web page at /)."""
     from ..cli import InputError, RunFailed, resolve_config
     from ..driver import Driver, connect_ray
     from ..submit import check_job_output
     from .app import ingress, model_name_of, read_token_file, with_previews
 
-    config = with_previews(resolve_config(config_source, overrides, ulysses=ulysses, cfg_parallel=cfg_parallel,
-                                          replicas=replicas, shard_weights=shard_weights))
+    config = with_previews(resolve_config(config_source, overrides, ulysses=ulysses, ring=ring,
+                                          cfg_parallel=cfg_parallel, replicas=replicas, shard_weights=shard_weights))
     host = host if host is not None else config.serve.host
     port = port if port is not None else config.serve.port
     token = None
