@@ -145,6 +145,6 @@ def test_load_models_waits_for_memory_a_replaced_rank_still_holds(monkeypatch):
     runner = Runner.__new__(Runner)
     runner.config = load_config("wan2.1-t2v-14b", ["model.path=/nonexistent/Wan2.1-T2V-14B"])
     runner.rank, runner.world_size, runner.device = 0, 1, torch.device("cuda", 0)
-    runner.mesh = SimpleNamespace(sp_group=None)
+    runner.mesh = SimpleNamespace(sp_group=None, ulysses_group=None, ring_group=None)
     runner.load_models()
     assert runner.memory_budget == 79 * 2**30 and len(loaded) == 1
