@@ -245,3 +245,18 @@ def test_runner_over_a_ring_gives_the_latents_of_one_rank(dist_pools, wan, one_r
         assert where == (ring, s // ulysses, s % ulysses, ring, ulysses, s, True), (rank, where)
     got, want = out[0][1], one_rank_latents
     assert ((got - want).norm() / want.norm()) < 1e-4  # 18 tokens over 4 ranks: padded
+
+
+def _wrong_sequence_group(folder):
+    mesh = build_mesh(1, 2, timedelta(seconds=60), ring_degree=2)
+    try:  # the ring's ranks passed as the sequence group
+        apply_sequence_parallel(WanDiT.from_pretrained(folder), mesh.ulysses_group, ring_group=mesh.ring_group,
+                                sequence_group=mesh.ring_group)
+    except ValueError as e:
+        return str(e)
+
+
+def test_a_sequence_group_that_is_not_ring_x_ulysses_is_refused(dist_pools, folder):
+    messages = dist_pools(4).run(_wrong_sequence_group, folder)
+    assert messages == [f"sequence_group must hold the ring x Ulysses ranks with this rank at index {r} of 4, got "
+                        f"index {r // 2} of 2" for r in range(4)]
