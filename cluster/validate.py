@@ -9,7 +9,9 @@ DiT config read on the driver (config.json and safetensors headers, never a weig
 anyway, but only after the cluster had placed and loaded every replica.
 
 Sharded weights (parallel.shard_weights, model.shard_text_encoder) on a torch without FSDP2's pieces are refused
-here too, on the driver, before any actor starts: the workers run the driver's torch (one environment per cluster).
+here too, on the driver, before any actor starts, for the driver's torch. Ray does not make the workers' torch the
+same as the driver's (each node has its own environment unless a runtime_env pins one): each worker's Runner checks
+its own torch again before loading and refuses with the same message, naming its node.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def check_config_sharding(config: OdysseyConfig) -> None:
     reason = fsdp_unavailable()
     if reason is not None:
         key = "parallel.shard_weights" if config.parallel.shard_weights else "model.shard_text_encoder"
-        raise ValueError(f"{key}: {reason}")
+        raise ValueError(f"{key}: {reason.replace(': parallel.shard_weights needs', ': needs')}")  # the key once
 
 
 def check_config(config: OdysseyConfig) -> None:

@@ -176,7 +176,9 @@ class Result:
     finished_at: float = 0.0  # wall clock on the worker when the generation finished
     cache: dict | None = None  # step cache: policy, threshold, computed_steps, steps, skipped (step indices)
     # rank 0: {"param_bytes": [per rank], "peak_bytes": [per rank]}: every model weight each rank holds (its
-    # shards of sharded ones), and its peak this request (CUDA: max allocated; CPU: peak RSS of the process)
+    # shards of sharded ones), and its peak this request. CUDA: torch.cuda.max_memory_allocated (tensors only: not
+    # NCCL's buffers nor the caching allocator's reserve). CPU: the process's peak RSS, reset per request through
+    # /proc/self/clear_refs; where that fails, the process's lifetime peak.
     memory: dict | None = None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import socket
 import sys
 import threading
 import time
@@ -22,13 +23,14 @@ import torch.distributed as dist
 from configs import OdysseyConfig
 
 from .components import Components, load_components
+from .load_guard import check_same_models, decode_record, encode_record, model_record
 from .memory import check_request, wait_until_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
 from .preview import LatentPreviewer, fitted_previewer
 from .request import (Event, Frame, GenerateRequest, Preview, Progress, RequestCancelledError, RequestRejectedError,
                       Result)
 from .samplers import make_sampler
-from .sharding import resident_param_bytes
+from .sharding import fsdp_unavailable, resident_param_bytes
 from .step_cache import StepCache, check_cache
 from .vae_parallel import splits_decode
 
@@ -162,15 +164,34 @@ class Runner:
         self.shard_text = self.config.model.shard_text_encoder and self.config.model.path is not None
         if self.config.model.shard_text_encoder and not self.shard_text and self.rank == 0:
             log.info("model.shard_text_encoder: the embedded model's text encoder is a few MB, kept whole on rank 0")
+        if par.shard_weights or self.shard_text:
+            # The driver checked its own torch; a worker's may differ (Ray does not make them the same).
+            reason = fsdp_unavailable()
+            if reason is not None:
+                key = "parallel.shard_weights" if par.shard_weights else "model.shard_text_encoder"
+                raise ValueError(f"{key}: {reason.replace(': parallel.shard_weights needs', ': needs')} "
+                                 f"(on node {socket.gethostname()})")
         self.components = load_components(
             self.config.model, device=self.device, encode=self.rank == 0 or self.shard_text,
             decode=self.rank == 0 or self.split_decode, attention_backend=par.attention_backend,
             shard_group=world if par.shard_weights else None, shard_text_group=world if self.shard_text else None)
+        self._check_same_models()
         mesh = self.mesh
         apply_sequence_parallel(self.components.dit, mesh.ulysses_group, fuse_qkv=par.fuse_qkv, fp8_comm=par.fp8_comm,
                                 head_chunks=par.head_chunks, ring_group=mesh.ring_group, sequence_group=mesh.sp_group)
         self.load_s = time.perf_counter() - t0
         return self.load_s
+
+    def _check_same_models(self) -> None:
+        """Before any collective uses the weights: every rank loaded the same model (nodes read model.path on their
+        own disks), else the same ValueError on every rank naming those that differ (pipeline/load_guard.py). One
+        all_gather, under the group's timeout."""
+        if self.world_size == 1:
+            return
+        comp = self.components
+        record = model_record(comp.dit, self.config.model.path, comp.text_encoder if self.shard_text else None)
+        rows = self._gather_table(encode_record(record))
+        check_same_models([decode_record(row) for row in rows])
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -5,12 +5,16 @@ Legend: N prompts, T text_len (512) token rows, C d_model (4096).
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from .weights import WeightsError, check_keys, inside_model, model_root, rename_first
+from .weights import (WeightsError, check_blocks, check_keys, dit_weight_files, inside_model, model_root, read_header,
+                      rename_first)
 
 __all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR", "locate", "load_tokenizer", "original_state",
            "original_config"]
@@ -19,6 +23,11 @@ log = logging.getLogger(__name__)
 
 ORIGINAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_TOKENIZER_DIR = "google/umt5-xxl"
+MAX_T5_LAYERS = 128  # umt5-xxl has 24: a header naming block 4999 must not build 5000 on meta
+_HF_BLOCK = r"encoder\.block\.(\d+)\."
+# The tensors original_config reads its sizes from (transformers' names): each must be there and 2-D.
+_CONFIG_KEYS = ("shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
 
 # original Wan2.1 T5 names -> transformers UMT5EncoderModel names
 _ORIGINAL_TO_HF = [
@@ -34,30 +43,71 @@ _ORIGINAL_TO_HF = [
 ]
 
 
-def _hf_name(key: str) -> str:
-    name = rename_first(key, _ORIGINAL_TO_HF)
+def _hf_name(key: object, path: Path) -> str:
+    name = rename_first(key, _ORIGINAL_TO_HF) if isinstance(key, str) else None
     if name is None:
-        raise WeightsError(f"unknown key {key} in {ORIGINAL_T5_FILE}")
+        raise WeightsError(f"unknown key {key!r:.80} in {path}")
     return name
+
+
+def _backed(t: torch.Tensor) -> bool:
+    """Whether every element of t has its own bytes in its storage: a zero stride (an expand()ed row) or a storage
+    smaller than the view lets a 51 KB file declare gigabytes, which the encoder would then allocate."""
+    if t.numel() == 0:
+        return True
+    if any(stride == 0 for size, stride in zip(t.shape, t.stride()) if size > 1):
+        return False
+    extent = t.storage_offset() + 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    have = t.untyped_storage().nbytes()
+    return have >= extent * t.element_size() and have >= t.numel() * t.element_size()
 
 
 def original_state(path: Path) -> dict[str, torch.Tensor]:
     """The original release's .pth under transformers' names, memory-mapped (weights_only: no code runs; mmap: a
-    tensor's pages are read only when used, so slicing a row range reads just those rows)."""
-    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {_hf_name(k): v for k, v in raw.items()}
+    tensor's pages are read only when used, so slicing a row range reads just those rows). WeightsError naming the
+    file (one line) for anything but a dict of real tensors with the keys the config is read from."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise WeightsError(f"{path} is not a loadable weights file: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
+    state = {}
+    for key, value in raw.items():
+        name = _hf_name(key, path)
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+        if not _backed(value):
+            raise WeightsError(f"{path}: {key} declares {tuple(value.shape)} over {value.untyped_storage().nbytes()}"
+                               f" bytes of data (a zero stride or a short storage); refusing it")
+        state[name] = value
+    state_shapes = {k: tuple(v.shape) for k, v in state.items()}
+    _check_config_shapes(state_shapes, str(path))
+    return state
 
 
-def original_config(shapes: dict[str, tuple[int, ...]]):
+def _check_config_shapes(shapes: dict[str, tuple[int, ...]], what: str) -> int:
+    """The number of encoder blocks, after checking the tensors original_config reads are there and 2-D and that the
+    blocks run 0..L-1 with one key set, L <= MAX_T5_LAYERS (names only: nothing is built yet)."""
+    for key in _CONFIG_KEYS:
+        if key not in shapes:
+            raise WeightsError(f"{what} lacks {key}: not a umt5 encoder checkpoint")
+        if len(shapes[key]) != 2:
+            raise WeightsError(f"{what}: {key} has shape {shapes[key]}, expected 2-D")
+    return check_blocks(shapes, _HF_BLOCK, MAX_T5_LAYERS, what)
+
+
+def original_config(shapes: dict[str, tuple[int, ...]], what: str = ORIGINAL_T5_FILE):
     """UMT5Config of the original release's encoder, from its tensors' shapes (transformers' names)."""
     from transformers import UMT5Config
 
+    layers = _check_config_shapes(shapes, what)
     vocab, d_model = shapes["shared.weight"]
     buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     return UMT5Config(
         vocab_size=vocab, d_model=d_model, d_kv=shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads,
         d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
-        num_layers=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.")),
+        num_layers=layers,
         num_heads=heads, relative_attention_num_buckets=buckets,
         relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
         dropout_rate=0.0,
@@ -70,7 +120,7 @@ def _load_original(path: Path, dtype):
     state = original_state(path)
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     with torch.device("meta"):
-        model = UMT5EncoderModel(original_config({k: tuple(v.shape) for k, v in state.items()}))
+        model = UMT5EncoderModel(original_config({k: tuple(v.shape) for k, v in state.items()}, str(path)))
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
                {k: tuple(v.shape) for k, v in state.items()}, f"{path} does not fit UMT5")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
@@ -95,9 +145,30 @@ def locate(path) -> tuple[bool, Path, Path]:
     for folder in (path / "text_encoder",) * diffusers + (tok_dir,):
         inside_model(root, folder, "text encoder file")
         for file in folder.iterdir():
-            inside_model(root, file, "text encoder file")
+            resolved = inside_model(root, file, "text encoder file")
+            if not (resolved.is_file() or resolved.is_dir()):  # a FIFO would block its reader forever
+                raise WeightsError(f"text encoder file {file} is not a regular file")
     weights = path / "text_encoder" if diffusers else inside_model(root, path / ORIGINAL_T5_FILE, "text encoder file")
+    if diffusers:
+        _check_diffusers_layers(weights)
     return diffusers, tok_dir, weights
+
+
+def _check_diffusers_layers(folder: Path) -> None:
+    """A diffusers text_encoder/ whose config.json num_layers matches the blocks its safetensors headers name
+    (0..L-1, one key set, L <= MAX_T5_LAYERS): checked before any loader builds the model config.json declares."""
+    config = folder / "config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {config}: {str(e).splitlines()[0][:200]}") from None
+    layers = raw.get("num_layers") if isinstance(raw, dict) else None
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= MAX_T5_LAYERS:
+        raise WeightsError(f"{config}: num_layers {layers!r:.40} is not a number of blocks from 1 to {MAX_T5_LAYERS}")
+    names = [name for file in dit_weight_files(folder) for name in read_header(file)]
+    found = check_blocks(names, _HF_BLOCK, MAX_T5_LAYERS, f"text encoder weights in {folder}")
+    if found != layers:
+        raise WeightsError(f"{config} says num_layers {layers} but the weights hold {found} blocks")
 
 
 def load_tokenizer(tok_dir: Path):

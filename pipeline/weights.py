@@ -4,18 +4,25 @@ never materialised twice."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import struct
+from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .dit import WanDiT, WanDiTConfig
 
 __all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
-           "WeightsError", "model_root", "inside_model"]
+           "WeightsError", "model_root", "inside_model", "read_header", "check_blocks", "file_fingerprint",
+           "MAX_DIT_LAYERS"]
+
+MAX_DIT_LAYERS = 256  # Wan2.1 has 30 (1.3B) or 40 (14B): a header naming block 4999 must not build 5000 on meta
+FINGERPRINT_BYTES = 1 << 20  # tensor data hashed per weight file when ranks compare what they loaded
 
 _COMFY_PREFIX = "model.diffusion_model."
 
@@ -58,6 +65,71 @@ def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str) -> 
         raise WeightsError(f"{what}: " + "; ".join(problems))
 
 
+def check_blocks(names, pattern: str, cap: int, what: str) -> int:
+    """L, the number of blocks the names declare (pattern's group 1 is a block index), after checking from the
+    names alone that the indices run 0..L-1, that L <= cap and that every block has block 0's key set: a hostile
+    header otherwise makes us build (on meta, yet one module per block) whatever L it names. WeightsError."""
+    blocks: dict[int, set[str]] = {}
+    prefix: dict[int, str] = {}
+    regex = re.compile(pattern)
+    for name in names:
+        if m := regex.match(name):
+            if len(m.group(1)) > 6:
+                raise WeightsError(f"{what}: block index {m.group(1)[:12]}... (at most {cap} blocks)")
+            blocks.setdefault(int(m.group(1)), set()).add(name[m.end():])
+            prefix[int(m.group(1))] = name[:m.end()]
+    if not blocks:
+        raise WeightsError(f"{what}: no blocks")
+    top = max(blocks)
+    if top >= cap:
+        raise WeightsError(f"{what}: names block {top}, more than the {cap} blocks any supported model has")
+    gaps = sorted(set(range(top + 1)) - set(blocks))
+    if gaps:
+        raise WeightsError(f"{what}: blocks 0..{top} named but {', '.join(map(str, gaps[:8]))} missing")
+    if any(keys != blocks[0] for keys in blocks.values()):
+        # Named against the key set most blocks share; with no majority, against the union (missing) and the
+        # intersection (unexpected) of all blocks.
+        counts = Counter(frozenset(keys) for keys in blocks.values()).most_common(2)
+        if len(counts) == 1 or counts[0][1] > counts[1][1]:
+            full = common = counts[0][0]
+        else:
+            full, common = set().union(*blocks.values()), set.intersection(*blocks.values())
+        missing = [prefix[i] + k for i in sorted(blocks) for k in sorted(full - blocks[i])]
+        unexpected = [prefix[i] + k for i in sorted(blocks) for k in sorted(blocks[i] - common)]
+        detail = "; ".join(f"{kind} keys: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
+                           for kind, items in (("missing", missing), ("unexpected", unexpected)) if items)
+        raise WeightsError(f"{what}: blocks do not all have the same keys: {detail}")
+    return top + 1
+
+
+def read_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a safetensors file, from its header only; WeightsError naming the file when it is not one
+    (a malformed header, a truncated file)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{file} is not a readable safetensors file: {str(e).splitlines()[0][:200]}") from None
+
+
+def file_fingerprint(file: Path) -> str:
+    """sha256 of a weight file's size, its safetensors header and the first FINGERPRINT_BYTES of tensor data
+    (any other file: its first bytes): cheap, and two checkpoints of the same shapes but different weights (the
+    same model trained further, another seed) differ in it."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        h.update(str(size).encode())
+        head = f.read(8)
+        h.update(head)
+        if file.name.endswith(".safetensors") and len(head) == 8:
+            n = struct.unpack("<Q", head)[0]
+            h.update(f.read(min(n, max(size - 8, 0))))
+        h.update(f.read(FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
 def model_root(folder: Path) -> Path:
     """The folder every weight, config and tokenizer file of a model must resolve inside: `folder` itself, or, for
     a Hugging Face hub cache snapshot (.../models--org--name/snapshots/<rev>/...), its cache entry, since a
@@ -97,8 +169,9 @@ def _dit_folder(path: Path) -> Path:
 
 
 def dit_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a DiT folder: one file, or the shards an index names."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    """The safetensors files of a DiT folder: one file, or the shards an index names. Only regular files count
+    (checked before any is opened: a FIFO named *.safetensors would block the reader forever)."""
+    indexes = sorted(f for f in folder.glob("*.safetensors.index.json") if f.is_file())
     if indexes:
         try:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
@@ -109,10 +182,12 @@ def dit_weight_files(folder: Path) -> list[Path]:
         files = sorted(_shard_inside(folder, root, name, indexes[0]) for name in names)
         missing = [str(f.relative_to(root)) for f in files if not f.is_file()]
         if missing:
-            raise WeightsError(f"{indexes[0]} names shards that are not there: {', '.join(missing)}")
+            raise WeightsError(f"{indexes[0]} names shards that are not there (or not regular files): "
+                               f"{', '.join(missing)}")
         return files
     root = model_root(folder)
-    files = sorted(inside_model(root, f, "weights file") for f in folder.glob("*.safetensors"))
+    files = sorted(f for f in (inside_model(root, f, "weights file") for f in folder.glob("*.safetensors"))
+                   if f.is_file())
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
         hint = f" (found {', '.join(others)}: only safetensors are loaded, for safety)" if others else ""
@@ -173,7 +248,7 @@ def read_dit_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> WanDiTConf
         qk_norm = True
     if tuple(raw.get("window_size", (-1, -1))) != (-1, -1):
         raise WeightsError(f"windowed attention is not supported (window_size {raw['window_size']})")
-    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+    layers = check_blocks(shapes, r"blocks\.(\d+)\.", MAX_DIT_LAYERS, "DiT weights")
     cfg = WanDiTConfig(
         dim=dim,
         ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
@@ -208,16 +283,17 @@ def read_dit_headers(path) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, st
         raise WeightsError(f"cannot read {folder / 'config.json'}: {e}") from None
     source: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{folder / 'config.json'} is not a JSON object")
     for file in dit_weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-            diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in keys) or (
-                "_diffusers_version" in raw
-            )
-            for key in keys:
-                ours = _our_name(key, diffusers)
-                source[ours] = (file, key)
-                shapes[ours] = tuple(f.get_slice(key).get_shape())
+        header = read_header(file)
+        diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in header) or (
+            "_diffusers_version" in raw
+        )
+        for key, shape in header.items():
+            ours = _our_name(key, diffusers)
+            source[ours] = (file, key)
+            shapes[ours] = shape
     return folder, read_dit_config(raw, shapes), source, shapes
 
 
