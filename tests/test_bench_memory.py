@@ -25,7 +25,8 @@ def run_bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def shard_bytes(cfg: WanDiTConfig, rank: int, world: int) -> tuple[int, int]:
     """(whole model bytes, bytes rank keeps with the blocks sharded) in fp32, worked out here from the shapes:
-    torch.chunk's split of every block parameter's rows, everything else whole."""
+    FSDP2's padded chunk of every block parameter's rows (ceil(rows / world) on every rank: what it allocates),
+    everything else whole."""
     with torch.device("meta"):
         params = dict(WanDiT(cfg).named_parameters())
     whole = kept = 0
@@ -33,8 +34,7 @@ def shard_bytes(cfg: WanDiTConfig, rank: int, world: int) -> tuple[int, int]:
         row = math.prod(p.shape[1:]) * 4
         whole += p.shape[0] * row
         if name.startswith("blocks."):
-            chunks = torch.arange(p.shape[0]).chunk(world)
-            kept += (len(chunks[rank]) if rank < len(chunks) else 0) * row
+            kept += -(-p.shape[0] // world) * row
         else:
             kept += p.shape[0] * row
     return whole, kept

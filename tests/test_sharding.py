@@ -42,12 +42,18 @@ def local_rows(n: int, world: int, rank: int) -> int:
     return max(0, min(c, n - rank * c))
 
 
+def padded_rows(n: int, world: int) -> int:
+    """Rows FSDP2 allocates on every rank for a dim-0 size n: ceil(n / world), the short last chunks padded."""
+    return -(-n // world)
+
+
 def expected_bytes(dit: WanDiT, world: int, rank: int) -> int:
-    """What a rank holds of a DiT whose blocks are sharded: its rows of every block parameter, every other
-    parameter whole. From the global shapes only (a DTensor's .shape is the whole parameter's)."""
+    """What a rank allocates of a DiT whose blocks are sharded: a padded chunk of every block parameter (the same
+    on every rank, whatever rows it really holds), every other parameter whole. From the global shapes only (a
+    DTensor's .shape is the whole parameter's)."""
     total = 0
     for name, p in dit.named_parameters():
-        rows = local_rows(p.shape[0], world, rank) if name.startswith("blocks.") else p.shape[0]
+        rows = padded_rows(p.shape[0], world) if name.startswith("blocks.") else p.shape[0]
         total += rows * (p.numel() // p.shape[0]) * p.element_size()
     return total + sum(b.numel() * b.element_size() for b in dit.buffers())
 
@@ -110,10 +116,14 @@ def test_shard_dit_gives_the_unsharded_outputs_and_keeps_the_blocks_sharded(dist
     for rank, (errors, resident, expected, whole) in enumerate(out):
         assert max(errors) <= REL, (rank, errors)
         assert resident == expected, (rank, resident, expected)
-    # the ranks' shards add up to the blocks once, plus a whole copy of the rest on each rank
+    # the ranks' shards add up to the blocks once (each parameter padded to a multiple of the ranks' rows: the
+    # modulation's 1 row is allocated on every rank), plus a whole copy of the rest on each rank
     ref = random_dit()
     blocks = sum(p.numel() * p.element_size() for _, p in block_tensors(ref))
-    assert sum(r for _, r, _, _ in out) == blocks + world * (out[0][3] - blocks)
+    padded = sum(world * padded_rows(p.shape[0], world) * p[0].numel() * p.element_size()
+                 for _, p in block_tensors(ref))
+    assert padded > blocks
+    assert sum(r for _, r, _, _ in out) == padded + world * (out[0][3] - blocks)
 
 
 def _gathers_before_each_block(prefetch: bool):
@@ -159,6 +169,75 @@ def test_each_block_is_gathered_once_per_forward_and_the_next_one_prefetched(dis
         assert len(sizes) == 2 * n
         # each gather brings one block (its rows padded to a multiple of the ranks), not more
         assert all(block_bytes <= s < 1.2 * block_bytes for s in sizes), (sizes, block_bytes)
+
+
+def gathered_blocks(dit: WanDiT) -> list[int]:
+    """Blocks holding full-size storage now: unsharded parameters, or an all-gather issued and not yet used (FSDP2's
+    private state: asserted to exist, so a torch that renames it fails here instead of passing vacuously)."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for i, block in enumerate(dit.blocks):
+        group = block._get_fsdp_state()._fsdp_param_group
+        assert hasattr(group, "_all_gather_result"), "FSDP2's param group changed: update gathered_blocks"
+        if group._all_gather_result is not None or not all(isinstance(p, DTensor) for p in block.parameters()):
+            out.append(i)
+    return out
+
+
+def _skipped_steps():
+    """What a step cache does: run the probe block (run_blocks(s, x, 0, 1)), skip the rest, twice; then a computed
+    step (the probe, then run_blocks from 1) and a full forward. On every rank: the blocks left gathered after each
+    skipped step, the gathers each call issued, the computed step's error, when each block of the full forward
+    started (gathers issued by then, counted from its start)."""
+    from pipeline.sharding import shard_dit
+
+    ref, dit = random_dit(), shard_dit(random_dit(), dist.group.WORLD)
+    latents, t, ctx = dit_inputs()
+    grid = dit.grid(latents.shape)
+    sizes, left, issued, starts = [], [], [], []
+    original = dist.all_gather_single
+
+    def spy(output, input, *args, **kwargs):
+        sizes.append(output.numel())
+        return original(output, input, *args, **kwargs)
+
+    hooks = [block.self_attn.register_forward_pre_hook(lambda *_: starts.append(len(sizes))) for block in dit.blocks]
+    dist.all_gather_single = spy
+    try:
+        with torch.no_grad():
+            s, r = dit.embed(dit.patchify(latents), grid, t, ctx), ref.embed(ref.patchify(latents), grid, t, ctx)
+            for _ in range(2):  # two skipped steps in a row
+                before = len(sizes)
+                dit.run_blocks(s, s.x_BLC, 0, 1)
+                left.append(gathered_blocks(dit))
+                issued.append(len(sizes) - before)
+            before = len(sizes)
+            out = dit.run_blocks(s, dit.run_blocks(s, s.x_BLC, 0, 1), 1)  # a computed step
+            issued.append(len(sizes) - before)
+            error = rel(out, ref.run_blocks(r, r.x_BLC))
+            left.append(gathered_blocks(dit))
+            starts.clear()
+            before = len(sizes)
+            dit(latents, t, ctx)
+            starts = [n - before for n in starts]
+    finally:
+        dist.all_gather_single = original
+        for h in hooks:
+            h.remove()
+    return left, issued, error, starts
+
+
+def test_a_skipped_step_leaves_no_block_gathered(dist_pools):
+    """The step cache's probe (blocks[0:1]) followed by a skip: block 1's prefetch must not be issued, or its whole
+    weights would stay gathered until the next computed step (or into the next request after a cancel). The
+    computed step still gives the unsharded stack's output, and a full forward still prefetches one block ahead."""
+    n = SMALL.num_layers
+    for left, issued, error, starts in dist_pools(2).run(_skipped_steps, timeout=TIMEOUT_S):
+        assert left == [[], [], []], left
+        assert issued == [1, 1, n], issued  # each skipped step gathers block 0 alone
+        assert error <= REL
+        assert starts == [min(i + 2, n) for i in range(n)], starts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,9 +441,74 @@ def t5_folders(tmp_path_factory):
     return {layout: str(save_t5(model, tokenizer, root / layout, layout)) for layout in ("pipeline", "original")}
 
 
+def _vocab_parallel_lookup(vocab: int, dtype_name: str):
+    """Every id of an nn.Embedding(vocab, 5) looked up through its VocabParallelEmbedding, in a [2, vocab + 1] batch
+    (any shape of ids), against the whole table's lookup; and the rows this rank keeps."""
+    from pipeline.sharding import VocabParallelEmbedding
+
+    torch.manual_seed(5)
+    whole = torch.nn.Embedding(vocab, 5).to(getattr(torch, dtype_name)).requires_grad_(False)
+    ids = torch.cat([torch.arange(vocab), torch.arange(vocab).flip(0), torch.tensor([0, vocab - 1])]).view(2, -1)
+    split = VocabParallelEmbedding.from_embedding(whole, dist.group.WORLD)
+    with torch.no_grad():
+        got, want = split(ids), whole(ids)
+    return torch.equal(got, want) and got.dtype == want.dtype, (split.vocab_start, split.vocab_stop), split.weight.shape
+
+
+@pytest.mark.parametrize("vocab, dtype", [(11, "float32"), (11, "bfloat16"), (2, "float32")])
+def test_vocab_parallel_embedding_is_the_whole_lookup(dist_pools, vocab, dtype):
+    """3 ranks: 11 rows split 4, 4, 3; 2 rows split 1, 1, 0 (a rank with no rows still joins the all_reduce).
+    Bitwise the whole table's lookup: each value is one rank's row plus zeros."""
+    out = dist_pools(3).run(_vocab_parallel_lookup, vocab, dtype, timeout=TIMEOUT_S)
+    c = padded_rows(vocab, 3)
+    for rank, (equal, (start, stop), shape) in enumerate(out):
+        assert equal, rank
+        assert (start, stop) == (min(rank * c, vocab), min(rank * c, vocab) + local_rows(vocab, 3, rank))
+        assert tuple(shape) == (stop - start, 5)
+
+
+def expected_encoder_bytes(model, world: int, rank: int) -> int:
+    """What a rank allocates of a sharded umt5, from the whole model's shapes: this rank's rows of the token
+    embedding (its own rows, no padding: it is no FSDP unit), a padded chunk of every block parameter, the final
+    norm whole."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name == "shared.weight":
+            rows = local_rows(p.shape[0], world, rank)
+        else:
+            rows = padded_rows(p.shape[0], world) if name.startswith("encoder.block.") else p.shape[0]
+        total += rows * p[0].numel() * p.element_size()
+    return total
+
+
+class spy_collectives:
+    """Record the all-gathers (FSDP2's: output elements) and all-reduces (shapes) issued inside the block."""
+
+    def __enter__(self):
+        self.gathers, self.reduces = [], []
+        self.original = dist.all_gather_single, dist.all_reduce
+
+        def gather(output, input, *args, **kwargs):
+            self.gathers.append(output.numel())
+            return self.original[0](output, input, *args, **kwargs)
+
+        def reduce(tensor, *args, **kwargs):
+            self.reduces.append(tuple(tensor.shape))
+            return self.original[1](tensor, *args, **kwargs)
+
+        dist.all_gather_single, dist.all_reduce = gather, reduce
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_gather_single, dist.all_reduce = self.original
+
+
 def _encode_sharded(folders: dict):
-    from pipeline.sharding import is_sharded, load_text_encoder_sharded, resident_param_bytes, shard_text_encoder
+    from pipeline.sharding import (VocabParallelEmbedding, is_sharded, load_text_encoder_sharded,
+                                   resident_param_bytes, shard_text_encoder)
     from pipeline.text_encoder import WanTextEncoder
+
+    world, rank = dist.get_world_size(), dist.get_rank()
 
     def load():
         return WanTextEncoder.from_pretrained(folders["pipeline"], dtype=torch.float32, text_len=16)
@@ -372,20 +516,49 @@ def _encode_sharded(folders: dict):
     ref = load()
     want = ref.encode(PROMPTS)
     sharded = shard_text_encoder(load(), dist.group.WORLD)
-    errors = {"shard_text_encoder": rel(sharded.encode(PROMPTS), want)}
+    with spy_collectives() as spy:
+        got = sharded.encode(PROMPTS)
+    errors = {"shard_text_encoder": rel(got, want)}
+    resident = {"shard_text_encoder": resident_param_bytes(sharded.model)}
+    tied = [sharded.model.shared is sharded.model.encoder.embed_tokens]
+    table = ref.model.shared.weight
+    rows = {}
     for layout, folder in folders.items():
-        loaded = load_text_encoder_sharded(folder, dist.group.WORLD, device="cpu", dtype=torch.float32, text_len=16)
+        with spy_safetensors() as log:
+            loaded = load_text_encoder_sharded(folder, dist.group.WORLD, device="cpu", dtype=torch.float32,
+                                               text_len=16)
         assert is_sharded(loaded.model), layout
+        embedding = loaded.model.shared
+        assert isinstance(embedding, VocabParallelEmbedding) and embedding is loaded.model.encoder.embed_tokens
+        # this rank's rows of the table, bit for bit (the embedding's rows are where a wrong range would show)
+        start = min(rank * padded_rows(table.shape[0], world), table.shape[0])
+        assert torch.equal(embedding.weight, table[start:start + local_rows(table.shape[0], world, rank)]), layout
         errors[layout] = rel(loaded.encode(PROMPTS), want)
+        resident[layout] = resident_param_bytes(loaded.model)
+        if layout == "pipeline":  # safetensors: which rows of the table were read (.pth: memory-mapped)
+            names = ("shared.weight", "encoder.embed_tokens.weight")
+            rows = {key: list(_rows_read(index, table.shape[0])) for key, index in log.sliced if key in names}
+            rows["whole"] = [k for k in log.whole if k in names]
     assert is_sharded(sharded.model) and not is_sharded(ref.model)
-    return errors, resident_param_bytes(sharded.model), resident_param_bytes(ref.model)
+    return (errors, resident, expected_encoder_bytes(ref.model, world, rank), resident_param_bytes(ref.model),
+            tied, spy.gathers, spy.reduces, rows, table.shape[0])
 
 
-def test_the_sharded_text_encoder_encodes_as_the_whole_one(dist_pools, t5_folders):
-    out = dist_pools(2).run(_encode_sharded, t5_folders, timeout=TIMEOUT_S)
-    for rank, (errors, sharded, whole) in enumerate(out):
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_sharded_text_encoder_encodes_as_the_whole_one(dist_pools, t5_folders, world):
+    """umt5 sharded (in memory, and loaded from either layout) encodes the same; its token embedding is split by
+    vocabulary rows (each rank reads and keeps only its rows) and looked up with one all_reduce of the two prompts'
+    rows, never gathered whole; each block is gathered once."""
+    out = dist_pools(world).run(_encode_sharded, t5_folders, timeout=TIMEOUT_S)
+    for rank, (errors, resident, expected, whole, tied, gathers, reduces, rows, vocab) in enumerate(out):
         assert max(errors.values()) <= REL, (rank, errors)
-        assert sharded < 0.75 * whole, (rank, sharded, whole)
+        assert set(resident.values()) == {expected}, (rank, resident, expected)
+        assert expected < (0.75 if world == 2 else 0.6) * whole
+        assert tied == [True]
+        assert len(gathers) == 2 and reduces == [(len(PROMPTS), 16, 24)], (gathers, reduces)  # 2 blocks, 1 lookup
+        c = padded_rows(vocab, world)
+        mine = list(range(min(rank * c, vocab), min(rank * c + c, vocab)))
+        assert rows.pop("whole") == [] and list(rows.values()) == ([mine] if mine else []), rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -535,3 +708,62 @@ def test_the_embedded_model_sharded_gives_the_same_video(dist_pools):
     whole, sharded = (dist_pools(2).run(_serve_embedded, shard, timeout=TIMEOUT_S) for shard in (False, True))
     assert rel(sharded[0][0].latents, whole[0][0].latents) <= REL
     assert all(s < w for (_, s), (_, w) in zip(sharded, whole))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. CPU: freed gathered blocks leave the process
+
+
+MMAP_PROBE = """
+import ctypes, json, torch, torch.distributed as dist
+from pipeline.dit import WanDiT, WanDiTConfig
+from pipeline.sharding import shard_dit
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mmapped(nbytes):  # bytes glibc mmap'ed for one allocation of nbytes (0: it came from the heap)
+    before = libc.mallinfo2().hblkhd
+    block = torch.ones(nbytes, dtype=torch.uint8)
+    during = libc.mallinfo2().hblkhd
+    del block
+    return during - before
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+dit = WanDiT(WanDiTConfig(dim=40, ffn_dim=50, num_heads=4, num_layers=2, in_dim=16, out_dim=16, text_dim=24,
+                          freq_dim=16, text_len=8))
+del dit  # the imports and the model came and went before glibc's threshold is raised below
+freed = torch.ones(30 << 20, dtype=torch.uint8)
+del freed  # an mmap'ed 30 MiB chunk freed: glibc's dynamic threshold rises to 30 MiB, like a freed gathered block
+heap = mmapped(16 << 20)
+shard_dit(WanDiT(WanDiTConfig(dim=40, ffn_dim=50, num_heads=4, num_layers=2, in_dim=16, out_dim=16, text_dim=24,
+                              freq_dim=16, text_len=8)), dist.group.WORLD)
+print(json.dumps([heap, mmapped(16 << 20)]))
+"""
+
+
+def test_sharding_on_cpu_returns_freed_blocks_to_the_os():
+    """Sharded on a CPU, a block's gathered weights are allocated and freed every forward: once glibc's dynamic
+    mmap threshold has grown past a block (it follows the largest chunk freed), they would come from the heap and
+    stay resident when freed. shard_dit on a CPU model pins the threshold at 1 MiB (in a fresh process here: the
+    setting is process-wide): a 16 MiB allocation is then mmap'ed (returned to the OS on free), where before the
+    call it came from the heap."""
+    import ctypes
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33: no mallinfo2 to see where an allocation came from")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", MMAP_PROBE], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    heap, mapped = json.loads(done.stdout.strip().splitlines()[-1])
+    assert heap == 0, "glibc served 16 MiB with mmap before sharding: this probe shows nothing here"
+    assert mapped >= 16 << 20

@@ -45,14 +45,21 @@ def _serve(runner, req, cancel_after=None):
     raise AssertionError("no Result")
 
 
-def _block_bytes(folder) -> int:
-    """Bytes of the DiT's block parameters in float32, from the weights file (independent of the model code)."""
+def _padded_bytes(shape, itemsize: int, world: int) -> int:
+    """Bytes of a parameter whose rows are padded to a multiple of world (FSDP2 allocates ceil(n / world) rows on
+    each of the world ranks)."""
+    return world * -(-shape[0] // world) * int(np.prod(shape[1:])) * itemsize
+
+
+def _block_bytes(folder, world: int = 1) -> int:
+    """Bytes of the DiT's block parameters in float32, rows padded to a multiple of world, from the weights file
+    (independent of the model code)."""
     from safetensors import safe_open
 
     from tests.tiny_models import to_original_key
 
     with safe_open(f"{folder}/transformer/diffusion_pytorch_model.safetensors", framework="pt") as f:
-        return sum(4 * int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()
+        return sum(_padded_bytes(f.get_slice(k).get_shape(), 4, world) for k in f.keys()
                    if to_original_key(k).startswith("blocks."))
 
 
@@ -81,13 +88,15 @@ def _sp2(folder):
     return out
 
 
-def _encoder_bytes(folder) -> tuple[int, int]:
-    """(bytes of umt5's parameters in bfloat16, of its final norm), from the weights file."""
+def _encoder_bytes(folder, world: int) -> tuple[int, int]:
+    """(bytes of umt5's parameters in bfloat16, its blocks' rows padded to a multiple of world; of its final norm),
+    from the weights file."""
     from safetensors import safe_open
 
     with safe_open(f"{folder}/text_encoder/model.safetensors", framework="pt") as f:
-        sizes = {k: int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k != "encoder.embed_tokens.weight"}
-    return 2 * sum(sizes.values()), 2 * sizes["encoder.final_layer_norm.weight"]
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k != "encoder.embed_tokens.weight"}
+    return (sum(_padded_bytes(shape, 2, world if k.startswith("encoder.block.") else 1) for k, shape in shapes.items()),
+            2 * int(np.prod(shapes["encoder.final_layer_norm.weight"])))
 
 
 def _rel(a, b):
@@ -109,14 +118,17 @@ def test_sp2_sharded_runner_equals_unsharded_and_reports_memory(dist_pools, wan_
         assert set(memory) == {"param_bytes", "peak_bytes"}
         assert all(len(v) == 2 and all(type(x) is int and x > 0 for x in v) for v in memory.values())
         assert all(peak > param for peak, param in zip(memory["peak_bytes"], memory["param_bytes"]))
-    # Sharding keeps each block parameter once across the replica instead of once per rank: P=2 saves one copy.
+    # Sharding keeps each block parameter once across the replica instead of once per rank: P=2 saves one copy,
+    # less the padding FSDP2 allocates (rows padded to a multiple of 2: each block's 1-row modulation twice).
     whole, parts = plain[1]["param_bytes"], sharded[1]["param_bytes"]
-    assert sum(whole) - sum(parts) == _block_bytes(wan_folder)
+    assert _block_bytes(wan_folder, 2) > _block_bytes(wan_folder)
+    assert sum(whole) - sum(parts) == 2 * _block_bytes(wan_folder) - _block_bytes(wan_folder, 2)
     assert all(p < w for p, w in zip(parts, whole)) and whole[0] > whole[1]  # rank order: rank 0 holds the encoder
     # With the encoder sharded rank 1 holds part of it; without the split decode it holds no decoder.
     assert text[1]["param_bytes"][0] < parts[0] and text[1]["param_bytes"][1] != parts[1]
-    # ... and each rank its half of every encoder parameter (the tied embedding once), the final norm whole.
-    encoder, final_norm = _encoder_bytes(wan_folder)
+    # ... and each rank its half of every encoder parameter (the tied embedding once, its rows unpadded: it is split
+    # by vocabulary, no FSDP unit; the blocks' rows padded), the final norm whole.
+    encoder, final_norm = _encoder_bytes(wan_folder, 2)
     assert rank0["encoder_bytes"] + rank1["encoder_bytes"] == encoder + final_norm
     # A cancel mid-denoise stops both ranks at the same step; the group then serves the request unchanged.
     for r in (rank0, rank1):
