@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import time
 
 import pytest
@@ -40,11 +41,18 @@ def folders(tmp_path_factory):
 # -- ranks that loaded different models -------------------------------------------------------------------------
 
 
+OLD_TORCH = "torch 2.4 has no fully_shard(ignored_params=...): parallel.shard_weights needs torch >= 2.7"
+
+
 def _rank_main(rank, cases, q):
+    import pipeline.runner as runner_mod
     from configs import load_config
     from pipeline.runner import Runner
 
     for i, (folders, shard, rendezvous) in enumerate(cases):
+        # folders None: this worker's torch cannot shard (the driver's could: Ray does not make them the same)
+        runner_mod.fsdp_unavailable = (lambda: OLD_TORCH) if folders is None else (lambda: None)
+        folders = folders or cases[0][0]
         cfg = load_config(None, [f"model.path={folders[rank]}", "runtime.device=cpu", "runtime.collective_timeout_s=30",
                                  "parallel.ulysses_degree=2", f"parallel.shard_weights={str(shard).lower()}"])
         t0 = time.time()
@@ -64,9 +72,10 @@ def test_ranks_that_loaded_different_models_all_fail_with_one_line(folders, tmp_
     in another folder loads."""
     a = str(folders["A"])
     cases = [((a, str(folders["layers"])), True), ((a, str(folders["weights"])), False),
-             ((a, str(folders["weights"])), True), ((a, str(folders["same"])), True), ((a, str(folders["same"])), False)]
+             ((a, str(folders["weights"])), True), ((a, str(folders["same"])), True), ((a, str(folders["same"])), False),
+             (None, True)]
     want = ["num_layers 3 vs 4", "the same shapes, different weight files", "the same shapes, different weight files",
-            None, None]
+            None, None, "worker refuses"]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     args = [(f, s, tmp_path / f"rdv{i}") for i, (f, s) in enumerate(cases)]
@@ -89,6 +98,11 @@ def test_ranks_that_loaded_different_models_all_fail_with_one_line(folders, tmp_
         if expected is None:
             assert outcomes == ("ok", "ok"), (cases[i], outcomes)
             continue
+        if expected == "worker refuses":  # before loading, its key once, naming its node
+            for rank, line in enumerate(outcomes):
+                assert line == (f"ValueError: parallel.shard_weights: torch 2.4 has no fully_shard(ignored_params=...):"
+                                f" needs torch >= 2.7 (on node {os.uname().nodename})"), (rank, line)
+            continue
         assert outcomes[0] == outcomes[1], f"ranks disagree on the message: {outcomes}"
         line = outcomes[0]
         assert "\n" not in line and line.startswith("ValueError: ranks [1] loaded a different DiT than rank 0"), line
@@ -109,6 +123,19 @@ def test_model_records_tell_what_differs(folders):
         check_same_models([a, record("text")])
     with pytest.raises(ValueError, match=r"^ranks \[2\] loaded a different DiT than rank 0 .*rank 2 on "):
         check_same_models([a, a, record("weights", text=False) | {"text": a["text"]}])
+
+
+def test_the_drivers_refusal_names_the_key_once(monkeypatch):
+    import cluster.validate as validate_mod
+    from configs import load_config
+
+    monkeypatch.setattr(validate_mod, "fsdp_unavailable", lambda: OLD_TORCH)
+    for overrides, key in ((["parallel.ulysses_degree=2", "parallel.shard_weights=true"], "parallel.shard_weights"),
+                           (["parallel.cfg_degree=2", "model.shard_text_encoder=true", "model.path=/x",
+                             "model.text_encoder_device=auto"], "model.shard_text_encoder")):
+        with pytest.raises(ValueError) as e:
+            validate_mod.check_config_sharding(load_config(None, overrides))
+        assert str(e.value) == f"{key}: torch 2.4 has no fully_shard(ignored_params=...): needs torch >= 2.7"
 
 
 # -- hostile DiT headers ----------------------------------------------------------------------------------------
@@ -159,13 +186,20 @@ def test_malformed_safetensors_and_fifos_are_weights_errors(folders, tmp_path):
     with pytest.raises(WeightsError, match=rf"^{file} is not a readable safetensors file: "):
         read_dit_headers(folder)
     file.unlink()
-    os.mkfifo(file)  # opening it would block until a writer came
-    with pytest.raises(WeightsError, match=r"^no \.safetensors weights in "):
-        read_dit_headers(folder)
-    index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"a": file.name}}))
-    with pytest.raises(WeightsError, match=r"names shards that are not there \(or not regular files\)"):
-        read_dit_headers(folder)
+    os.mkfifo(file)  # opening it blocks until a writer comes
+    # A regression must fail, not hang: a writer process (safe_open blocks holding the GIL, so not a thread)
+    # gives whoever opens the FIFO an empty file.
+    writer = subprocess.Popen(["sh", "-c", 'while :; do : > "$0"; sleep 0.2; done', str(file)])
+    try:
+        with pytest.raises(WeightsError, match=r"^no \.safetensors weights in "):
+            read_dit_headers(folder)
+        index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        index.write_text(json.dumps({"weight_map": {"a": file.name}}))
+        with pytest.raises(WeightsError, match=r"names shards that are not there \(or not regular files\)"):
+            read_dit_headers(folder)
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_a_fifo_in_the_tokenizer_folder_is_refused(folders, tmp_path):
