@@ -183,8 +183,10 @@ def _fill(model: nn.Module, group, read_rows) -> None:
     for name, p in model.named_parameters():
         if isinstance(p, DTensor):
             local, (start, stop) = p.to_local(), _row_range(p.shape[0], group)
-        elif id(p) in vocab_rows:
-            local, (start, stop) = p, vocab_rows[id(p)]
+        elif id(p) in vocab_rows:  # c rows: its own, then zeros
+            start, stop = vocab_rows[id(p)]
+            local = p[:stop - start]
+            p[stop - start:].zero_()
         else:
             p.copy_(read_rows(name, 0, None))
             continue
@@ -232,6 +234,9 @@ class VocabParallelEmbedding(nn.Module):
     whole [num_embeddings, embedding_dim] table (FSDP2's dim-0 chunk, so the rows the sharded loader reads). Each
     rank looks up the ids in its range (zeros for the others) and one all_reduce(SUM) over the group gives every
     rank the whole lookup: exact, each value being one rank's plus zeros, so equal to the unsharded lookup.
+    weight has c = ceil(num_embeddings / P) rows on every rank, like an FSDP2 shard: its rows first, then zeros
+    (the last ranks' chunks are short): the same shape everywhere, so the ranks' load records agree
+    (pipeline/load_guard.py hashes parameter shapes).
 
     Every rank of the group must call it at the same time with ids of the same shape (a collective, under the
     group's timeout). Ids outside [0, num_embeddings) give zero rows here, where nn.Embedding raises: the tokenizer
@@ -241,8 +246,8 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
         self.vocab_start, self.vocab_stop = _row_range(num_embeddings, group)
-        self.weight = nn.Parameter(torch.empty(self.vocab_stop - self.vocab_start, embedding_dim, device=device,
-                                               dtype=dtype), requires_grad=False)
+        rows = -(-num_embeddings // dist.get_world_size(group))
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype), requires_grad=False)
 
     @classmethod
     @torch.no_grad()
@@ -250,14 +255,16 @@ class VocabParallelEmbedding(nn.Module):
         """This rank's rows of `embedding` (a copy: the whole table is freed with the module; meta stays meta)."""
         n, dim = embedding.weight.shape
         out = cls(n, dim, group, device=embedding.weight.device, dtype=embedding.weight.dtype)
-        out.weight.copy_(embedding.weight[out.vocab_start:out.vocab_stop])
+        rows = out.vocab_stop - out.vocab_start
+        out.weight[:rows].copy_(embedding.weight[out.vocab_start:out.vocab_stop])
+        out.weight[rows:].zero_()
         return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.vocab_stop - self.vocab_start
         mine = (ids >= self.vocab_start) & (ids < self.vocab_stop)
         if rows:
-            out = F.embedding((ids - self.vocab_start).clamp(0, rows - 1), self.weight)
+            out = F.embedding((ids - self.vocab_start).clamp(0, rows - 1), self.weight[:rows])
             out = out.masked_fill(~mine.unsqueeze(-1), 0)
         else:  # a rank past the end of the vocabulary (more ranks than ceil-sized chunks): zeros only
             out = self.weight.new_zeros(*ids.shape, self.embedding_dim)
@@ -367,7 +374,8 @@ def _allocated_bytes(t: torch.Tensor) -> int:
 def resident_param_bytes(*modules) -> int:
     """Bytes of the parameters and buffers this rank holds now, as allocated: a parameter sharded by FSDP2 counts
     its padded shard (ceil(n / P) rows on every rank: what FSDP2 allocates, and what pipeline.memory estimates),
-    a VocabParallelEmbedding its own rows, anything else its whole size; a tensor shared by modules once."""
+    as does a VocabParallelEmbedding's weight (a plain tensor of that many rows); anything else its whole size; a
+    tensor shared by modules once."""
     seen: set[int] = set()
     total = 0
     for module in _modules(modules):

@@ -452,31 +452,33 @@ def _vocab_parallel_lookup(vocab: int, dtype_name: str):
     split = VocabParallelEmbedding.from_embedding(whole, dist.group.WORLD)
     with torch.no_grad():
         got, want = split(ids), whole(ids)
-    return torch.equal(got, want) and got.dtype == want.dtype, (split.vocab_start, split.vocab_stop), split.weight.shape
+    rows = split.vocab_stop - split.vocab_start
+    kept = torch.equal(split.weight[:rows], whole.weight[split.vocab_start:split.vocab_stop])
+    padding = bool((split.weight[rows:] == 0).all())
+    return (torch.equal(got, want) and got.dtype == want.dtype, (split.vocab_start, split.vocab_stop),
+            tuple(split.weight.shape), kept and padding)
 
 
 @pytest.mark.parametrize("vocab, dtype", [(11, "float32"), (11, "bfloat16"), (2, "float32")])
 def test_vocab_parallel_embedding_is_the_whole_lookup(dist_pools, vocab, dtype):
     """3 ranks: 11 rows split 4, 4, 3; 2 rows split 1, 1, 0 (a rank with no rows still joins the all_reduce).
-    Bitwise the whole table's lookup: each value is one rank's row plus zeros."""
+    Bitwise the whole table's lookup: each value is one rank's row plus zeros. Each rank keeps its rows then zeros
+    up to ceil(vocab / 3), like an FSDP2 shard: the same shape on every rank (the ranks' load records compare
+    parameter shapes)."""
     out = dist_pools(3).run(_vocab_parallel_lookup, vocab, dtype, timeout=TIMEOUT_S)
     c = padded_rows(vocab, 3)
-    for rank, (equal, (start, stop), shape) in enumerate(out):
-        assert equal, rank
+    for rank, (equal, (start, stop), shape, kept) in enumerate(out):
+        assert equal and kept, rank
         assert (start, stop) == (min(rank * c, vocab), min(rank * c, vocab) + local_rows(vocab, 3, rank))
-        assert tuple(shape) == (stop - start, 5)
+        assert shape == (c, 5)
 
 
 def expected_encoder_bytes(model, world: int, rank: int) -> int:
-    """What a rank allocates of a sharded umt5, from the whole model's shapes: this rank's rows of the token
-    embedding (its own rows, no padding: it is no FSDP unit), a padded chunk of every block parameter, the final
-    norm whole."""
+    """What a rank allocates of a sharded umt5, from the whole model's shapes: a padded chunk of the token embedding
+    and of every block parameter (ceil(n / world) rows on every rank), the final norm whole."""
     total = 0
     for name, p in model.named_parameters():
-        if name == "shared.weight":
-            rows = local_rows(p.shape[0], world, rank)
-        else:
-            rows = padded_rows(p.shape[0], world) if name.startswith("encoder.block.") else p.shape[0]
+        rows = p.shape[0] if name.startswith("encoder.final_layer_norm.") else padded_rows(p.shape[0], world)
         total += rows * p[0].numel() * p.element_size()
     return total
 
@@ -531,8 +533,10 @@ def _encode_sharded(folders: dict):
         embedding = loaded.model.shared
         assert isinstance(embedding, VocabParallelEmbedding) and embedding is loaded.model.encoder.embed_tokens
         # this rank's rows of the table, bit for bit (the embedding's rows are where a wrong range would show)
+        n = local_rows(table.shape[0], world, rank)
         start = min(rank * padded_rows(table.shape[0], world), table.shape[0])
-        assert torch.equal(embedding.weight, table[start:start + local_rows(table.shape[0], world, rank)]), layout
+        assert torch.equal(embedding.weight[:n], table[start:start + n]), layout
+        assert embedding.weight.shape[0] == padded_rows(table.shape[0], world) and not embedding.weight[n:].any()
         errors[layout] = rel(loaded.encode(PROMPTS), want)
         resident[layout] = resident_param_bytes(loaded.model)
         if layout == "pipeline":  # safetensors: which rows of the table were read (.pth: memory-mapped)

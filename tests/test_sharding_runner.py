@@ -89,13 +89,14 @@ def _sp2(folder):
 
 
 def _encoder_bytes(folder, world: int) -> tuple[int, int]:
-    """(bytes of umt5's parameters in bfloat16, its blocks' rows padded to a multiple of world; of its final norm),
-    from the weights file."""
+    """(bytes of umt5's parameters in bfloat16, the embedding's and blocks' rows padded to a multiple of world; of its
+    final norm), from the weights file."""
     from safetensors import safe_open
 
     with safe_open(f"{folder}/text_encoder/model.safetensors", framework="pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k != "encoder.embed_tokens.weight"}
-    return (sum(_padded_bytes(shape, 2, world if k.startswith("encoder.block.") else 1) for k, shape in shapes.items()),
+    return (sum(_padded_bytes(shape, 2, 1 if k.startswith("encoder.final_layer_norm.") else world)
+                for k, shape in shapes.items()),
             2 * int(np.prod(shapes["encoder.final_layer_norm.weight"])))
 
 
@@ -126,8 +127,8 @@ def test_sp2_sharded_runner_equals_unsharded_and_reports_memory(dist_pools, wan_
     assert all(p < w for p, w in zip(parts, whole)) and whole[0] > whole[1]  # rank order: rank 0 holds the encoder
     # With the encoder sharded rank 1 holds part of it; without the split decode it holds no decoder.
     assert text[1]["param_bytes"][0] < parts[0] and text[1]["param_bytes"][1] != parts[1]
-    # ... and each rank its half of every encoder parameter (the tied embedding once, its rows unpadded: it is split
-    # by vocabulary, no FSDP unit; the blocks' rows padded), the final norm whole.
+    # ... and each rank its half of every encoder parameter (the tied embedding once; rows padded), the final norm
+    # whole.
     encoder, final_norm = _encoder_bytes(wan_folder, 2)
     assert rank0["encoder_bytes"] + rank1["encoder_bytes"] == encoder + final_norm
     # A cancel mid-denoise stops both ranks at the same step; the group then serves the request unchanged.
