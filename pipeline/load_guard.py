@@ -50,13 +50,23 @@ def _text_files(path: Path) -> list[Path]:
     return dit_weight_files(weights) if diffusers else [weights]
 
 
-def model_record(dit, path, text_encoder=None) -> dict:
-    """What this rank loaded: dit (a WanDiT), path its model.path (None: the embedded model, no files), and the
-    text encoder when every rank holds (a shard of) it."""
+def _vae_files(path: Path) -> list[Path]:
+    from .vae_weights import _locate
+
+    found = _locate(path)
+    return [found] if found.is_file() else [found / "diffusion_pytorch_model.safetensors"]
+
+
+def model_record(dit, path, text_encoder=None, decoder=None) -> dict:
+    """What this rank loaded: dit (a WanDiT), path its model.path (None: the embedded model, no files), the text
+    encoder when every rank holds (a shard of) it and encodes, the decoder when every rank decodes a band."""
     record = {"host": socket.gethostname()[:64],
               "config": {k: list(v) if isinstance(v, tuple) else v
                          for k, v in dataclasses.asdict(dit.config).items()},
-              "params": _param_hash(dit)[:32], "files": "", "text": ""}
+              "params": _param_hash(dit)[:32], "files": "", "text": "", "vae": ""}
+    if decoder is not None:
+        files = _files_hash(_vae_files(Path(path))) if path is not None else ""
+        record["vae"] = hashlib.sha256((_param_hash(decoder) + files).encode()).hexdigest()[:32]
     if path is not None:
         _, _, source, _ = read_dit_headers(path)
         record["files"] = _files_hash(sorted({file for file, _ in source.values()}))[:32]
@@ -90,14 +100,16 @@ def _difference(mine: dict, first: dict) -> tuple[str, str]:
         return "DiT", "the same config, different parameter names, shapes or dtypes"
     if mine["files"] != first["files"]:
         return "DiT", "the same shapes, different weight files (size, header or first MiB of data)"
-    return "text encoder", "different text encoder weights (shapes, sizes, headers or first MiB of data)"
+    if mine["text"] != first["text"]:
+        return "text encoder", "different text encoder weights (shapes, sizes, headers or first MiB of data)"
+    return "VAE decoder", "different VAE weights (shapes, sizes, headers or first MiB of data)"
 
 
 def check_same_models(records: list[dict]) -> None:
     """ValueError (one line, the same on every rank) when a rank's record differs from rank 0's: names the ranks
     that differ, the first difference and the hosts."""
     first = records[0]
-    keys = ("config", "params", "files", "text")
+    keys = ("config", "params", "files", "text", "vae")
     bad = [r for r, rec in enumerate(records) if any(rec[k] != first[k] for k in keys)]
     if not bad:
         return

@@ -189,7 +189,8 @@ class Runner:
         if self.world_size == 1:
             return
         comp = self.components
-        record = model_record(comp.dit, self.config.model.path, comp.text_encoder if self.shard_text else None)
+        record = model_record(comp.dit, self.config.model.path, comp.text_encoder if self.shard_text else None,
+                              comp.decoder if self.split_decode else None)
         rows = self._gather_table(encode_record(record))
         check_same_models([decode_record(row) for row in rows])
 

@@ -18,7 +18,9 @@ import torch.multiprocessing as mp
 from pipeline.load_guard import check_same_models, model_record
 from pipeline.text_encoder import ORIGINAL_T5_FILE, WanTextEncoder
 from pipeline.weights import WeightsError, load_dit, read_dit_headers
-from tests.tiny_models import hf_umt5, save_t5, tiny_tokenizer, wan_pipeline_folder
+from pipeline.vae import WanVAEDecoder
+from tests.tiny_models import (diffusers_vae, hf_umt5, save_t5, save_vae, tiny_tokenizer,
+                                 wan_pipeline_folder)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,10 @@ def folders(tmp_path_factory):
     tok = tiny_tokenizer(root / "_spm")
     hf_umt5(len(tok), seed=5, d_model=24).save_pretrained(text / "text_encoder")
     out["text"] = text
+    vae = shutil.copytree(a, root / "vae")
+    shutil.rmtree(vae / "vae")
+    save_vae(diffusers_vae(seed=7), vae, "pipeline")
+    out["vae"] = vae
     return out
 
 
@@ -110,19 +116,22 @@ def test_ranks_that_loaded_different_models_all_fail_with_one_line(folders, tmp_
 
 
 def test_model_records_tell_what_differs(folders):
-    """The record of a folder's DiT and (sharded) text encoder: the same content in another folder gives the same
-    record, another text encoder a different one, named as such."""
+    """The record of a folder's DiT, (sharded) text encoder and (split) decoder: the same content in another folder
+    gives the same record, another text encoder or VAE a different one, named as such."""
     def record(name, text=True):
         dit = load_dit(folders[name])
         encoder = WanTextEncoder.from_pretrained(folders[name], dtype=torch.float32) if text else None
-        return model_record(dit, folders[name], encoder)
+        decoder = WanVAEDecoder.from_pretrained(folders[name], device="cpu", dtype=torch.float32) if text else None
+        return model_record(dit, folders[name], encoder, decoder)
 
     a = record("A")
     check_same_models([a, record("same")])
     with pytest.raises(ValueError, match=r"^ranks \[1\] loaded a different text encoder than rank 0"):
         check_same_models([a, record("text")])
+    with pytest.raises(ValueError, match=r"^ranks \[1\] loaded a different VAE decoder than rank 0"):
+        check_same_models([a, record("vae")])
     with pytest.raises(ValueError, match=r"^ranks \[2\] loaded a different DiT than rank 0 .*rank 2 on "):
-        check_same_models([a, a, record("weights", text=False) | {"text": a["text"]}])
+        check_same_models([a, a, record("weights", text=False) | {"text": a["text"], "vae": a["vae"]}])
 
 
 def test_the_drivers_refusal_names_the_key_once(monkeypatch):
