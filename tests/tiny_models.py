@@ -191,7 +191,13 @@ def tiny_tokenizer(folder: Path):
         input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=120, model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
     )
-    return T5Tokenizer(vocab_file=str(folder / "spiece.model"), extra_ids=0, legacy=False)
+    # transformers 5 builds T5Tokenizer from a (piece, score) list; given only vocab_file it keeps 4 special tokens
+    # and every word becomes <unk>, so the pieces are passed explicitly (the same ids sentencepiece gives).
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, unk_id=2, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    assert len(tokenizer) == sp.get_piece_size() and tokenizer("a cat")["input_ids"][:-1] == sp.encode("a cat")
+    return tokenizer
 
 
 def hf_umt5(vocab_size: int, seed: int = 0, d_model: int = 24):
