@@ -27,12 +27,14 @@ tensors under LiveBytes, which adds up the bytes of every tensor alive at once (
       DiT's activations are freed by then, so the larger of the two counts): the fp32 clean-video estimate of this
       rank's tokens and its all-gathered whole sequence, and on rank 0 the unpatchified copy. 1.3B at 720p on one rank: 39 MB.
     - Sharded weights (parallel.shard_weights): every rank keeps ceil(rows / ranks) rows of each block parameter
-      (FSDP2 allocates that padded shard on every rank) and the parameters outside the blocks whole; while the DiT
-      runs, two blocks are gathered whole (the one running and the next, prefetched) next to its activations.
-      14B in bf16: 27.0 GiB whole; on 8 ranks 4.05 GiB each (0.78 outside the blocks + 3.27 of block shards) and
-      1.31 GiB gathered. model.shard_text_encoder: every rank keeps its shards of the encoder's embedding and
-      blocks (umt5-xxl: 10.6 GiB whole, 1.33 on 8 ranks) and, while encoding, two of them gathered (at most the
-      embedding, 2.0 GiB, and the first block, prefetched).
+      (FSDP2 allocates that padded shard on every rank) and the parameters outside the blocks whole; while block i
+      runs, three blocks are whole next to its activations: block i's unsharded parameters, block i's all-gather
+      output (FSDP2 frees it only at block i+1's copy-out) and block i+1's, prefetched (measured: 3.00 blocks on
+      gloo at 2 ranks, 3.07 on an H200 at a fake 8 ranks). 14B in bf16: 27.0 GiB whole; on 8 ranks 4.05 GiB each
+      (0.78 outside the blocks + 3.27 of block shards) and 1.96 GiB gathered. model.shard_text_encoder: every rank
+      keeps ceil(V / ranks) rows of the token embedding (split by vocabulary, never gathered: one all_reduce of
+      the looked-up rows) and its shards of the blocks (umt5-xxl: 10.6 GiB whole, 1.33 on 8 ranks) and, while
+      encoding, three blocks whole (0.97 GiB) and the all_reduce's [2, 512, 4096] buffer.
 Assumptions: batch 1, the size is config.video (Runner.generate checks each request's own size against the
 free memory it measured before loading: check_request), the text encoder encodes two prompts of 512 tokens.
 Then the allocator's share: activation peaks x 1.1 (fragmentation) and RESERVE_BYTES (NCCL buffers, cuBLAS
@@ -297,19 +299,26 @@ def _shard_bytes(shape: tuple[int, ...], itemsize: int, world: int) -> int:
 
 def _sharded(named, itemsize_of, unit_of, world: int) -> tuple[int, int]:
     """(bytes each rank keeps, bytes gathered at once) of a model sharded as pipeline.sharding does: unit_of(name)
-    -> the FSDP unit holding the parameter (units run in sorted order), None for one left whole on every rank.
-    Each unit is gathered whole just before it runs, padded shards and all, and the next one is prefetched
-    meanwhile: two neighbours at once at most."""
+    -> the FSDP unit holding the parameter (units run in sorted order), None for one left whole on every rank, -1
+    for rows split over the ranks and never gathered (umt5's VocabParallelEmbedding: ceil(rows / world) rows).
+    While unit i runs, FSDP2 at 2+ ranks holds three whole units: unit i's unsharded parameters, unit i's
+    all-gather output (kept in the all-gather state until unit i+1's copy-out frees it) and unit i+1's prefetched
+    all-gather output (measured: 3.00 blocks on gloo at 2 ranks, 3.07 on an H200 at a fake 8 ranks). At 1 rank
+    there is no gather: the shard is copied into the unsharded parameters, one unit at a time."""
     whole = 0
     shards: dict[int, int] = {}
     for name, shape in named:
         unit, itemsize = unit_of(name), itemsize_of(name)
         if unit is None:
             whole += math.prod(shape) * itemsize
+        elif unit < 0:
+            whole += _shard_bytes(shape, itemsize, world)
         else:
             shards[unit] = shards.get(unit, 0) + _shard_bytes(shape, itemsize, world)
     order = [world * shards[u] for u in sorted(shards)]
-    return whole + sum(shards.values()), max((a + b for a, b in zip(order, order[1:])), default=sum(order))
+    held = 1 if world == 1 else 3
+    windows = [sum(order[i:i + held]) for i in range(max(1, len(order) - held + 1))]
+    return whole + sum(shards.values()), max(windows, default=0)
 
 
 def _layer(name: str) -> int | None:
@@ -327,11 +336,14 @@ def _dit_sharded(cfg: WanDiTConfig, dtype: torch.dtype, world: int) -> tuple[int
                     lambda n: (torch.float32 if WanDiT.keeps_fp32(n) else dtype).itemsize, _layer, world)
 
 
-def _text_sharded(path: Path | None, itemsize: int, world: int) -> tuple[int, int]:
-    """(bytes each rank keeps, bytes gathered at once) with model.shard_text_encoder: the token embedding (2 GiB of
-    umt5-xxl's 10.6) and each block one FSDP unit, in that order, the final norm whole."""
-    return _sharded(_text_encoder_named(path)[0], lambda n: itemsize,
-                    lambda n: -1 if _EMBEDDING.match(n) else _layer(n), world)
+def _text_sharded(path: Path | None, itemsize: int, world: int, text_len: int, d_model: int) -> tuple[int, int]:
+    """(bytes each rank keeps, bytes of the encode-phase transient) with model.shard_text_encoder: the token
+    embedding (2 GiB of umt5-xxl's 10.6) split by vocabulary rows (ceil(V / world) rows resident, never gathered),
+    each block one FSDP unit (three whole at once, see _sharded), the final norm whole. The transient adds the
+    embedding lookup's all_reduce buffer: two prompts' [text_len, d_model] rows."""
+    resident, gather = _sharded(_text_encoder_named(path)[0], lambda n: itemsize,
+                                lambda n: -1 if _EMBEDDING.match(n) else _layer(n), world)
+    return resident, gather + 2 * text_len * d_model * itemsize
 
 
 def _dit_config(path: Path | None) -> WanDiTConfig:
@@ -437,8 +449,8 @@ class MemoryEstimate:
     step_cache: int = 0  # residuals a step cache keeps between denoising steps (freed before the decode)
     preview: int = 0  # a live preview's fp32 x0 (this rank's, gathered, unpatchified), after the DiT's forward
     reserve: int = RESERVE_BYTES
-    dit_gather: int = 0  # parallel.shard_weights: the running and the prefetched block, gathered whole (denoise)
-    text_gather: int = 0  # model.shard_text_encoder: two of its units gathered at once (embedding, blocks) (encode)
+    dit_gather: int = 0  # parallel.shard_weights: three blocks whole at once (see _sharded), while denoising
+    text_gather: int = 0  # model.shard_text_encoder: three umt5 blocks whole + the embedding's all_reduce (encode)
 
     @property
     def total(self) -> int:
@@ -509,7 +521,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
             itemsize = 4 if path is None else TEXT_ENCODER_DTYPE.itemsize
             text_acts = _text_encode_activations(dims, cfg.text_len)
             if shard_text:
-                text, text_gather = _text_sharded(path, itemsize, par.group_size)
+                text, text_gather = _text_sharded(path, itemsize, par.group_size, cfg.text_len, dims["d_model"])
             else:
                 text, resident = n * itemsize, place.home.type != "cpu"
     if rank == 0 and path is None:  # the embedded model's 32 x 32 frames: its decoder is a few MB
@@ -596,18 +608,23 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
             changed = replace(config, **{s: replace(getattr(config, s), **kv) for s, kv in sections.items()})
         except ValueError:  # settings that exclude each other (a sharded encoder on the CPU, sharding 1 rank)
             return False
-        return estimate_rank_memory(changed, rank, device_type=device_type, dit_config=cfg).total <= capacity
+        # every kind of rank of the replica must fit, not only this one: the advice is the same on every rank
+        ranks = {0, min(1, changed.parallel.group_size - 1), rank}
+        return all(estimate_rank_memory(changed, r, device_type=device_type, dit_config=cfg).total <= capacity
+                   for r in ranks)
 
+    # rank 0 holds what only it holds (the whole encoder, the decoder): the options come from it on every rank
+    est0 = est if rank == 0 else estimate_rank_memory(config, 0, device_type=device_type, dit_config=dit_config)
     options = []
     if not config.parallel.shard_weights:  # over a replica of 2+ ranks: alone, or with a Ulysses degree below
         options.append({"parallel.shard_weights": True})
-    if est.text_encoder:
+    if est0.text_encoder:
         options.append({"model.text_encoder_device": "cpu"})
-        if est.text_encoder_resident and not config.model.shard_text_encoder:
+        if est0.text_encoder_resident and not config.model.shard_text_encoder:
             options.append({"model.offload_text_encoder": True})
-        if not config.model.shard_text_encoder and config.model.path is not None:  # here only: elsewhere it adds
+        if not config.model.shard_text_encoder and config.model.path is not None:  # adds a shard to every rank
             options.append({"model.shard_text_encoder": True})
-    if rank == 0 and not config.model.vae_tiling and config.model.path is not None:
+    if not config.model.vae_tiling and config.model.path is not None:
         options.append({"model.vae_tiling": True})
     if config.parallel.attention_backend == "reference":
         options.append({"parallel.attention_backend": "auto"})

@@ -97,13 +97,13 @@ def test_too_small_a_gpu_is_refused_naming_what_fits():
 
 
 def test_more_gpus_are_named_when_activations_are_the_problem():
-    """720p: on a rank that neither encodes nor decodes (CFG-parallel's other half), the DiT's activations
-    (~10 GiB) are what Ulysses can shard."""
+    """720p, the encoder on the CPU and the decode split over the replica: every rank alike (CFG-parallel's two
+    halves), the DiT's activations (~10 GiB) are what Ulysses can shard."""
     config = load_config("wan2.1-t2v-14b", ["model.path=/nonexistent/Wan2.1-T2V-14B", "video.height=720",
                                             "video.width=1280", "parallel.cfg_degree=2",
-                                            "parallel.vae_parallel=false"])
+                                            "model.text_encoder_device=cpu"])
     est = estimate_rank_memory(config, 1)
-    assert est.text_encoder == est.vae_decode == 0 and est.dit_activations > 8 * GiB
+    assert est.total == estimate_rank_memory(config, 0).total and est.dit_activations > 8 * GiB
     # cfg_degree 2 x ulysses_degree: the GPUs the suggestion costs; and, on the replica's own 2 GPUs, sharding
     # the weights over the two CFG halves frees more than the activations need
     with pytest.raises(ValueError, match=r"use --set parallel.ulysses_degree=2 \(needs 4 GPUs per replica\), "
@@ -287,8 +287,11 @@ def test_attention_without_a_fused_kernel_is_charged_its_scores(monkeypatch):
     assert not fused_attention_available(torch.device("cuda"), torch.bfloat16)
     assert fused_attention_available(torch.device("cuda"), torch.float16)
     config = load_config("wan2.1-t2v-1.3b", overrides + ["model.dtype=bfloat16"])
-    with pytest.raises(ValueError, match=r"use --set model.dtype=float16$"):
-        check_fits(config, 1, 7 * GiB, 8 * GiB)  # Ulysses 16 would still hold 1 head's scores: ~9 GiB
+    # Ulysses 16 would still hold 1 head's scores: ~9 GiB; and the advice must fit rank 0 on the same 8 GiB
+    # cards too, whose whole umt5-xxl (10.6 GiB) must leave the GPU or be sharded
+    with pytest.raises(ValueError, match=r"use --set model.text_encoder_device=cpu --set model.dtype=float16, or "
+                                         r"--set model.shard_text_encoder=true --set model.dtype=float16$"):
+        check_fits(config, 1, 7 * GiB, 8 * GiB)
 
 
 def test_a_step_cache_is_charged_and_turning_it_off_is_named():
@@ -301,9 +304,17 @@ def test_a_step_cache_is_charged_and_turning_it_off_is_named():
     off, on = estimate_rank_memory(plain, 1), estimate_rank_memory(cached, 1)  # rank 1: no decode phase
     assert on.step_cache == (3 * 2 + 1) * 16380 * 5120 * 4 and off.step_cache == 0
     assert on.total == off.total + on.step_cache
-    with pytest.raises(ValueError, match="--set sampling.cache=off"):
-        check_fits(cached, 1, off.total)
-    assert check_fits(plain, 1, off.total).total == off.total
+    # the advice must fit every rank: at 720p with the encoder on the CPU and the decode split, every rank needs
+    # the same, and a card that holds them uncached is refused cached, turning the cache off named first
+    even = ["video.height=720", "video.width=1280", "model.text_encoder_device=cpu", "parallel.vae_parallel=true"]
+    plain, cached = (load_config("wan2.1-t2v-14b", two[:2] + even + extra)
+                     for extra in ([], ["sampling.cache=fbcache"]))
+    budget = max(estimate_rank_memory(plain, r).total for r in (0, 1))
+    assert budget < min(estimate_rank_memory(cached, r).total for r in (0, 1))
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match="use --set sampling.cache=off, "):
+            check_fits(cached, rank, budget)
+        assert check_fits(plain, rank, budget).total <= budget
 
 
 def test_live_previews_charge_their_transient_on_rank_zeros_sp_group():
@@ -354,16 +365,17 @@ def test_14b_sharded_over_8_ranks_keeps_an_eighth_of_the_blocks():
     ests = [estimate_rank_memory(sharded, r) for r in range(8)]
     for est in ests:  # every rank the same: 0.78 GiB outside the blocks whole, 1/8 of the blocks' 26.2
         assert est.dit_params == OUTSIDE + 40 * BLOCK_SHARD_8
-        # the running block and the prefetched one, as the all-gathers output them: 8 padded shards each
-        assert est.dit_gather == 2 * 8 * BLOCK_SHARD_8 == 2 * BLOCK + 2 * 7 * 6 * C * FP32
+        # three blocks of 8 padded shards: the running one's parameters, its all-gather output (freed only at the
+        # next block's copy-out) and the prefetched next one's
+        assert est.dit_gather == 3 * 8 * BLOCK_SHARD_8 == 3 * BLOCK + 3 * 7 * 6 * C * FP32
     assert 0.14 < ests[0].dit_params / whole.dit_params < 0.16
     assert ests[1].text_encoder == 0 and ests[0].text_encoder == whole.text_encoder  # T5 still whole on rank 0
     # the gathered blocks sit next to the DiT's activations: the denoise phase grows by them, nothing else does
     assert ests[1].total == (ests[1].dit_params + ests[1].vae_params + ests[1].reserve
                              + max(ests[1].dit_activations + ests[1].dit_gather, ests[1].vae_decode))
-    assert whole.total - ests[0].total == pytest.approx(40 * (BLOCK - BLOCK_SHARD_8) - 2 * BLOCK, abs=2 * GiB)
+    assert whole.total - ests[0].total == pytest.approx(40 * (BLOCK - BLOCK_SHARD_8) - 3 * BLOCK, abs=2 * GiB)
     summary = ests[0].summary()
-    assert "DiT shard 4.1" in summary and "DiT gathered 1.3" in summary and "T5 10.6" in summary
+    assert "DiT shard 4.1" in summary and "DiT gathered 2.0" in summary and "T5 10.6" in summary
     # at 2 ranks (cfg-parallel halves count: the replica is every rank) half the blocks
     cfg2 = estimate_rank_memory(load_config("wan2.1-t2v-14b", BIG[:1] + ["parallel.cfg_degree=2",
                                                                         "parallel.shard_weights=true"]), 1)
@@ -376,10 +388,13 @@ def test_a_sharded_text_encoder_is_on_every_rank_in_eighths():
     assert whole.text_encoder == T5_EMBEDDING + T5_NORM + 24 * T5_LAYER
     for rank in (0, 1, 7):  # every rank holds its shard and encodes with the others: the same bytes
         est = estimate_rank_memory(config, rank)
-        assert est.text_encoder == (T5_EMBEDDING + 24 * T5_LAYER) // 8 + T5_NORM and est.text_encoder_resident
-        assert est.text_gather == T5_EMBEDDING + T5_LAYER  # the embedding running, the first block prefetched
+        # the embedding split by vocabulary rows (ceil(V / 8) each), the blocks in eighths, the norm whole
+        assert est.text_encoder == -(-256384 // 8) * D * BF16 + 24 * T5_LAYER // 8 + T5_NORM
+        assert est.text_encoder_resident
+        # the embedding is never gathered: three blocks whole (as the DiT's) + the lookup's all_reduce buffer
+        assert est.text_gather == 3 * T5_LAYER + 2 * 512 * D * BF16
         assert est.text_activations == whole.text_activations
-        assert "T5 shard 1.3" in est.summary() and "T5 gathered 2.3" in est.summary()
+        assert "T5 shard 1.3" in est.summary() and "T5 gathered 1.1" in est.summary()
     rank0, rank1 = estimate_rank_memory(config, 0), estimate_rank_memory(config, 1)
     assert rank0.total == rank1.total  # rank 0 no longer carries the encoder alone
 
@@ -419,10 +434,34 @@ def test_sharding_advice_needs_a_replica_of_several_ranks_and_names_the_encoder(
                                                      "video.width=1280", "parallel.shard_weights=true",
                                                      "model.shard_text_encoder=true"])
     assert all(check_fits(fixed, r, 24 * GiB, 24 * GiB) for r in range(4))
-    # rank 1 holds no encoder: sharding it is never offered there (it would add its shard to rank 1)
-    with pytest.raises(ValueError) as err:
-        check_fits(four, 1, 20 * GiB, 20 * GiB)
-    assert "shard_text_encoder" not in str(err.value) and "--set parallel.shard_weights=true" in str(err.value)
+    # rank 1 holds no encoder, yet its advice is rank 0's: the replica fits only when rank 0 does too
+    advice = []
+    for rank in (0, 1):
+        with pytest.raises(ValueError) as err:
+            check_fits(four, rank, 20 * GiB, 20 * GiB)
+        advice.append(str(err.value).split(": use ", 1)[1])
+    assert advice[0] == advice[1] and "--set parallel.shard_weights=true" in advice[1]
+
+
+def test_advice_fits_every_rank_of_the_replica_not_only_the_refusing_one():
+    """14B 720p, --ulysses 2 --shard-weights on 24 GiB cards: rank 0 (the whole encoder, the decode) and rank 1
+    refuse for different reasons; both name the same settings, and each named setting fits both ranks."""
+    base = ["model.path=/nonexistent/Wan2.1-T2V-14B", "video.height=720", "video.width=1280",
+            "parallel.ulysses_degree=2", "parallel.shard_weights=true"]
+    card = 24 * GiB
+    messages = []
+    for rank in (0, 1):
+        with pytest.raises(ValueError) as err:
+            check_fits(load_config("wan2.1-t2v-14b", base), rank, card, card)
+        messages.append(str(err.value).split(": use ", 1)[1])
+    assert messages[0] == messages[1]
+    advised = [[s.removeprefix("--set ") for s in option.split(" (needs")[0].split(" --set ")]
+               for option in messages[0].split(", or ")]
+    assert advised and all(advised)
+    for option in advised:
+        fixed = load_config("wan2.1-t2v-14b", base + option)
+        for rank in range(fixed.parallel.group_size):  # every rank of the advised replica, by its own check
+            assert check_fits(fixed, rank, card, card).total <= card - CONTEXT_BYTES, option
 
 
 def _sharded_forward(cfg: WanDiTConfig, shard: bool) -> tuple[int, int]:
@@ -449,8 +488,7 @@ def _sharded_forward(cfg: WanDiTConfig, shard: bool) -> tuple[int, int]:
 def test_sharded_estimate_matches_a_real_fsdp2_dit(dist_pools):
     """3 ranks, 4 blocks: each rank's parameter storage is what the estimate says, to the byte (padded shards);
     the forward's extra peak over the whole model's is more than one block gathered and at most the estimate's
-    two (the running block and the prefetched one, or one and the all-gather's output it is copied out of), never
-    all four."""
+    three (the running block's parameters and its all-gather output, the prefetched one's), never all four."""
     from pipeline.memory import _dit_sharded
 
     cfg = dataclasses.replace(SMALL, num_layers=4)
@@ -458,7 +496,9 @@ def test_sharded_estimate_matches_a_real_fsdp2_dit(dist_pools):
     whole = pool.run(_sharded_forward, cfg, False)
     sharded = pool.run(_sharded_forward, cfg, True)
     resident, gather = _dit_sharded(cfg, torch.float32, 3)
-    block = gather // 2
+    block = gather // 3
     for (held_whole, peak_whole), (held, peak) in zip(whole, sharded):
         assert held == resident < 0.6 * held_whole
-        assert block < peak - peak_whole <= gather < 3 * block
+        # LiveBytes sees 2.0 blocks created in the forward here; counting storages, 3.00 at once (the reviewer's
+        # /tmp/reviewer15/gathered.py: block i's unsharded params, its all-gather output, block i+1's)
+        assert block < peak - peak_whole <= gather < 4 * block
