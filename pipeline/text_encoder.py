@@ -171,12 +171,22 @@ def _check_diffusers_layers(folder: Path) -> None:
         raise WeightsError(f"{config} says num_layers {layers} but the weights hold {found} blocks")
 
 
+MIN_VOCAB = 16  # a tokenizer with no more tokens than this read only its special tokens
+
+
 def load_tokenizer(tok_dir: Path):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    # transformers 5 builds a T5 tokenizer from spiece.model alone with only its special tokens (every word <unk>)
+    # instead of failing: a model would then render every prompt as the same text. umt5-xxl has 256,384 tokens.
+    if len(tokenizer) <= MIN_VOCAB:
+        raise WeightsError(f"the tokenizer in {tok_dir} has only {len(tokenizer)} tokens: transformers could not read "
+                           f"its vocabulary (a folder with spiece.model but no tokenizer.json?); use the model's "
+                           f"tokenizer folder as released (with tokenizer.json)")
+    return tokenizer
 
 
 class WanTextEncoder:

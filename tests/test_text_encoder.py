@@ -144,3 +144,19 @@ def test_cpu_encoder_loads_in_bf16_and_keeps_the_granted_threads(tmp_path):
     want = fp32.encode(["a red circle moving right"])
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert ((got - want).norm() / want.norm()) < 0.03
+
+
+def test_a_tokenizer_without_its_vocabulary_is_refused(tmp_path):
+    # What transformers 5 made of T5Tokenizer(vocab_file=...) for a while: only the special tokens, every word <unk>.
+    # A model would then encode every prompt as the same text; the loader refuses such a tokenizer instead.
+    from transformers import T5Tokenizer
+
+    from pipeline.text_encoder import load_tokenizer
+    from pipeline.weights import WeightsError
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    T5Tokenizer(vocab=specials, extra_ids=0, unk_id=2).save_pretrained(tmp_path / "bare")
+    with pytest.raises(WeightsError, match="has only 4 tokens"):
+        load_tokenizer(tmp_path / "bare")
+    tiny_tokenizer(tmp_path / "tok").save_pretrained(tmp_path / "saved")
+    assert len(load_tokenizer(tmp_path / "saved")) > 16
