@@ -1,8 +1,10 @@
 """The `sharding` check of bench/gpu_check.py: FSDP2-sharded DiT weights (pipeline.sharding) on a one-rank group.
 
-One GPU means one rank, so nothing is split: what runs is FSDP2's machinery on CUDA (its all-gather and copy-out on
-their own streams, the prefetch of the next block, the reshard after each block, the forward methods the Runner
-calls) through NCCL, against the same model unsharded. On CUDA it also times one Wan2.1-14B block's compute per rank
+One GPU means one rank, so nothing is split, and FSDP2 skips the all-gather entirely (unshard issues no collective:
+the shard is copied into the unsharded parameters on the current stream). What runs is the one-rank path of FSDP2's
+hooks on CUDA (unshard, the reshard after each block, the forward methods the Runner calls) against the same model
+unsharded: NCCL all-gathers, their overlap on FSDP2's streams and the 3-block transient of 2+ ranks are not
+exercised. On CUDA it also times one Wan2.1-14B block's compute per rank
 of an 8-rank replica at 720p and 480p: what each block's prefetched all-gather must hide behind.
 Legend: B batch, S tokens of the video, L tokens per rank, H heads, D head dim, C model dim, T text tokens,
 P patch vector.

@@ -402,7 +402,7 @@ def test_a_sharded_text_encoder_is_on_every_rank_in_eighths():
 @pytest.mark.parametrize("height, width", [(480, 832), (720, 1280)])
 def test_a_24gb_card_is_refused_unsharded_and_takes_14b_sharded(height, width):
     """The smallest common "24 GB" cards (A10G, L4: 22.5 GiB) on 8 ranks: 14B whole does not fit any rank, and
-    the refusal names sharding; sharded, every rank fits, at 720p too (rank 0 ~19.3 GiB with the whole encoder)."""
+    the refusal names sharding; sharded, every rank fits, at 720p too (rank 0 ~19.6 GiB with the whole encoder)."""
     card = int(22.5 * GiB)
     size = [f"video.height={height}", f"video.width={width}"]
     plain = load_config("wan2.1-t2v-14b", BIG + size)
