@@ -6,11 +6,14 @@ Legend: B batch, S query tokens, T key tokens, H heads, D head dim.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 __all__ = ["local_attention", "local_attention_lse", "available_backends", "resolve_backend", "BACKENDS"]
 
@@ -123,9 +126,12 @@ def _explicit_lse(q_BSHD, k_BTHD, v_BTHD, max_scores: int = 2**26):
     return torch.cat(outs, 1).to(q_BSHD.dtype), torch.cat(lses, -1)
 
 
-# (dtype, head_dim, device index) -> the CUDA aten kernel that accepted it last time, so a kernel that refuses a
-# shape is tried once, not on every call.
+# (dtype, head_dim, device index, query and key lengths rounded up to a power of two) -> the CUDA aten kernel that
+# accepted it last time, so a kernel that refuses such a shape is tried once, not on every call; a new size class
+# (kernels also refuse by length) tries them all again.
 _CUDA_LSE_KERNEL: dict[tuple, str] = {}
+# Errors that say nothing about whether a kernel takes a shape (torch.AcceleratorError: torch >= 2.8)
+_FATAL = (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))
 
 
 def _cuda_sdpa_lse(q_BHSD, k_BHTD, v_BHTD):
@@ -134,7 +140,8 @@ def _cuda_sdpa_lse(q_BHSD, k_BHTD, v_BHTD):
     (fp32 too; its LSE is padded to a multiple of 32 queries). Not the math path: it returns weights, not an LSE.
     None accepting the tensors -> None (the caller computes it explicitly)."""
     S = q_BHSD.shape[2]
-    key = (q_BHSD.dtype, q_BHSD.shape[-1], q_BHSD.device.index)
+    key = (q_BHSD.dtype, q_BHSD.shape[-1], q_BHSD.device.index, 1 << (S - 1).bit_length(),
+           1 << (k_BHTD.shape[2] - 1).bit_length())
     tried = [_CUDA_LSE_KERNEL[key]] if key in _CUDA_LSE_KERNEL else ["cudnn", "flash", "efficient", "explicit"]
     for name in tried:
         try:
@@ -149,10 +156,15 @@ def _cuda_sdpa_lse(q_BHSD, k_BHTD, v_BHTD):
                 out_BHSD, lse_BHS = res[0], res[1][..., :S]
             elif name == "explicit":
                 _CUDA_LSE_KERNEL[key] = name
+                log.warning("attention with log-sum-exp: no fused CUDA kernel takes %s queries %s keys head_dim %d "
+                            "(%s); computing it in fp32 chunks, slower", S, k_BHTD.shape[2], q_BHSD.shape[-1],
+                            q_BHSD.dtype)
                 return None
             else:
                 continue
-        except (RuntimeError, NotImplementedError):  # the kernel refuses this dtype/head_dim/GPU/build
+        except _FATAL:
+            raise  # out of memory or a CUDA fault is not "this kernel refuses the shape": never fall back on it
+        except (RuntimeError, NotImplementedError):  # the kernel refuses this dtype/head_dim/length/GPU/build
             continue
         _CUDA_LSE_KERNEL[key] = name
         return out_BHSD, lse_BHS

@@ -243,7 +243,9 @@ def ring_attention(
         count once); the partials (output and LSE) are all-gathered and merged in rank order, the same arithmetic
         on every rank, so joint_out is bit-for-bit identical on every rank.
     Inputs are checked on every rank and compared across ranks (one small all_gather) before the first transfer,
-    so a mismatch is a ValueError on every rank instead of a hang. Every wait is bounded by the group's timeout.
+    so a mismatch is a ValueError on every rank instead of a hang. Every wait is bounded by the group's timeout:
+    on gloo a late peer raises there; on NCCL wait() does not block the host, and a transfer past the timeout is
+    ended by NCCL's watchdog, which tears the process down (the replica is then rebuilt).
     """
     who = "ring_attention"
     group, P, rank = group_info(group, who)

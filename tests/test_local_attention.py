@@ -48,3 +48,51 @@ def test_errors_list_the_available_backends():
         local_attention(q, q[:, :, :1], q)
     with pytest.raises(ValueError, match="dtype mismatch"):
         local_attention(q, q.double(), q)
+
+
+def test_cuda_lse_kernel_choice_falls_back_on_refusals_only(monkeypatch):
+    # The CUDA LSE path tries cuDNN, flash, memory-efficient in turn when a kernel refuses a shape (RuntimeError),
+    # and caches the one that took it; an out-of-memory error must surface instead of silently caching a slower,
+    # heavier kernel for good. Faked aten ops: this machine has no CUDA.
+    import types
+
+    import attention.local as L
+
+    calls = []
+
+    def refuse(name, error):
+        def f(*a, **k):
+            calls.append(name)
+            raise error
+        return f
+
+    def flash(q, k, v, *a):
+        calls.append("flash")
+        return torch.zeros_like(q), torch.zeros(q.shape[:3])
+
+    aten = types.SimpleNamespace(
+        _scaled_dot_product_cudnn_attention=refuse("cudnn", RuntimeError("cuDNN: no kernel for this shape")),
+        _scaled_dot_product_flash_attention=flash,
+        _scaled_dot_product_efficient_attention=refuse("efficient", RuntimeError("unsupported")))
+    shim = types.SimpleNamespace(ops=types.SimpleNamespace(aten=aten), float16=torch.float16,
+                                 bfloat16=torch.bfloat16, float64=torch.float64)
+    monkeypatch.setattr(L, "torch", shim)
+    monkeypatch.setattr(L, "_CUDA_LSE_KERNEL", {})
+    q = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
+    assert L._cuda_sdpa_lse(q, q, q) is not None and calls == ["cudnn", "flash"]
+    assert list(L._CUDA_LSE_KERNEL.values()) == ["flash"]
+    calls.clear()
+    L._cuda_sdpa_lse(q, q, q)
+    assert calls == ["flash"], "the cached kernel is used directly"
+    # a new length class tries them all again
+    calls.clear()
+    long_q = torch.zeros(1, 2, 1000, 64, dtype=torch.bfloat16)
+    L._cuda_sdpa_lse(long_q, long_q, long_q)
+    assert calls == ["cudnn", "flash"]
+    # out of memory is raised, never cached as a refusal
+    aten._scaled_dot_product_cudnn_attention = refuse("cudnn", torch.OutOfMemoryError("CUDA out of memory"))
+    L._CUDA_LSE_KERNEL.clear()
+    calls.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        L._cuda_sdpa_lse(q, q, q)
+    assert calls == ["cudnn"] and not L._CUDA_LSE_KERNEL
