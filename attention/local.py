@@ -209,8 +209,8 @@ def local_attention_lse(
 
     Returns (out ``[B, S, H, D]`` in q's dtype, lse ``[B, H, S]`` in fp32, fp64 for fp64 inputs).
     Where the LSE comes from: flash-attn's softmax_lse; sdpa on CPU
-    aten._scaled_dot_product_flash_attention_for_cpu; sdpa on CUDA aten's flash or memory-efficient kernel
-    (whichever accepts the tensors), else the explicit softmax; reference: the explicit softmax in fp32/fp64.
+    aten._scaled_dot_product_flash_attention_for_cpu; sdpa on CUDA aten's cuDNN, flash or memory-efficient kernel
+    (the first that accepts the tensors), else the explicit softmax; reference: the explicit softmax in fp32/fp64.
     """
     k, v = _check(q, k, v, kv_len, "local_attention_lse")
     out, lse = _LSE_IMPLS[resolve_backend(backend, q)](q, k, v)
