@@ -145,7 +145,9 @@ def plan_placement(config: OdysseyConfig, nodes: list[dict]) -> WorkerShape:
         per_node, unit, num_cpus, encoder_cpus, threads = cpus, "CPU", need, 0.0, max(1, int(need))
 
     fits_one_node = max((math.floor(p / need + 1e-9) for p in per_node), default=0) >= replica
-    if rt.placement == "STRICT_PACK" and not fits_one_node and not use_gpu:  # GPU nodes may still arrive
+    # On GPUs with no GPU node up yet, nodes may still arrive; once some are up and all are too small, more of
+    # the same kind would never hold a replica on one node: waiting for the scale-up timeout only delays the error.
+    if rt.placement == "STRICT_PACK" and not fits_one_node and (not use_gpu or any(p >= 1 for p in per_node)):
         raise PlacementError(f"runtime.placement=STRICT_PACK needs {replica} x {need:g} {unit} on one node "
                              f"for a replica; the largest node has {max(per_node, default=0):g} (use "
                              f"runtime.placement=PACK or auto)")

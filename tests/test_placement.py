@@ -140,3 +140,14 @@ def test_a_ulysses_group_larger_than_every_node_is_refused_with_a_layout_that_fi
     # CPU ranks: a group of 4 on nodes of 2 CPUs at 1 CPU a rank cannot be placed
     with pytest.raises(PlacementError, match="in groups of 4 per node"):
         plan_placement(config("parallel.ulysses_degree=4", "runtime.num_cpus_per_worker=1"), [{"CPU": 2.0}] * 2)
+
+
+def test_strict_pack_on_gpus_is_refused_once_every_gpu_node_up_is_too_small():
+    base = ["parallel.ulysses_degree=2", "parallel.ring_degree=2", "runtime.device=cuda",
+            "runtime.placement=STRICT_PACK"]
+    # two 2-GPU nodes never hold a 4-GPU replica on one node: refused now, not after the scale-up timeout
+    with pytest.raises(PlacementError, match=r"STRICT_PACK needs 4 x 1 GPU on one node.*largest node has 2.*PACK"):
+        plan_placement(config(*base), [{"CPU": 8.0, "GPU": 2.0}] * 2 + [{"CPU": 64.0}])
+    # no GPU node up yet: the autoscaler may still bring a 4-GPU one
+    assert plan_placement(config(*base), [{"CPU": 8.0}]).strategy == "STRICT_PACK"
+    assert plan_placement(config(*base), [{"CPU": 8.0, "GPU": 4.0}]).strategy == "STRICT_PACK"
