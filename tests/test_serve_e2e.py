@@ -387,9 +387,9 @@ def test_joining_a_cluster_where_serve_runs(tmp_path):
                               capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    def odyssey_serve(port, timeout=60):  # a refusal takes seconds
+    def odyssey_serve(port, *extra, timeout=60):  # a refusal takes seconds
         return subprocess.run(["odyssey", "serve", "--address", address, "--port", str(port), "--output-dir",
-                               str(tmp_path / "out")], env=env, cwd=home, capture_output=True, text=True,
+                               str(tmp_path / "out"), *extra], env=env, cwd=home, capture_output=True, text=True,
                               timeout=timeout)
 
     serving = None
@@ -411,6 +411,13 @@ def test_joining_a_cluster_where_serve_runs(tmp_path):
         assert httpx.get(f"{url}/").text == "someone else's odyssey", "the application found was touched"
 
         driver("delete")
+        # a layout this cluster can never place (4 ranks of 1 CPU on 2 CPUs) is refused before anything is deployed
+        refused = odyssey_serve(http, "--ulysses", "4", "--set", "runtime.num_cpus_per_worker=1")
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        message = [line for line in refused.stderr.splitlines() if line.startswith("odyssey: error")]
+        assert len(message) == 1 and "needs 4 workers x 1 CPUs" in message[0], message
+        assert "serving" not in refused.stderr and httpx.get(f"{url}/healthz").status_code == 404
+
         refused = odyssey_serve(other_port)
         assert refused.returncode == 2, refused.stderr[-3000:]
         message = [line for line in refused.stderr.splitlines() if line.startswith("odyssey: error")]

@@ -131,6 +131,7 @@ def serve(config_source, overrides, ulysses, ring, shard_weights, cfg_parallel, 
     """Serve text-to-video over HTTP (OpenAI's video API, live progress and previews, a web page at /)."""
     from ..cli import InputError, RunFailed, resolve_config
     from ..driver import Driver, connect_ray
+    from ..placement import PlacementError, cluster_nodes, plan_placement
     from ..submit import check_job_output
     from .app import ingress, model_name_of, read_token_file, with_previews
 
@@ -167,6 +168,10 @@ def serve(config_source, overrides, ulysses, ring, shard_weights, cfg_parallel, 
     signal.signal(signal.SIGTERM, _interrupt)
     owns_serve = deployed = False
     try:
+        try:  # a layout this cluster can never place would be deployed, then wait forever: refused before Serve
+            plan_placement(config, cluster_nodes())
+        except PlacementError as e:
+            raise InputError(str(e)) from None
         if _serve_running():
             # another user's application of that name would be replaced, then deleted when this command stops
             if APP_NAME in ray_serve.status().applications:
