@@ -53,6 +53,7 @@ class Outcome:
     result: Result | None = None
     timings: dict = field(default_factory=dict)
     replica: int | None = None  # the replica slot that served the last attempt
+    nodes: list[str] | None = None  # that replica's node IP of each rank, in rank order
 
     @property
     def ok(self) -> bool:
@@ -252,7 +253,7 @@ class Driver:
                     self._events.put((run_id, "cancelled", job, None))
                     continue
                 self._serving[slot] = (job, replica)
-            self._events.put((run_id, "start", job, slot))
+            self._events.put((run_id, "start", job, (slot, replica.nodes)))
             try:
                 for event in replica.run(job.request):
                     self._events.put((run_id, "event", job, event))
@@ -320,7 +321,7 @@ class Driver:
 
     def next_event(self, run_id: int, timeout_s: float) -> tuple[str, Job | None, object] | None:
         """The next (kind, job, payload) of the open queue, or None after timeout_s. kind: "start" (payload: the
-        replica slot), "event" (a Progress, Frame, Preview or Result), "failed" ((message, retries it allows)),
+        replica slot, its node IP of each rank), "event" (a Progress, Frame, Preview or Result), "failed" ((message, retries it allows)),
         "cancelled", "fatal" (job None; payload: the error that stops every replica)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -379,9 +380,10 @@ class Driver:
                 if rid != run_id or job.index in outcomes:
                     continue  # settled already (a Result arrived, or its video failed to write): never re-queued
                 if kind == "start":
+                    slot, nodes = payload
                     marks[job.index] = {"started": time.perf_counter(), "queued_s": time.perf_counter() - t_batch,
-                                        "replica": payload}
-                    self.reporter.start(job.index, job.name or job.request.prompt, payload, job.attempts)
+                                        "replica": slot, "nodes": nodes}
+                    self.reporter.start(job.index, job.name or job.request.prompt, slot, job.attempts)
                 elif kind == "event":
                     self._on_event(job, payload, writers, outcomes, marks[job.index])
                 elif kind == "failed":
@@ -450,7 +452,8 @@ class Driver:
                        "last_frame_latency_s": mark.get("last_frame_latency_s"),
                        "write_close_s": time.perf_counter() - t0,
                        "driver_total_s": time.perf_counter() - mark["started"], "queued_s": mark["queued_s"]}
-            outcome = Outcome(job, path=path, result=event, timings=timings, replica=mark.get("replica"))
+            outcome = Outcome(job, path=path, result=event, timings=timings, replica=mark.get("replica"),
+                              nodes=mark.get("nodes"))
             try:
                 self._write_manifest(outcome)
             except BaseException:
@@ -470,6 +473,7 @@ class Driver:
             "request": dataclasses.asdict(job.request), "config": to_dict(self.config), "timings": outcome.timings,
             "cache": outcome.result.cache,  # policy, threshold, computed_steps, steps, skipped; null when off
             "memory": outcome.result.memory,  # param_bytes, peak_bytes: one int per rank of the replica
+            "placement": {"replica": outcome.replica, "nodes": outcome.nodes},
         }
         del line["request"]["prompt"]  # once is enough: it can be 10,000 characters
         append_manifest_line(self.manifest, line)

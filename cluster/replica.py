@@ -126,12 +126,18 @@ class Replica:
                        rt.collective_timeout_s + 30, lambda: f"rendezvous at {host}:{port} timed out")
             self.load_s = max(self._wait([w.load_models.remote() for w in self.workers], rt.load_timeout_s,
                                          lambda: "loading the models timed out"))
-            log.info("replica %d up: %d ranks on %s, models loaded in %.1f s", self.index, n,
-                     sorted({i.ip for i in self.infos}), self.load_s)
+            # visible by default: where each rank runs is what an operator checks first when a video is slow
+            log.warning("replica %d up: %s, models loaded in %.1f s", self.index,
+                        describe_ranks(self.config, self.nodes, shape.strategy), self.load_s)
             return self
         except BaseException:
             self.kill()
             raise
+
+    @property
+    def nodes(self) -> list[str]:
+        """The node IP of each rank, in rank order."""
+        return [i.ip for i in self.infos]
 
     def _wait(self, refs, timeout_s: float, what):
         """ray.get with a deadline that still notices a stop request within POLL_S."""
@@ -305,3 +311,20 @@ def _have() -> str:
     except Exception:  # noqa: BLE001 - only for a message
         return "unknown resources"
     return f"{t['GPU']:g} GPUs and {t['CPU']:g} CPUs"
+
+
+def describe_ranks(config, nodes: list[str], strategy: str) -> str:
+    """'cfg 1 x ring 2 x ulysses 2 over 2 nodes: ranks 0-1 on 10.0.0.1, 2-3 on 10.0.0.2 (PACK)': runs of
+    consecutive ranks per node, in rank order."""
+    par = config.parallel
+    runs: list[list] = []  # [first rank, last rank, ip]
+    for r, ip in enumerate(nodes):
+        if runs and runs[-1][2] == ip:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r, ip])
+    where = ", ".join(f"{'rank' if not k else ''}{'s' if not k and b > a else ''}{' ' if not k else ''}"
+                      f"{a}{f'-{b}' if b > a else ''} on {ip}" for k, (a, b, ip) in enumerate(runs))
+    count = len(set(nodes))
+    return (f"cfg {par.cfg_degree} x ring {par.ring_degree} x ulysses {par.ulysses_degree} over {count} "
+            f"node{'s' if count != 1 else ''}: {where} ({strategy})")

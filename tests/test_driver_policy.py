@@ -42,6 +42,7 @@ class FakeReplica:
 
     def __init__(self, index, config, shape, stop):
         self.index, self.stop, self.workers, self.killed = index, stop, ["w"], False
+        self.nodes = ["10.0.0.1"]  # the node of each rank: the manifest's placement
 
     def start(self):
         s = self.script
@@ -101,7 +102,8 @@ def test_a_deterministic_error_fails_its_prompt_once_and_the_batch_goes_on(scrip
     assert [p for _, p in script.served].count("huge") == 1  # not retried
     assert len(script.builds) == 2  # rebuilt once (ranks may be stuck in a collective), not once per retry
     assert not (tmp_path / "1.mp4").exists()
-    assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 2
+    lines = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [x["placement"] for x in lines] == [{"replica": 0, "nodes": ["10.0.0.1"]}] * 2
 
 
 def test_a_death_is_retried_on_a_rebuilt_replica(script, tmp_path):

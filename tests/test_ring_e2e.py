@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.driver import Driver, Job  # noqa: E402
-from cluster.video import read_mp4  # noqa: E402
+from cluster.cli import DEFAULT_PRESET  # noqa: E402
+from cluster.video import StreamingMP4, read_mp4  # noqa: E402
 from configs import load_config  # noqa: E402
 from pipeline.launcher import LocalLauncher  # noqa: E402
 from pipeline.request import Frame, GenerateRequest  # noqa: E402
@@ -31,15 +32,25 @@ def odyssey(*args, timeout=300):
 
 
 def test_generate_over_ulysses2_x_ring2_gives_the_mp4_of_one_rank(tmp_path):
-    """The embedded model on 4 ranks (a ring of two Ulysses pairs) and on one."""
-    common = ["a red circle moving right", "--seed", 7, "--progress", "lines"]
-    ring = odyssey("generate", *common, "-o", tmp_path / "ring.mp4", "--ulysses", 2, "--ring", 2,
-                   "--manifest", tmp_path / "ring.jsonl")
+    """The embedded model on 4 ranks (a ring of two Ulysses pairs) through the CLI, and on one rank in this process,
+    written by the same MP4 writer and decoded back. The layout is reported: a visible line and the manifest."""
+    ring = odyssey("generate", "a red circle moving right", "--seed", 7, "--progress", "lines", "-o",
+                   tmp_path / "ring.mp4", "--ulysses", 2, "--ring", 2, "--manifest", tmp_path / "ring.jsonl")
     assert ring.returncode == 0, ring.stderr
-    one = odyssey("generate", *common, "-o", tmp_path / "one.mp4")
-    assert one.returncode == 0, one.stderr
-    parallel = json.loads((tmp_path / "ring.jsonl").read_text())["config"]["parallel"]
+    record = json.loads((tmp_path / "ring.jsonl").read_text())
+    parallel = record["config"]["parallel"]
     assert (parallel["ring_degree"], parallel["ulysses_degree"]) == (2, 2)
+    ip = record["placement"]["nodes"][0]
+    assert record["placement"] == {"replica": 0, "nodes": [ip] * 4}
+    assert f"replica 0 up: cfg 1 x ring 2 x ulysses 2 over 1 node: ranks 0-3 on {ip} (STRICT_PACK)" in ring.stderr
+    one = load_config(DEFAULT_PRESET, [])
+    with LocalLauncher(one, timeout_s=120) as group:
+        request = GenerateRequest("a red circle moving right", seed=7).resolve(one)
+        writer = StreamingMP4(tmp_path / "one.mp4", request.fps)
+        for e in group.generate(request):
+            if isinstance(e, Frame):
+                writer.append(e.image)
+        writer.commit()
     got, fps = read_mp4(tmp_path / "ring.mp4")
     want, _ = read_mp4(tmp_path / "one.mp4")
     assert got.shape == want.shape and got.shape[0] > 1 and fps > 0
@@ -87,3 +98,14 @@ def test_a_ring_of_two_single_node_ulysses_groups_on_two_nodes(two_nodes, tmp_pa
     assert np.abs(np.stack(frames).astype(int) - want.astype(int)).max() <= 1
     assert read_mp4(tmp_path / "ring.mp4")[0].shape == want.shape
     assert_cluster_clean()
+
+
+def test_the_replica_up_line_gives_each_nodes_run_of_ranks():
+    from cluster.replica import describe_ranks
+
+    config = load_config("cpu-smoke", ["parallel.ulysses_degree=2", "parallel.ring_degree=2"])
+    assert describe_ranks(config, ["10.0.0.1"] * 2 + ["10.0.0.2"] * 2, "PACK") == \
+        "cfg 1 x ring 2 x ulysses 2 over 2 nodes: ranks 0-1 on 10.0.0.1, 2-3 on 10.0.0.2 (PACK)"
+    config = load_config("cpu-smoke", ["parallel.ulysses_degree=1", "parallel.cfg_degree=2"])
+    assert describe_ranks(config, ["10.0.0.1", "10.0.0.2"], "PACK") == \
+        "cfg 2 x ring 1 x ulysses 1 over 2 nodes: rank 0 on 10.0.0.1, 1 on 10.0.0.2 (PACK)"

@@ -411,7 +411,7 @@ class VideoService:
             if kind == "start":
                 rec.status, rec.stage, rec.step, rec.attempts = "in_progress", "encode", 0, job.attempts + 1
                 self._save(rec)
-                event = ("started", {"attempt": rec.attempts, "replica": payload})
+                event = ("started", {"attempt": rec.attempts, "replica": payload[0]})  # payload: (slot, nodes)
             elif kind == "event":
                 event = self._on_event(rec, payload)
             elif kind == "failed":
