@@ -204,6 +204,9 @@ def test_a_signal_inside_the_commit_is_held_until_the_block_is_done():
     busy = threading.Thread(target=stop.wait, daemon=True)
     busy.start()
     done = []
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell ignores SIGINT in the commands it
+    # starts in the background: pytest run that way would otherwise never see the signal at all)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             with _signals_deferred():
@@ -215,6 +218,7 @@ def test_a_signal_inside_the_commit_is_held_until_the_block_is_done():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:
         stop.set()
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_sigterm_inside_the_commit_is_held_too():
