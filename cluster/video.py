@@ -4,6 +4,12 @@ interrupted or failed video never leaves a file that looks finished.
 Partial files belong to the run (process) that writes them: `.<stem>.<run id>.<nonce>.partial.mp4`, next to a lock
 file `.odyssey-run-<run id>.lock` the run holds (flock) while any of its partials exist. Several runs can share an
 output folder: clean_stale_partials removes only the partials of runs whose lock nobody holds (killed runs).
+
+ffmpeg is started with its own session (start_new_session), not with imageio-ffmpeg's preexec_fn=os.setpgrp: a
+preexec_fn makes Python fork() and run Python code in the child of a process with many threads (Ray's, torch's,
+the service's), where library fork handlers run too; a driver that had run a few Ray jobs got a SIGSEGV in that child
+and every later video failed with a broken pipe. A new session keeps the terminal's Ctrl-C from ffmpeg the same way,
+and lets Python use vfork with nothing of ours in the child.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import fcntl
 import os
 import re
 import stat
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -169,29 +177,26 @@ class StreamingMP4:
 
     def append(self, frame: np.ndarray) -> None:
         """One RGB frame [H, W, 3] uint8 (H and W even)."""
+        frame = np.ascontiguousarray(frame)
         if self._writer is None:
-            import imageio_ffmpeg
-
             h, w = frame.shape[:2]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._locked is None:  # before the partial exists, so no other run ever sees it unowned
                 _LOCKS.acquire(self.path.parent)
                 self._locked = self.path.parent
-            self._writer = imageio_ffmpeg.write_frames(
-                str(self.tmp), (w, h), fps=self.fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-                macro_block_size=2, quality=None, ffmpeg_log_level="error",
-                output_params=["-crf", str(self.crf), "-movflags", "+faststart"],
-            )
-            self._writer.send(None)
-        self._writer.send(np.ascontiguousarray(frame))
+            self._size = (h, w)
+            self._writer = _Ffmpeg(self.tmp, w, h, self.fps, self.crf)
+        if frame.shape != (*self._size, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"frame {frame.shape} {frame.dtype} is not {self._size[0]}x{self._size[1]}x3 uint8")
+        self._writer.write(frame)
         self.frames += 1
 
     def commit(self) -> Path:
         """Finish the file and give it its final name."""
         if self._writer is None:
             raise RuntimeError(f"no frames were written for {self.path}")
-        self._writer.close()
-        self._writer = None
+        writer, self._writer = self._writer, None
+        writer.finish(check=True)
         os.replace(self.tmp, self.path)
         self._unlock()
         return self.path
@@ -199,11 +204,8 @@ class StreamingMP4:
     def abort(self) -> None:
         """Drop the partial file."""
         if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001 - ffmpeg may already be gone
-                pass
-            self._writer = None
+            writer, self._writer = self._writer, None
+            writer.finish(check=False, kill=True)
         self.tmp.unlink(missing_ok=True)
         self._unlock()
 
@@ -211,6 +213,51 @@ class StreamingMP4:
         if self._locked is not None:
             _LOCKS.release(self._locked)
             self._locked = None
+
+
+class _Ffmpeg:
+    """One ffmpeg encoding raw RGB frames from its stdin into an H.264 MP4."""
+
+    def __init__(self, path: Path, w: int, h: int, fps: int, crf: int):
+        import imageio_ffmpeg
+
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-v", "error",
+               "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", str(fps),
+               "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf),
+               "-movflags", "+faststart", str(path)]
+        self.stderr = tempfile.TemporaryFile()  # not a pipe: nobody reads it while frames go in, so it never fills
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                         start_new_session=True, close_fds=True)
+        except BaseException:
+            self.stderr.close()
+            raise
+
+    def write(self, frame: np.ndarray) -> None:
+        try:
+            self.proc.stdin.write(frame.tobytes())
+        except OSError as e:  # ffmpeg is gone: say what it said
+            raise OSError(f"ffmpeg stopped taking frames ({e}): {self.finish(check=False)}") from None
+
+    def finish(self, *, check: bool, kill: bool = False) -> str:
+        """Close its input and wait for it; what it printed. check: OSError unless it exited 0."""
+        if kill:
+            self.proc.kill()
+        try:
+            self.proc.stdin.close()
+        except OSError:  # a broken pipe on the last flush: the exit status says the rest
+            pass
+        try:
+            code = self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.stderr.seek(0)
+        said = self.stderr.read().decode(errors="replace").strip()[-2000:]
+        self.stderr.close()
+        if check and code != 0:
+            raise OSError(f"ffmpeg exited with {code} writing the video: {said or '(it said nothing)'}")
+        return said or f"exit status {code}"
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -224,6 +271,8 @@ def read_mp4(path: Path) -> tuple[np.ndarray, float]:
     """(frames [N, H, W, 3] uint8, fps) decoded back from an MP4."""
     import imageio_ffmpeg
 
+    # imageio-ffmpeg's preexec_fn off (see the module's docstring): a decode needs no shelter from Ctrl-C
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     w, h = meta["size"]
