@@ -21,11 +21,9 @@ from pathlib import Path
 import click
 import yaml
 
-from configs import OdysseyConfig, field_docs, load_config, to_dict
+from configs import DEFAULT_PRESET, OdysseyConfig, field_docs, load_config, to_dict
 
 from .serve.cli import RING_HELP, SHARD_WEIGHTS_HELP, ULYSSES_HELP  # that module imports nothing of this one
-
-DEFAULT_PRESET = "tiny"
 
 
 def _version() -> str:
@@ -178,7 +176,7 @@ def _run(config, jobs, address, manifest, progress, on_event=None):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(_version(), prog_name="odyssey")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--debug", is_flag=True, help="Also print the traceback of an error (the exit code stays the same).")
 def cli(debug):
     """Odyssey: text-to-video generation on Ray clusters."""
 
@@ -409,8 +407,15 @@ def config():
 @_config_options
 @click.option("--explain", is_flag=True, help="Print each setting's description above it.")
 def config_show(config_source, overrides, explain):
-    """Print the resolved config as YAML."""
-    cfg = resolve_config(config_source, overrides)
+    """Print the resolved config as YAML, after a comment line saying what it was resolved from (a config file
+    starts from the default preset, or from the one its top-level `preset: NAME` names)."""
+    from configs import resolve
+
+    try:
+        cfg, origin = resolve(config_source or DEFAULT_PRESET, overrides)
+    except ValueError as e:
+        raise InputError(f"config: {e}") from None
+    click.echo(f"# resolved from {_printable(origin.describe())}")
     if not explain:
         text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip()
         click.echo("\n".join(_printable(line) for line in text.split("\n")))  # YAML leaves C1, DEL, bidi raw
@@ -426,11 +431,13 @@ def config_show(config_source, overrides, explain):
 
 @config.command("presets")
 def config_presets():
-    """List the shipped presets."""
-    from configs import list_presets
+    """List the shipped presets, one a line with what it is for; the default is marked."""
+    from configs import list_presets, preset_description
 
-    for name in list_presets():
-        click.echo(name)
+    names = [f"{n} (default)" if n == DEFAULT_PRESET else n for n in list_presets()]
+    width = max(map(len, names), default=0)
+    for name, label in zip(list_presets(), names):
+        click.echo(f"{label:<{width}}  {preset_description(name)}".rstrip())
 
 
 # -- serve ----------------------------------------------------------------------------------------------------------
@@ -468,20 +475,27 @@ def main(argv=None) -> None:
         click.echo("odyssey: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        if debug:
-            raise
-        click.echo(f"odyssey: error: {_printable(e.format_message())}", err=True)
-        sys.exit(e.exit_code)
+        _fail(e.format_message(), e.exit_code, debug)
     except ValueError as e:  # config, input, weights and placement problems
-        if debug:
-            raise
-        click.echo(f"odyssey: error: {_printable(e)}", err=True)
-        sys.exit(2)
+        _fail(str(e), 2, debug)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
-        if debug:
-            raise
-        click.echo(f"odyssey: error: {type(e).__name__}: {_printable(e)}", err=True)
-        sys.exit(1)
+        _fail(f"{type(e).__name__}: {e}", 1, debug)
+
+
+def _fail(message: str, code: int, debug: bool):
+    """The error's one line and its exit code; --debug prints the traceback above it and changes nothing else (a
+    config error is exit 2 with or without it)."""
+    if debug:
+        import traceback
+
+        error, seen = sys.exc_info()[1], set()
+        while error is not None and id(error) not in seen:  # what one-line errors hid with `from None` shows here
+            seen.add(id(error))
+            error.__suppress_context__ = False
+            error = error.__cause__ or error.__context__
+        traceback.print_exc()
+    click.echo(f"odyssey: error: {_printable(message)}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import re
@@ -124,8 +125,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        key = _join(path, str(unknown[0])[:60])  # a key can be anything a file holds: never echo much of it
-        raise ConfigError(f"{key}: unknown config key (known here: {', '.join(fields)})")
+        keys = [*path.split("."), str(unknown[0])] if path else [str(unknown[0])]
+        raise unknown_key_error(keys, len(keys) - 1, cls, root=None if path else cls)
     hints = _hints(cls)
     kwargs = {name: _coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
     try:
@@ -143,6 +144,95 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, tuple):
         return [to_dict(v) for v in cfg]
     return cfg
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _is_section(cls: type, name: str) -> bool:
+    return dataclasses.is_dataclass(_hints(cls)[name])
+
+
+def check_key(keys: Sequence[str], root: type) -> None:
+    """ConfigError unless the dotted key (split) names a setting or a section of dataclass `root`: the message
+    quotes the key as typed and says what is there instead (see unknown_key_error)."""
+    cls = root
+    for i, key in enumerate(keys):
+        if cls is None:
+            where = _show(".".join(keys[:i]))[1:-1]
+            raise ConfigError(f"unknown config key {_show('.'.join(keys))} ({where!r} is a setting, not a section)")
+        if key not in _fields(cls):
+            raise unknown_key_error(keys, i, cls, root=root)
+        cls = _hints(cls)[key] if _is_section(cls, key) else None
+
+
+def check_keys(data: Mapping[str, Any], root: type) -> None:
+    """check_key for every key of a nested mapping (a config file), in file order; values are not checked."""
+    def walk(node: Mapping[str, Any], prefix: list[str], cls: type) -> None:
+        for key, value in node.items():
+            keys = [*prefix, str(key)]
+            if str(key) not in _fields(cls):
+                raise unknown_key_error(keys, len(prefix), cls, root=root)
+            if _is_section(cls, str(key)) and isinstance(value, Mapping):
+                walk(value, keys, _hints(cls)[str(key)])
+
+    if isinstance(data, Mapping):
+        walk(data, [], root)
+
+
+def unknown_key_error(keys: Sequence[str], depth: int, cls: type, root: type | None = None) -> ConfigError:
+    """The error for a key path whose keys[:depth] are fine and lead to dataclass `cls` (root when depth is 0),
+    which has no field keys[depth]: 'unknown config key 'no.such.key' ('no' is not a section; sections: ...)', a
+    section's settings listed, or 'did you mean ...?' for a near miss (difflib). With `root`, a setting's name is
+    also looked for in every section ('steps' -> 'sampling.steps')."""
+    typed = _show(".".join(str(k)[:60] for k in keys))  # a key can be anything a file holds: never echo much
+    bad = _show(str(keys[depth])[:60])
+    prefix = ".".join(keys[:depth])
+    names = _fields(cls)
+    guess = _near(list(keys[depth:]), cls)
+    if guess is None and root is not None:
+        guess = _near_anywhere(str(keys[-1]), root)
+    elif guess is not None and prefix:
+        guess = f"{prefix}.{guess}"
+    if all(_is_section(cls, n) for n in names):
+        what = f"{bad} is not a section"
+        listing = f"sections: {', '.join(names)}"
+    else:
+        what = f"{prefix} has no setting {bad}"
+        listing = f"{prefix} settings: {', '.join(names)}"
+    if list(keys) == ["preset"] and root is not None:
+        return ConfigError(f"unknown config key 'preset' (`preset: NAME` goes at the top of a config file; on the "
+                           f"command line name the preset with --config NAME)")
+    return ConfigError(f"unknown config key {typed} ({what}; "
+                       + (f"did you mean {guess!r}?)" if guess else f"{listing})"))
+
+
+def _near(keys: list[str], cls: type) -> str | None:
+    """keys (relative to cls) with each unknown part replaced by its closest field, when every part has one and
+    the path ends where a value can go; else None."""
+    out = []
+    for i, key in enumerate(keys):
+        if cls is None:
+            return None
+        names = _fields(cls)
+        match = key if key in names else next(iter(difflib.get_close_matches(key, names, n=1, cutoff=0.6)), None)
+        if match is None:
+            return None
+        out.append(match)
+        cls = _hints(cls)[match] if _is_section(cls, match) else None
+    return ".".join(out)
+
+
+def _near_anywhere(leaf: str, root: type) -> str | None:
+    """'section.setting' of root whose setting is named `leaf`, or closely (cutoff 0.75), or None."""
+    paths = {}
+    for section in _fields(root):
+        if _is_section(root, section):
+            for name in _fields(_hints(root)[section]):
+                paths.setdefault(name, f"{section}.{name}")
+    match = difflib.get_close_matches(leaf, list(paths), n=1, cutoff=0.75)
+    return paths[match[0]] if match else None
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -252,23 +342,19 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], cls: type
     out = _deep_copy(data)
     for text in overrides:
         keys, value = parse_override(text)
-        node, node_cls = out, cls
+        if cls is not None:
+            check_key(keys, cls)
+        node = out
         for i, key in enumerate(keys):
-            dotted = ".".join(keys[: i + 1])
-            if node_cls is not None:
-                names = {f.name: f for f in dataclasses.fields(node_cls)}
-                if key not in names:
-                    raise ConfigError(f"{dotted}: unknown config key (known here: {', '.join(names)})")
-                sub = _hints(node_cls)[key]
-                node_cls = sub if dataclasses.is_dataclass(sub) else None
-                if i < len(keys) - 1 and node_cls is None:
-                    raise ConfigError(f"{dotted}: is a setting, not a section; cannot set {'.'.join(keys)}")
             if i == len(keys) - 1:
                 node[key] = value
             else:
                 child = node.setdefault(key, {})
+                if child is None:  # an empty section in a file (`video:` with nothing under it)
+                    child = node[key] = {}
                 if not isinstance(child, dict):
-                    raise ConfigError(f"{dotted}: is a setting, not a section; cannot set {'.'.join(keys)}")
+                    raise ConfigError(f"{_show('.'.join(keys[: i + 1]))[1:-1]}: is a setting, not a section; "
+                                      f"cannot set {_show('.'.join(keys))[1:-1]}")
                 node = child
     return out
 

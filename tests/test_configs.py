@@ -19,8 +19,9 @@ def test_frozen():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"sampling": {"stepz": 3}}, r"^sampling\.stepz: unknown config key"),
-    ({"smapling": {}}, r"^smapling: unknown config key"),
+    ({"sampling": {"stepz": 3}},
+     r"^unknown config key 'sampling\.stepz' \(sampling has no setting 'stepz'; did you mean 'sampling\.steps'\?\)$"),
+    ({"smapling": {}}, r"^unknown config key 'smapling' \('smapling' is not a section; did you mean 'sampling'\?\)$"),
     ({"video": {"height": "tall"}}, r"^video\.height: expected int, got 'tall'"),
     ({"parallel": {"ulysses_degree": True}}, r"^parallel\.ulysses_degree: expected int"),
     ({"parallel": {"cfg_degree": 3}}, r"^parallel\.cfg_degree: expected one of 1 \| 2"),
@@ -50,9 +51,10 @@ def test_overrides():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sampling.stepz=3", r"^sampling\.stepz: unknown config key"),
+    ("sampling.stepz=3", r"^unknown config key 'sampling\.stepz' \(sampling has no setting 'stepz'; did you mean "
+                         r"'sampling\.steps'\?\)$"),
     ("sampling=3", r"^sampling: expected a mapping"),
-    ("sampling.steps.x=3", r"^sampling\.steps: is a setting, not a section"),
+    ("sampling.steps.x=3", r"^unknown config key 'sampling\.steps\.x' \('sampling\.steps' is a setting, not a section\)$"),
     ("sampling.steps", r"expected key\.sub=value"),
     ("video.frames=8", r"^video: frames must be 4n\+1"),
 ])
