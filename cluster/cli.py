@@ -160,8 +160,10 @@ def _run(config, jobs, address, manifest, progress, on_event=None):
     from .driver import Driver
     from .prompts import printable
 
+    ctx = click.get_current_context(silent=True)
+    debug = bool(ctx and ctx.find_root().params.get("debug"))  # --debug: a local Ray's own lines too
     with Driver(config, address=address, manifest=manifest, progress=None if progress == "none" else progress,
-                on_event=on_event) as d:
+                on_event=on_event, ray_logs=debug) as d:
         outcomes = d.run(jobs)
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:

@@ -60,20 +60,24 @@ class Outcome:
         return self.path is not None
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+def connect_ray(address: str | None, num_cpus: int | None = None, *, ray_logs: bool = False) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS); with neither, start a local one in this process (no
-    dashboard). Returns True when this call initialised Ray (and so should shut it down)."""
+    dashboard). Returns True when this call initialised Ray (and so should shut it down).
+
+    A local Ray's own start-up lines and warnings (its token-auth notice among them: the token stays on, Ray's
+    default for a local cluster) are noise to someone who asked for a video: only its errors reach the terminal
+    unless ray_logs (the CLI's --debug), which shows its INFO lines too. Joining a cluster keeps its warnings."""
     import ray
 
     if ray.is_initialized():
         return False
-    quiet = dict(logging_level=logging.WARNING, configure_logging=True)
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **quiet)
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
     else:
         secure_default_token()  # Ray would write ~/.ray/auth_token world-readable
         # "local": a new cluster in this process, never one a stale `ray start` left behind
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 logging_level=logging.INFO if ray_logs else logging.ERROR, configure_logging=True)
     return True
 
 
@@ -85,12 +89,16 @@ class Driver:
     as their nodes arrive. A lost replica is rebuilt with exponential backoff, never given up while there is work."""
 
     def __init__(self, config: OdysseyConfig, *, address: str | None = None, manifest: Path | None = None,
-                 progress: str | bool | None = "auto", on_event: Callable | None = None, persistent: bool = False):
+                 progress: str | bool | None = "auto", on_event: Callable | None = None, persistent: bool = False,
+                 ray_logs: bool = False):
         """persistent: a service's driver: a replica that fails to start is retried for as long as the driver
         lives (only a config that can never work, a ValueError, is fatal), instead of failing the batch after
-        runtime.scale_up_timeout_s without any replica."""
+        runtime.scale_up_timeout_s without any replica. ray_logs: show a local Ray's own start-up lines and
+        warnings (connect_ray)."""
         self.config, self.address, self.manifest = config, address, manifest
-        self.persistent = persistent
+        self.persistent, self.ray_logs = persistent, ray_logs
+        self.ray_init_s = 0.0  # starting (or joining) Ray in start(); 0 when Ray was up already
+        self.started_at = 0.0  # wall clock when start() began
         self.reporter: ProgressReporter = make_reporter(progress)
         self.on_event = on_event  # on_event(job, event) for every event, on the driver's main thread
         self.stop = threading.Event()  # the driver is closing: streams end, builds give up
@@ -139,7 +147,9 @@ class Driver:
         """Plan, ask for what the cluster lacks, start every replica slot, and return once the first replica is up
         (or raise what stopped every replica from starting)."""
         self.validate()
-        self._owns_ray = connect_ray(self.address)
+        self.started_at, t0 = time.time(), time.perf_counter()
+        self._owns_ray = connect_ray(self.address, ray_logs=self.ray_logs)
+        self.ray_init_s = time.perf_counter() - t0 if self._owns_ray else 0.0
         nodes = cluster_nodes()
         self.shape = plan_placement(self.config, nodes)
         par, rt = self.config.parallel, self.config.runtime
@@ -253,7 +263,7 @@ class Driver:
                     self._events.put((run_id, "cancelled", job, None))
                     continue
                 self._serving[slot] = (job, replica)
-            self._events.put((run_id, "start", job, (slot, replica.nodes)))
+            self._events.put((run_id, "start", job, (slot, replica.nodes, dict(replica.start_timings))))
             try:
                 for event in replica.run(job.request):
                     self._events.put((run_id, "event", job, event))
@@ -321,7 +331,7 @@ class Driver:
 
     def next_event(self, run_id: int, timeout_s: float) -> tuple[str, Job | None, object] | None:
         """The next (kind, job, payload) of the open queue, or None after timeout_s. kind: "start" (payload: the
-        replica slot, its node IP of each rank), "event" (a Progress, Frame, Preview or Result), "failed" ((message, retries it allows)),
+        replica slot, its node IP of each rank, its start-up timings), "event" (a Progress, Frame, Preview or Result), "failed" ((message, retries it allows)),
         "cancelled", "fatal" (job None; payload: the error that stops every replica)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -380,9 +390,11 @@ class Driver:
                 if rid != run_id or job.index in outcomes:
                     continue  # settled already (a Result arrived, or its video failed to write): never re-queued
                 if kind == "start":
-                    slot, nodes = payload
+                    slot, nodes, start_timings = payload
                     marks[job.index] = {"started": time.perf_counter(), "queued_s": time.perf_counter() - t_batch,
-                                        "replica": slot, "nodes": nodes}
+                                        "replica": slot, "nodes": nodes, "startup": {
+                                            "began_at": self.started_at, "ray_init_s": self.ray_init_s,
+                                            **start_timings}}
                     self.reporter.start(job.index, job.name or job.request.prompt, slot, job.attempts)
                 elif kind == "event":
                     self._on_event(job, payload, writers, outcomes, marks[job.index])
@@ -451,7 +463,9 @@ class Driver:
             timings = {**event.timings, "driver_first_frame_s": mark.get("driver_first_frame_s"),
                        "last_frame_latency_s": mark.get("last_frame_latency_s"),
                        "write_close_s": time.perf_counter() - t0,
-                       "driver_total_s": time.perf_counter() - mark["started"], "queued_s": mark["queued_s"]}
+                       "driver_total_s": time.perf_counter() - mark["started"], "queued_s": mark["queued_s"],
+                       # the driver's Ray start and the start-up phases of the replica that served this prompt
+                       "startup": mark["startup"]}
             outcome = Outcome(job, path=path, result=event, timings=timings, replica=mark.get("replica"),
                               nodes=mark.get("nodes"))
             try:

@@ -88,6 +88,7 @@ class Replica:
         self.workers: list = []  # by rank
         self.infos: list = []
         self.load_s = 0.0
+        self.start_timings: dict[str, float] = {}  # seconds per start-up phase, as the driver saw them
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -96,6 +97,13 @@ class Replica:
         load. Raises ReplicaFailed on any failure, ValueError when the config can never work here (cleans up)."""
         shape, rt = self.shape, self.config.runtime
         n = shape.group_size * shape.groups
+        timings, t0 = self.start_timings, time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal t0
+            now = time.perf_counter()
+            timings[name], t0 = now - t0, now
+
         try:
             bundles = shape.bundles()
             # PACK/STRICT_PACK across the bundles; a bundle (one Ulysses group) is always on one node, so a replica
@@ -104,6 +112,7 @@ class Replica:
             self._wait(self.pg.ready(), rt.scale_up_timeout_s, lambda: (
                 f"waited {rt.scale_up_timeout_s:g} s (runtime.scale_up_timeout_s) for {bundles} ({shape.strategy}); "
                 f"the cluster has {_have()}"))
+            phase("placement_s")
             workers, where = [], []
             for g in range(shape.groups):
                 for m in range(shape.group_size):
@@ -115,6 +124,7 @@ class Replica:
             self.workers = list(workers)  # killed by kill() if anything below fails
             infos = self._wait([w.info.remote() for w in workers], rt.placement_timeout_s,
                                lambda: f"workers did not start in {rt.placement_timeout_s:g} s")
+            phase("actors_s")
             # Ranks after placement: bundle g (one Ulysses group, one node) gets ranks g*U .. g*U+U-1 in GPU order,
             # so rank = cfg_rank*(R*U) + ring_rank*U + ulysses_rank; rank 0 is the worker of bundle 0 that holds
             # the encoder's extra CPUs.
@@ -124,8 +134,10 @@ class Replica:
             host, port = self._wait(self.workers[0].open_store.remote(), 60, lambda: "rank 0 could not open a store")
             self._wait([w.rendezvous.remote(r, n, host, port) for r, w in enumerate(self.workers)],
                        rt.collective_timeout_s + 30, lambda: f"rendezvous at {host}:{port} timed out")
+            phase("rendezvous_s")
             self.load_s = max(self._wait([w.load_models.remote() for w in self.workers], rt.load_timeout_s,
                                          lambda: "loading the models timed out"))
+            phase("load_s")
             # visible by default: where each rank runs is what an operator checks first when a video is slow
             log.warning("replica %d up: %s, models loaded in %.1f s", self.index,
                         describe_ranks(self.config, self.nodes, shape.strategy), self.load_s)

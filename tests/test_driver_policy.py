@@ -43,6 +43,7 @@ class FakeReplica:
     def __init__(self, index, config, shape, stop):
         self.index, self.stop, self.workers, self.killed = index, stop, ["w"], False
         self.nodes = ["10.0.0.1"]  # the node of each rank: the manifest's placement
+        self.start_timings = {"placement_s": 0.5}  # the manifest's timings.startup
 
     def start(self):
         s = self.script
@@ -78,7 +79,7 @@ def script(monkeypatch):
     s = Script()
     FakeReplica.script = s
     monkeypatch.setattr(driver_mod, "Replica", FakeReplica)
-    monkeypatch.setattr(driver_mod, "connect_ray", lambda address: False)
+    monkeypatch.setattr(driver_mod, "connect_ray", lambda address, **kw: False)
     monkeypatch.setattr(driver_mod, "cluster_nodes", lambda: [{"CPU": 4.0}])
     return s
 
@@ -104,6 +105,9 @@ def test_a_deterministic_error_fails_its_prompt_once_and_the_batch_goes_on(scrip
     assert not (tmp_path / "1.mp4").exists()
     lines = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert [x["placement"] for x in lines] == [{"replica": 0, "nodes": ["10.0.0.1"]}] * 2
+    # the start-up phases of the replica that served each line; this test's Ray was up already (0 s to start)
+    assert [(x["timings"]["startup"]["placement_s"], x["timings"]["startup"]["ray_init_s"]) for x in lines] \
+        == [(0.5, 0.0)] * 2 and lines[0]["timings"]["startup"]["began_at"] > 1.7e9
 
 
 def test_a_death_is_retried_on_a_rebuilt_replica(script, tmp_path):
@@ -259,7 +263,7 @@ def test_a_ray_started_here_that_lacks_gpus_fails_at_once(script, monkeypatch):
     """No waiting for GPUs that cannot come: the Ray this process started on a GPU-less machine never grows."""
     from cluster.placement import PlacementError
 
-    monkeypatch.setattr(driver_mod, "connect_ray", lambda address: True)  # "this call started Ray"
+    monkeypatch.setattr(driver_mod, "connect_ray", lambda address, **kw: True)  # "this call started Ray"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = make_config("runtime.device=cuda", "parallel.ulysses_degree=2")
     t0 = time.monotonic()
