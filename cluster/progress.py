@@ -11,7 +11,7 @@ from pipeline.request import Frame, Progress
 
 from .prompts import printable
 
-__all__ = ["ProgressReporter", "make_reporter", "cache_note"]
+__all__ = ["ProgressReporter", "LineReporter", "make_reporter", "cache_note", "duration"]
 
 
 def cache_note(cache: dict | None) -> str:
@@ -34,32 +34,77 @@ class ProgressReporter:
     def close(self) -> None: ...
 
 
-class LineReporter(ProgressReporter):
-    """One line per milestone: for logs, CI and anything that is not a terminal."""
+def duration(seconds: float) -> str:
+    """'4.2 s', '3 min 05 s', '2 h 07 min': for elapsed times and ETAs in log lines."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    seconds = round(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
-    def __init__(self, stream=None):
+
+class LineReporter(ProgressReporter):
+    """One line per milestone, for logs, CI and anything that is not a terminal: started, then a line with the
+    elapsed time and an ETA every `every_s` seconds at most while it denoises and decodes (so a long run never looks
+    hung, and a fast one is not a line per step), denoised, done.
+
+    The ETA is the stage's: the mean time per step (frame) so far times the steps (frames) left, counted from the
+    end of the text encoding (the last step)."""
+
+    def __init__(self, stream=None, every_s: float = 5.0, clock=time.perf_counter):
         self.stream = stream or sys.stderr
+        self.every_s, self.clock = every_s, clock
         self.started: dict[int, float] = {}
         self.names: dict[int, str] = {}
+        self.stage_began: dict[int, float] = {}  # when the current stage (denoise, decode) began
+        self.last_line: dict[int, float] = {}  # when the last line about this prompt was printed
 
-    def _say(self, text: str) -> None:
+    def _say(self, index: int | None, text: str) -> None:
+        if index is not None:
+            self.last_line[index] = self.clock()
         print(text, file=self.stream, flush=True)
 
     def start(self, index, name, replica, attempt):
         name = printable(name, 80)
-        self.started[index], self.names[index] = time.perf_counter(), name
+        self.started[index] = self.stage_began[index] = self.clock()
+        self.names[index] = name
         retry = f" (attempt {attempt + 1})" if attempt else ""
-        self._say(f"[{index}] {name}: started on replica {replica}{retry}")
+        self._say(index, f"[{index}] {name}: started on replica {replica}{retry}")
 
     def event(self, index, event):
-        if isinstance(event, Progress) and event.stage == "denoise" and event.step == event.total:
-            computed = "" if event.computed is None else f", {event.computed} computed"
-            self._say(f"[{index}] denoised ({event.total} steps{computed}) in "
-                      f"{time.perf_counter() - self.started[index]:.1f} s")
+        if index not in self.started:
+            return
+        now = self.clock()
+        if isinstance(event, Progress) and event.stage == "encode":
+            self.stage_began[index] = now  # denoising starts now: its ETA should not count the text encoder
+        elif isinstance(event, Progress) and event.stage == "denoise":
+            if event.step == event.total:
+                computed = "" if event.computed is None else f", {event.computed} computed"
+                self._say(index, f"[{index}] denoised ({event.total} steps{computed}) in "
+                                 f"{duration(now - self.started[index])}")
+                self.stage_began[index] = now  # decoding starts now
+            elif self._due(index, now):
+                computed = "" if event.computed is None else f" ({event.computed} computed)"
+                self._progress(index, now, f"step {event.step}/{event.total}{computed}", event.step, event.total,
+                               "denoising")
+        elif isinstance(event, Frame) and event.index + 1 < event.total and self._due(index, now):
+            self._progress(index, now, f"frame {event.index + 1}/{event.total} decoded", event.index + 1,
+                           event.total, "decoding")
+
+    def _due(self, index: int, now: float) -> bool:
+        return now - self.last_line.get(index, self.started[index]) >= self.every_s
+
+    def _progress(self, index, now, what, done, total, stage) -> None:
+        per = (now - self.stage_began[index]) / done
+        self._say(index, f"[{index}] {what}, {duration(now - self.started[index])} elapsed, {stage} ETA "
+                         f"{duration(per * (total - done))}")
 
     def finish(self, index, ok, message):
-        took = time.perf_counter() - self.started.get(index, time.perf_counter())
-        self._say(f"[{index}] {'done' if ok else 'FAILED'} in {took:.1f} s: {printable(message, 2000)}")
+        took = self.clock() - self.started.get(index, self.clock())
+        for state in (self.started, self.stage_began, self.last_line, self.names):
+            state.pop(index, None)
+        self._say(None, f"[{index}] {'done' if ok else 'FAILED'} in {duration(took)}: {printable(message, 2000)}")
 
 
 class BarReporter(ProgressReporter):
