@@ -449,6 +449,28 @@ from .serve.cli import serve  # noqa: E402 - the command's module imports neithe
 cli.add_command(serve)
 
 
+class _UserPath(click.Path):
+    """click.Path with a leading ~ expanded: the shell leaves it in --output=~/a.mp4 and in a quoted "~/a.mp4"."""
+
+    def convert(self, value, param, ctx):
+        return super().convert(os.path.expanduser(value) if isinstance(value, str) else value, param, ctx)
+
+
+def _expand_user_paths(group: click.Group) -> None:
+    """Every path option and argument of every command takes ~ (their click.Path types become _UserPath)."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _expand_user_paths(command)
+        for param in command.params:
+            if type(param.type) is click.Path:
+                expanded = _UserPath.__new__(_UserPath)
+                expanded.__dict__.update(vars(param.type))
+                param.type = expanded
+
+
+_expand_user_paths(cli)
+
+
 # -- entry point ----------------------------------------------------------------------------------------------------
 
 

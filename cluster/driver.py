@@ -139,8 +139,9 @@ class Driver:
         if path is not None and self.address is None and not os.environ.get("RAY_ADDRESS") \
                 and not ray.is_initialized():
             if not Path(path).expanduser().exists():
-                raise ValueError(f"model.path {path} does not exist (download the weights there or "
-                                 f"--set model.path=/path/to/Wan2.1-folder)")
+                from pipeline.weights import download_hint  # torch: only on this error's path
+
+                raise ValueError(f"model.path {path} does not exist: {download_hint(path)}")
         check_config(self.config)
 
     def start(self) -> None:

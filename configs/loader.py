@@ -364,9 +364,9 @@ def _deep_copy(data: Mapping[str, Any]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A config file as a dict: at most MAX_CONFIG_BYTES, UTF-8, YAML without aliases. Errors name the file and
-    the line, never its contents."""
-    path = Path(path)
+    """A config file as a dict ("~" expanded): at most MAX_CONFIG_BYTES, UTF-8, YAML without aliases. Errors name
+    the file and the line, never its contents."""
+    path = Path(path).expanduser()
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded even for /dev/zero or a growing file

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .weights import (WeightsError, check_blocks, check_keys, dit_weight_files, inside_model, model_root, read_header,
-                      rename_first)
+from .weights import (WeightsError, check_blocks, check_keys, dit_weight_files, download_hint, inside_model,
+                      model_root, read_header, rename_first, user_path)
 
 __all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR", "locate", "load_tokenizer", "original_state",
            "original_config"]
@@ -131,14 +131,16 @@ def _load_original(path: Path, dtype):
 def locate(path) -> tuple[bool, Path, Path]:
     """(diffusers layout?, tokenizer folder, weights: text_encoder/ or the .pth) of a model folder, after checking
     that everything to be read resolves inside it (the .pth is unpickled): WeightsError before any load."""
-    path = Path(path)
+    path = user_path(path)
+    if not path.exists():
+        raise WeightsError(f"model folder {path} does not exist: {download_hint(path)}")
     if (path / "text_encoder" / "config.json").is_file():
         diffusers, tok_dir = True, path / "tokenizer"
     elif (path / ORIGINAL_T5_FILE).is_file():
         diffusers, tok_dir = False, path / ORIGINAL_TOKENIZER_DIR
     else:
         raise WeightsError(f"{path} holds no text encoder: expected text_encoder/ + tokenizer/ (diffusers) or "
-                           f"{ORIGINAL_T5_FILE} + {ORIGINAL_TOKENIZER_DIR}/ (original Wan2.1)")
+                           f"{ORIGINAL_T5_FILE} + {ORIGINAL_TOKENIZER_DIR}/ (original Wan2.1); {download_hint(path)}")
     if not tok_dir.is_dir():
         raise WeightsError(f"tokenizer folder {tok_dir} is missing")
     root = model_root(path)

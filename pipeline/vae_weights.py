@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from .vae import DecoderSpec, WanVAEDecoder
-from .weights import WeightsError, check_keys, inside_model, model_root
+from .weights import WeightsError, check_keys, download_hint, inside_model, model_root, user_path
 
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"
 
@@ -82,8 +82,9 @@ def _from_original(raw: dict[str, torch.Tensor]) -> tuple[DecoderSpec, dict[str,
 def _locate(path: Path) -> Path:
     """The VAE's own file or folder inside whatever layout `path` is; given a folder, what is read must resolve
     inside it (a .pth is unpickled: a link must not pull one in from elsewhere)."""
+    path = user_path(path)
     if not path.exists():
-        raise WeightsError(f"VAE weights {path} do not exist")
+        raise WeightsError(f"VAE weights {path} do not exist: {download_hint(path)}")
     root = model_root(path) if path.is_dir() else None
     if path.is_dir() and (path / "vae" / "config.json").is_file():
         path = path / "vae"
@@ -94,7 +95,7 @@ def _locate(path: Path) -> Path:
     if path.is_dir() and not ((path / "config.json").is_file()
                               and (path / "diffusion_pytorch_model.safetensors").is_file()):
         raise WeightsError(f"{path} holds no VAE: expected vae/, config.json + diffusion_pytorch_model."
-                           f"safetensors, or {ORIGINAL_VAE_FILE}")
+                           f"safetensors, or {ORIGINAL_VAE_FILE}; {download_hint(path)}")
     if root is not None:
         for file in [path] if path.is_file() else [path / "config.json", path / "diffusion_pytorch_model.safetensors"]:
             inside_model(root, file, "VAE weights")

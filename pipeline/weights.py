@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 import struct
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ from .dit import WanDiT, WanDiTConfig
 
 __all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
            "WeightsError", "model_root", "inside_model", "read_header", "check_blocks", "file_fingerprint",
-           "MAX_DIT_LAYERS"]
+           "MAX_DIT_LAYERS", "user_path", "download_hint", "WAN_REPOS"]
 
 MAX_DIT_LAYERS = 256  # Wan2.1 has 30 (1.3B) or 40 (14B): a header naming block 4999 must not build 5000 on meta
 FINGERPRINT_BYTES = 1 << 20  # tensor data hashed per weight file when ranks compare what they loaded
@@ -50,6 +51,30 @@ _DIFFUSERS_TO_ORIGINAL = [
 
 class WeightsError(ValueError):
     """Weights that do not fit: missing or unknown files, keys or shapes."""
+
+
+def user_path(path) -> Path:
+    """Path(path) with a leading ~ (or ~user) expanded: every loader that takes a model path takes '~/Wan2.1-...'.
+    A config keeps model.path as written; each node expands it where it reads the weights."""
+    return Path(path).expanduser()
+
+
+WAN_REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B", "14B": "Wan-AI/Wan2.1-T2V-14B"}
+"""The Hugging Face repositories of the supported text-to-video models (the -Diffusers variants load too)."""
+
+
+def download_hint(path) -> str:
+    """How to put the weights at `path`: the `hf download` command for the Wan2.1 size the folder's name says
+    (1.3B or 14B; the 1.3B one, naming the 14B repo as the alternative, when it says neither), of the -Diffusers
+    repo when the name says so."""
+    path = user_path(path)
+    name = path.name.lower()
+    sizes = [size for size, tag in (("14B", r"14b"), ("1.3B", r"1[._-]?3b")) if re.search(tag, name)]
+    suffix = "-Diffusers" if "diffusers" in name else ""
+    size = sizes[0] if len(sizes) == 1 else "1.3B"
+    other = "" if len(sizes) == 1 else f"or {WAN_REPOS['14B']}{suffix}; "
+    return (f"download the weights with `hf download {WAN_REPOS[size]}{suffix} --local-dir {shlex.quote(str(path))}` "
+            f"({other}hf comes with `pip install huggingface_hub`), or set model.path to a folder that has them")
 
 
 def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str) -> None:
@@ -134,7 +159,7 @@ def model_root(folder: Path) -> Path:
     """The folder every weight, config and tokenizer file of a model must resolve inside: `folder` itself, or, for
     a Hugging Face hub cache snapshot (.../models--org--name/snapshots/<rev>/...), its cache entry, since a
     snapshot's files are links into the entry's blobs/."""
-    root = Path(folder).resolve()
+    root = user_path(folder).resolve()
     for parent in (root, *root.parents):
         if parent.parent.name == "snapshots" and parent.parent.parent.name.startswith("models--"):
             return parent.parent.parent
@@ -155,7 +180,7 @@ def inside_model(root: Path, path: Path, what: str) -> Path:
 
 def _dit_folder(path: Path) -> Path:
     if not path.exists():
-        raise WeightsError(f"weights folder {path} does not exist")
+        raise WeightsError(f"weights folder {path} does not exist: {download_hint(path)}")
     if not path.is_dir():
         raise WeightsError(f"{path} is not a folder; pass the folder that holds config.json and the weights")
     if (path / "transformer" / "config.json").is_file():
@@ -164,7 +189,7 @@ def _dit_folder(path: Path) -> Path:
         return path
     raise WeightsError(
         f"{path} holds no DiT: expected config.json (a diffusers model or original Wan2.1 folder) "
-        f"or transformer/config.json (a diffusers pipeline folder)"
+        f"or transformer/config.json (a diffusers pipeline folder); {download_hint(path)}"
     )
 
 
@@ -276,7 +301,7 @@ def read_dit_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> WanDiTConf
 def read_dit_headers(path) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, str]], dict[str, tuple[int, ...]]]:
     """(DiT folder, its config, our name -> (file, key in file), our name -> shape) from config.json and the
     safetensors headers only: no tensor is read."""
-    folder = _dit_folder(Path(path))
+    folder = _dit_folder(user_path(path))
     try:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
