@@ -310,7 +310,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
     from pipeline.request import GenerateRequest
 
     from .driver import Job
-    from .manifest import check_manifest
+    from .manifest import check_manifest, read_records, request_changes
     from .prompts import output_path, read_prompt_file
     from .submit import check_job_output
     from .validate import check_config, check_request_cache
@@ -327,7 +327,10 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
     except ValueError as e:
         raise InputError(f"config: {e}") from None
     specs = read_prompt_file(prompts_file, config.limits)
-    jobs, skipped = [], 0
+    manifest = output_dir / "manifest.jsonl"
+    check_manifest(manifest, inside=output_dir)
+    records = read_records(manifest) if resume else {}  # what made each finished video: redo what changed
+    jobs, skipped, unknown, redone, changes_seen = [], 0, 0, 0, {}
     for i, spec in enumerate(specs):  # every line is checked before anything runs
         path = output_path(output_dir, i, len(specs), spec)
         try:
@@ -338,16 +341,28 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
         except ValueError as e:
             raise InputError(f"{prompts_file}:{spec.line}: {e}") from None
         if resume and _complete(path):
-            skipped += 1
-            continue
+            seed_drawn = spec.seed is None and seed is None and config.sampling.seed is None
+            changes = request_changes(records.get(path.name, {}), request, config, seed_drawn=seed_drawn)
+            if changes is None or not changes:
+                skipped += 1
+                unknown += changes is None
+                continue
+            redone += 1
+            changes_seen.update(dict.fromkeys(changes))  # in order, each once
         jobs.append(Job(i, request, path, name=spec.name or spec.prompt))
     if skipped:
         click.echo(f"odyssey: {skipped} of {len(specs)} outputs already complete in {_printable(output_dir)}, skipped",
                    err=True)
+    if unknown:  # a video with no record (a deleted manifest, a file put there): its settings cannot be compared
+        click.echo(f"odyssey: {unknown} of them have no record in {_printable(manifest)}, so they were kept without "
+                   f"comparing their settings (--no-resume regenerates every output)", err=True)
+    if redone:
+        shown = list(changes_seen)[:4]
+        more = f", and {len(changes_seen) - len(shown)} more" if len(changes_seen) > len(shown) else ""
+        click.echo(f"odyssey: {redone} of {len(specs)} outputs in {_printable(output_dir)} were made with other "
+                   f"settings ({'; '.join(shown)}{more}), regenerating them", err=True)
     if not jobs:
         return
-    manifest = output_dir / "manifest.jsonl"
-    check_manifest(manifest, inside=output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(output_dir)  # killed runs' only: another batch may be writing into this folder too
     _run(config, jobs, address, manifest, progress)
@@ -365,17 +380,27 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
               help="Folder uploaded as the job's working directory (e.g. with your prompt files).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
               help="Ray auth token file (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
+@click.option("--pip", "pip", multiple=True, metavar="SPEC",
+              help="A pip requirement Ray installs for the job on every node (repeatable), e.g. a wheel or "
+                   "git+https:// URL of Odyssey when the nodes do not have it.")
+@click.option("--runtime-env", "runtime_env_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Ray runtime_env for the job, YAML or JSON (working_dir, pip, env_vars, ...); --working-dir and "
+                   "--pip add to it.")
 @click.option("--no-wait", is_flag=True, help="Print the job id and return instead of streaming its logs.")
 @click.argument("odyssey_args", nargs=-1, type=click.UNPROCESSED)
-def submit(address, working_dir, token_file, no_wait, odyssey_args):
+def submit(address, working_dir, token_file, pip, runtime_env_file, no_wait, odyssey_args):
     """Run `odyssey ODYSSEY_ARGS...` on a Ray cluster as a Ray Job: odyssey submit -- batch prompts.txt"""
     if not odyssey_args:
         raise InputError("nothing to submit: odyssey submit [OPTIONS] -- generate 'a prompt' ...")
-    from .submit import enable_token_auth, submit_job
+    from .submit import enable_token_auth, job_runtime_env, submit_job
 
-    enable_token_auth(token_file)
+    enable_token_auth(token_file)  # before Ray is imported
+    try:
+        runtime_env = job_runtime_env(working_dir, pip, runtime_env_file)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    code = submit_job(address, list(odyssey_args), working_dir, wait=not no_wait)
+    code = submit_job(address, list(odyssey_args), runtime_env, wait=not no_wait)
     if code:
         sys.exit(code)
 

@@ -13,15 +13,14 @@ import os
 import stat
 from pathlib import Path
 
-from .prompts import UNPRINTABLE
+from .prompts import UNPRINTABLE, printable
 
-__all__ = ["ManifestError", "append_manifest_line", "check_manifest", "manifest_line"]
+__all__ = ["ManifestError", "append_manifest_line", "check_manifest", "manifest_line", "read_records",
+           "request_changes"]
 
 
 class ManifestError(ValueError):
     """A manifest path that must not be written: a link, not a regular file, outside its folder."""
-
-
 
 
 def manifest_line(record: dict) -> str:
@@ -77,3 +76,76 @@ def append_manifest_line(path: Path, record: dict) -> None:
             written += os.write(fd, data[written:])
     finally:
         os.close(fd)
+
+
+# What a finished video was made from, as its manifest record holds it: the request's fields (the driver records
+# dataclasses.asdict of the resolved GenerateRequest) and the settings outside the request that change the pixels.
+# Not the layout (ulysses, ring, cfg, replicas, sharding: the same video up to rounding) nor runtime settings.
+REQUEST_FIELDS = ("negative_prompt", "height", "width", "frames", "fps", "steps", "guidance_scale", "shift", "sampler",
+                  "cache", "cache_threshold")
+CONFIG_FIELDS = (("model", "path"), ("model", "dtype"), ("parallel", "fp8_comm"))
+
+
+def read_records(path: Path) -> dict[str, dict]:
+    """{output file name: what its latest record says it was made from} (see request_changes) from the manifest at
+    `path`; {} when there is none. Read like it is written: never through a link, never blocking on a FIFO. Lines
+    that are not JSON objects (one cut short by a full disk) say nothing."""
+    path = Path(path)
+    check_manifest(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ManifestError(f"cannot read the manifest {path}: {e.strerror or e}") from None
+    records = {}
+    with os.fdopen(fd, "rb") as f:
+        _check_stat(path, os.fstat(f.fileno()))
+        for raw in f:
+            try:
+                record = json.loads(raw)
+                name = Path(record["output"]).name
+            except (ValueError, KeyError, TypeError):
+                continue
+            request, config = record.get("request"), record.get("config")
+            if not isinstance(request, dict) or not isinstance(config, dict):
+                records[name] = {}  # a record that cannot say what made the video
+                continue
+            made = {"prompt": record.get("prompt"), "seed": request.get("seed")}
+            made.update({k: request.get(k) for k in REQUEST_FIELDS if k in request})
+            for section, key in CONFIG_FIELDS:
+                if isinstance(config.get(section), dict) and key in config[section]:
+                    made[f"{section}.{key}"] = config[section][key]
+            records[name] = made
+    return records
+
+
+def _same_path(a, b) -> bool:
+    norm = (lambda p: p if p is None else os.path.realpath(os.path.expanduser(str(p))))
+    return norm(a) == norm(b)
+
+
+def request_changes(made: dict, request, config, *, seed_drawn: bool = False) -> list[str] | None:
+    """What differs between a finished video's record (read_records) and `request` (resolved) under `config`, one
+    short phrase each ('steps 20 -> 30', 'prompt'); [] when nothing does; None when the record cannot say (no
+    record, or one without the request). seed_drawn: the new request's seed was drawn at random, so the recorded
+    one (drawn too, or chosen) stands."""
+    wanted = {"prompt": request.prompt, **{k: getattr(request, k) for k in REQUEST_FIELDS}}
+    if not seed_drawn:
+        wanted["seed"] = request.seed
+    for section, key in CONFIG_FIELDS:
+        wanted[f"{section}.{key}"] = getattr(getattr(config, section), key)
+    if not made or any(k not in made for k in wanted):
+        return None
+    changes = []
+    for key, value in wanted.items():
+        was = made[key]
+        if key == "model.path" and _same_path(was, value):
+            continue
+        if was == value and isinstance(was, bool) == isinstance(value, bool):  # JSON's 5 is 5.0; true is not 1
+            continue
+        if key == "prompt" or key == "negative_prompt":
+            changes.append(key)  # can be 10,000 characters
+        else:
+            changes.append(f"{key} {printable(json.dumps(was), 200)} -> {printable(json.dumps(value), 200)}")
+    return changes

@@ -20,8 +20,8 @@ import yaml
 
 from .prompts import printable
 
-__all__ = ["submit_job", "enable_token_auth", "check_job_output", "in_ray_job", "validate_cluster_yaml",
-           "check_file_mounts", "node_command", "pin_ssm_images", "repo_root", "prepare_cluster_yaml",
+__all__ = ["submit_job", "job_runtime_env", "not_found_hint", "enable_token_auth", "check_job_output", "in_ray_job",
+           "validate_cluster_yaml", "check_file_mounts", "node_command", "pin_ssm_images", "repo_root", "prepare_cluster_yaml",
            "cluster_command"]
 
 # gitignore-style patterns (Ray's working_dir excludes): a bare name matches that file or folder at any depth.
@@ -62,12 +62,101 @@ def check_job_output(path: Path, option: str = "-o") -> None:
                          f"job working directory, which Ray deletes")
 
 
-def submit_job(address: str, odyssey_args: list[str], working_dir: str | None, wait: bool) -> int:
-    """Submit `odyssey ODYSSEY_ARGS` as a Ray Job. Returns the exit code to use: 0 if the job succeeded."""
+# Ray's own runtime_env fields (ray.runtime_env.RuntimeEnv.known_fields, less the private ones): anything else in a
+# --runtime-env file is a typo Ray would silently ignore.
+RUNTIME_ENV_FIELDS = ("working_dir", "py_modules", "py_executable", "excludes", "pip", "uv", "conda", "env_vars",
+                      "container", "image_uri", "java_jars", "worker_process_setup_hook", "config")
+_PACKAGE_FIELDS = ("pip", "uv", "conda")  # Ray takes one of them
+
+# What a job's log says when a node cannot run Odyssey: the shell found no `odyssey` (dash, bash), or a Python
+# without Odyssey's packages (a worker node whose environment lacks them).
+_NOT_FOUND = re.compile(r"odyssey: (?:command )?not found|No module named '(?:cluster|actors|pipeline|configs|"
+                        r"attention)'")
+_NOT_FOUND_EXIT = 127  # POSIX shells: command not found; odyssey itself never exits 127
+
+
+def job_runtime_env(working_dir: str | None = None, pip: tuple[str, ...] | list[str] = (),
+                    runtime_env_file: str | Path | None = None) -> dict | None:
+    """The runtime_env of `odyssey submit`: FILE's (Ray's runtime_env as YAML or JSON) with --working-dir (uploaded
+    without EXCLUDES) and --pip packages added. ValueError, one line, for a file that cannot be read, an unknown
+    field, or options that say the same thing twice (a working dir in both places, --pip beside conda or uv)."""
+    from configs import ConfigError, read_yaml
+
+    env: dict = {}
+    if runtime_env_file is not None:
+        try:
+            data = read_yaml(runtime_env_file)  # bounded, UTF-8, no YAML aliases; JSON is YAML
+        except ConfigError as e:
+            raise ValueError(f"--runtime-env: {e}".replace("config file", "file")) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--runtime-env {runtime_env_file}: expected a mapping of Ray runtime_env fields "
+                             f"(working_dir, pip, env_vars, ...), got {type(data).__name__}")
+        for key in data:
+            if key not in RUNTIME_ENV_FIELDS:
+                raise ValueError(f"--runtime-env {runtime_env_file}: unknown runtime_env field {str(key)!r} "
+                                 f"(Ray's fields: {', '.join(RUNTIME_ENV_FIELDS)})")
+        env = copy.deepcopy(data)
+    if working_dir is not None:
+        if "working_dir" in env:
+            raise ValueError(f"the working dir is given twice: --working-dir {working_dir} and working_dir in "
+                             f"--runtime-env {runtime_env_file}; keep one")
+        env["working_dir"] = working_dir
+    if "working_dir" in env and "://" not in str(env["working_dir"]):  # a local folder Ray zips and uploads
+        excludes = env.get("excludes") or []
+        if not isinstance(excludes, list):
+            raise ValueError(f"--runtime-env {runtime_env_file}: excludes must be a list of patterns")
+        # a wheel the job installs from its own working dir (pip: ${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/x.whl) goes up
+        ships_wheel = any("RAY_RUNTIME_ENV_CREATE_WORKING_DIR" in str(p) for p in _pip_specs(env.get("pip"), pip))
+        ours = [e for e in EXCLUDES if e not in excludes and not (ships_wheel and e == "*.whl")]
+        env["excludes"] = [*excludes, *ours]
+    if pip:
+        other = [f for f in ("uv", "conda") if f in env]
+        if other:
+            raise ValueError(f"--pip cannot be combined with {other[0]} in --runtime-env {runtime_env_file} (Ray "
+                             f"installs packages with one of pip, uv, conda): list the packages there")
+        have = env.get("pip")
+        if have is None:
+            env["pip"] = list(pip)
+        elif isinstance(have, list):
+            env["pip"] = [*have, *pip]
+        elif isinstance(have, dict) and isinstance(have.get("packages", []), list):
+            env["pip"] = {**have, "packages": [*have.get("packages", []), *pip]}
+        else:  # a requirements file's path
+            raise ValueError(f"--pip cannot be added to pip: {have!r} (a requirements file) in --runtime-env "
+                             f"{runtime_env_file}: add the packages to that file, or list them all with --pip")
+    if not env:
+        return None
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**env)  # Ray's own checks (types, pip beside conda, ...) here, not in the job
+    except (TypeError, ValueError) as e:
+        where = f"--runtime-env {runtime_env_file}" if runtime_env_file else "runtime_env"
+        raise ValueError(f"{where}: {printable(str(e).strip().splitlines()[0], 500)}") from None
+    return env
+
+
+def _pip_specs(have, added) -> list:
+    """Every package spec of a runtime_env's pip field (list, or dict with packages) and --pip's."""
+    if isinstance(have, dict):
+        have = have.get("packages")
+    return [*(have if isinstance(have, list) else []), *added]
+
+
+def not_found_hint(job_id: str) -> str:
+    """One line: what to do when the cluster's nodes cannot run Odyssey."""
+    return (f"odyssey: job {job_id} failed: the cluster cannot run Odyssey (`odyssey` or its packages not found "
+            f"where Ray runs the job): install it on every node, in the environment `ray start` runs from (the "
+            f"YAMLs of cluster/launch/ do), or ship it with the job: odyssey submit --pip SPEC (a wheel URL or "
+            f"git+https:// URL of Odyssey the nodes can reach) or --runtime-env FILE")
+
+
+def submit_job(address: str, odyssey_args: list[str], runtime_env: dict | None, wait: bool) -> int:
+    """Submit `odyssey ODYSSEY_ARGS` as a Ray Job with runtime_env (job_runtime_env). Returns the exit code to use:
+    0 if the job succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES} if working_dir else None
     entrypoint = shlex.join(["odyssey", *odyssey_args])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     print(f"submitted {job_id}: {entrypoint}", file=sys.stderr)
@@ -75,10 +164,15 @@ def submit_job(address: str, odyssey_args: list[str], working_dir: str | None, w
         print(job_id)
         return 0
 
+    seen = {"not_found": False, "tail": ""}
+
     async def tail():
         async for lines in client.tail_job_logs(job_id):
             sys.stdout.write(lines)
             sys.stdout.flush()
+            text = seen["tail"] + lines  # a match may straddle two chunks
+            seen["not_found"] = seen["not_found"] or bool(_NOT_FOUND.search(text))
+            seen["tail"] = text[-200:]
 
     try:
         asyncio.run(tail())
@@ -91,7 +185,12 @@ def submit_job(address: str, odyssey_args: list[str], working_dir: str | None, w
         return 0
     info = client.get_job_info(job_id)
     code = getattr(info, "driver_exit_code", None)
-    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256:
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = None
+    if code == _NOT_FOUND_EXIT or (seen["not_found"] and status == JobStatus.FAILED):
+        print(not_found_hint(job_id), file=sys.stderr)
+        return code if code and 0 < code < 256 else 1
+    if code is not None and 0 < code < 256:
         # The command ran and said why above (its logs were streamed): pass its exit code on (2: input error).
         print(f"odyssey: job {job_id} {status.value.lower()}: odyssey exited with {code}", file=sys.stderr)
         return code

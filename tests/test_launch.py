@@ -273,6 +273,38 @@ def test_local_yaml_head_runs_submitted_jobs_and_keeps_outputs_absolute(local_he
     assert not list(jobs.rglob("*.mp4"))
 
 
+def test_nodes_without_odyssey_get_one_line_saying_what_to_do(local_head, tmp_path):
+    """A node whose job environment has no `odyssey` (here: the job's PATH, set through --runtime-env's env_vars,
+    leaves out the venv the head runs from): the shell's 127 becomes one line naming the fixes, the exit non-zero."""
+    env_file = tmp_path / "no-odyssey.yaml"
+    env_file.write_text(yaml.safe_dump({"env_vars": {"PATH": "/usr/bin:/bin"}}))
+    assert not any(Path(d, "odyssey").exists() for d in ("/usr/bin", "/bin"))
+    result = odyssey("submit", "--address", local_head.address, "--runtime-env", env_file, "--", "config", "presets",
+                     home=local_head.laptop, timeout=240)
+    assert result.returncode == 127, result.stderr + result.stdout
+    assert "odyssey: not found" in result.stdout  # the job's own log, streamed
+    hints = [line for line in result.stderr.splitlines() if "cannot run Odyssey" in line]
+    assert len(hints) == 1 and "install it on every node" in hints[0], result.stderr
+    assert "--pip" in hints[0] and "--runtime-env" in hints[0]
+    assert "exited with" not in result.stderr  # the hint replaces the generic line
+
+
+def test_runtime_env_file_reaches_the_job(local_head, tmp_path):
+    """--runtime-env FILE (JSON here) is the job's runtime_env: its env_vars are in the job's environment (a
+    sitecustomize on the PYTHONPATH it sets prints the other variable from inside the job's Python)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        "import os, sys\nprint('probe saw', os.environ.get('ODYSSEY_PROBE'), file=sys.stderr)\n")
+    marker = os.urandom(8).hex()
+    env_file = tmp_path / "env.json"
+    env_file.write_text(json.dumps({"env_vars": {"PYTHONPATH": str(probe), "ODYSSEY_PROBE": marker}}))
+    result = odyssey("submit", "--address", local_head.address, "--runtime-env", env_file, "--", "config", "presets",
+                     home=local_head.laptop, timeout=240)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert f"probe saw {marker}" in result.stdout and "tiny" in result.stdout
+
+
 def test_jobs_api_refuses_callers_without_the_token(local_head, tmp_path):
     assert _http_status(f"{local_head.address}/api/version") == 401
     assert _http_status(f"{local_head.address}/api/version", "0" * 64) in (401, 403)
