@@ -143,10 +143,12 @@ def test_presets_that_name_each_other_in_a_loop_are_refused(tmp_path, monkeypatc
     (tmp_path / "a.yaml").write_text("preset: b\n")
     (tmp_path / "b.yaml").write_text("preset: a\n")
     (tmp_path / "c.yaml").write_text("preset: tiny\nvideo:\n  fps: 12\n")
+    (tmp_path / "d.yaml").write_text("video:\n  frames: 5\n")  # a preset too starts from the default one
     monkeypatch.setattr(configs.presets, "PRESETS_DIR", tmp_path)
     with pytest.raises(ConfigError, match=r"^presets name each other in a loop: a -> b -> a$"):
         load_config("a")
     assert load_config("c").video.fps == 12 and load_config("tiny").video.fps == 8
+    assert (load_config("d").video.fps, load_config("d").video.frames) == (8, 5)
 
 
 @pytest.mark.parametrize("name", list_presets())
@@ -308,7 +310,7 @@ def test_loaders_expand_home(wan_home, monkeypatch):
 def test_config_and_cli_expand_home(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "my.yaml").write_text("sampling:\n  steps: 6\n")
-    assert load_config("~/my.yaml").sampling.steps == 6
+    assert load_config("~/my.yaml").sampling.steps == 6 and read_yaml("~/my.yaml") == {"sampling": {"steps": 6}}
     code, out, _ = odyssey_main(capsys, "config", "show", "--config", "~/my.yaml")
     assert code == 0 and out.splitlines()[0].endswith(f"then {tmp_path / 'my.yaml'}")
     # path options and arguments: the shell leaves ~ alone in --output=~/... and in quotes
