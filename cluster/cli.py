@@ -107,6 +107,9 @@ def _run_options(fn):
     @click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster in-process).")
     @click.option("--progress", type=click.Choice(["auto", "bars", "lines", "none"]), default="auto", show_default=True,
                   help="Progress bars on a terminal, plain lines in logs.")
+    @click.option("--strict-vocab", is_flag=True,
+                  help="With the embedded model: refuse (exit 2) a prompt with words it does not know instead of "
+                       "warning.")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -154,6 +157,19 @@ def resolve_config(config_source, overrides, *, ulysses=None, ring=None, cfg_par
         return config
     except ValueError as e:
         raise InputError(f"config: {e}") from None
+
+
+def _embedded_model_notes(items, config, strict_vocab: bool) -> None:
+    """The embedded model's warnings (unknown words, sizes and lengths it was not trained on), one line each,
+    before Ray starts; with --strict-vocab unknown words are an input error. Nothing for a Wan model."""
+    from .validate import embedded_model_notes
+
+    try:
+        notes = embedded_model_notes(items, config, strict_vocab=strict_vocab)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    for note in notes:
+        click.echo(f"odyssey: warning: {_printable(note)}", err=True)
 
 
 def _run(config, jobs, address, manifest, progress, on_event=None):
@@ -255,7 +271,7 @@ class PreviewFile:
                    "sampling.preview_every steps; 5 when that is 0).")
 @_run_options
 def generate(prompt, output, manifest, preview, config_source, overrides, cache, seed, negative_prompt, ulysses,
-             ring, shard_weights, cfg_parallel, replicas, address, progress):
+             ring, shard_weights, cfg_parallel, replicas, address, progress, strict_vocab):
     """Generate one video from PROMPT."""
     from pipeline.request import GenerateRequest
 
@@ -263,7 +279,7 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
     from .manifest import check_manifest
     from .prompts import slugify
     from .submit import check_job_output
-    from .validate import check_request_cache
+    from .validate import check_request_cache, check_request_size
 
     check_job_output(output or Path("outputs"), "-o")  # a Ray Job's relative paths land in Ray's cache
     if manifest is not None:
@@ -288,10 +304,12 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
     try:
         request = GenerateRequest(prompt, seed=seed).resolve(config)
         check_request_cache(request, config)  # the model's DiT read here: refused before Ray starts
+        check_request_size(request, config)
         if manifest is not None:
             check_manifest(manifest)  # the user chose the path; still never through a link
     except ValueError as e:
         raise InputError(str(e)) from None
+    _embedded_model_notes([("the prompt", request)], config, strict_vocab)
     _run(config, [Job(0, request, output, name=prompt)], address, manifest, progress,
          on_event=PreviewFile(preview) if preview is not None else None)
 
@@ -304,7 +322,7 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
               help="Skip prompts whose output is already complete.")
 @_run_options
 def batch(prompts_file, output_dir, resume, config_source, overrides, cache, seed, negative_prompt, ulysses,
-          ring, shard_weights, cfg_parallel, replicas, address, progress):
+          ring, shard_weights, cfg_parallel, replicas, address, progress, strict_vocab):
     """Generate a video per prompt of PROMPTS_FILE (.txt: a prompt per line; .jsonl: objects with 'prompt' and
     optional name, seed, negative_prompt and sampling/video settings)."""
     from pipeline.request import GenerateRequest
@@ -313,7 +331,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
     from .manifest import check_manifest, read_records, request_changes
     from .prompts import output_path, read_prompt_file
     from .submit import check_job_output
-    from .validate import check_config, check_request_cache
+    from .validate import check_config, check_request_cache, check_request_size
     from .video import clean_stale_partials
 
     check_job_output(output_dir, "-o")  # a Ray Job's relative paths land in Ray's cache
@@ -338,6 +356,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
                                       (seed + i if seed is not None else None),
                                       negative_prompt=spec.negative_prompt, **spec.overrides).resolve(config)
             check_request_cache(request, config)
+            check_request_size(request, config)
         except ValueError as e:
             raise InputError(f"{prompts_file}:{spec.line}: {e}") from None
         if resume and _complete(path):
@@ -350,6 +369,8 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
             redone += 1
             changes_seen.update(dict.fromkeys(changes))  # in order, each once
         jobs.append(Job(i, request, path, name=spec.name or spec.prompt))
+    _embedded_model_notes([(f"{prompts_file}:{specs[job.index].line}", job.request) for job in jobs], config,
+                          strict_vocab)
     if skipped:
         click.echo(f"odyssey: {skipped} of {len(specs)} outputs already complete in {_printable(output_dir)}, skipped",
                    err=True)
