@@ -8,6 +8,11 @@ A step cache the model cannot use (teacache on a DiT TeaCache has no coefficient
 DiT config read on the driver (config.json and safetensors headers, never a weight): the ranks would refuse it
 anyway, but only after the cluster had placed and loaded every replica.
 
+The embedded model (model.path null) draws only what it was trained on: a frame size it cannot draw is refused
+here; words it does not know and lengths or sizes it draws less reliably are one warning line each (the CLI
+prints them before Ray starts, or refuses unknown words with --strict-vocab; a Driver fed by other code logs them).
+Real Wan models are never checked for either.
+
 Sharded weights (parallel.shard_weights, model.shard_text_encoder) on a torch without FSDP2's pieces are refused
 here too, on the driver, before any actor starts, for the driver's torch. Ray does not make the workers' torch the
 same as the driver's (each node has its own environment unless a runtime_env pins one): each worker's Runner checks
@@ -17,6 +22,8 @@ its own torch again before loading and refuses with the same message, naming its
 from __future__ import annotations
 
 import functools
+import logging
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +35,9 @@ from pipeline.step_cache import check_cache
 from .manifest import check_manifest
 
 __all__ = ["check_batch", "check_config", "check_config_cache", "check_config_sharding", "check_request_cache",
-           "model_dit_config"]
+           "check_request_size", "embedded_model_notes", "model_dit_config"]
+
+log = logging.getLogger(__name__)
 
 
 def check_batch(jobs: Sequence, config: OdysseyConfig, manifest: Path | None) -> None:
@@ -38,10 +47,14 @@ def check_batch(jobs: Sequence, config: OdysseyConfig, manifest: Path | None) ->
         try:
             job.request.validate(config)
             check_request_cache(job.request, config)
+            check_request_size(job.request, config)
         except ValueError as e:
             raise ValueError(f"prompt {job.index}: {e}") from None
     if manifest is not None:
         check_manifest(manifest)
+    for note in embedded_model_notes([(f"prompt {job.index}", job.request) for job in jobs
+                                      if job.request not in _noted], config):
+        log.warning("%s", note)
 
 
 def model_dit_config(config: OdysseyConfig) -> WanDiTConfig | None:
@@ -106,3 +119,86 @@ def check_request_cache(request, config: OdysseyConfig) -> None:
     """ValueError (one line) when a resolved request's step cache cannot run on the configured model."""
     if request.cache not in (None, "off"):
         check_cache(request.cache, request.cache_threshold, request.steps, model_dit_config(config))
+
+
+# -- the embedded model ---------------------------------------------------------------------------------------------
+
+# Requests already warned about in this process (the CLI warns before Ray starts; the Driver's check_batch then
+# sees the same request objects and stays quiet). Weak: forgotten with the request.
+_noted: "weakref.WeakSet" = weakref.WeakSet()
+_LISTED = 12  # unknown words named in a warning; more are counted
+
+
+def check_request_size(request, config: OdysseyConfig) -> None:
+    """ValueError (one line) when the embedded model is asked for a frame size it does not draw one object at."""
+    from pipeline.tiny import SIDES, TRAINED_SIZE
+
+    if config.model.path is not None or (request.height in SIDES and request.width in SIDES):
+        return
+    side = TRAINED_SIZE
+    raise ValueError(f"the embedded model draws {side}x{side} (what it was trained on), or less reliably "
+                     f"{', '.join(f'{h}x{w}' for h in SIDES for w in SIDES if (h, w) != (side, side))}, not "
+                     f"{request.height}x{request.width} (it draws a grid of copies at 64 pixels a side and more, a "
+                     f"smudge at 16): ask for height {side} and width {side}, or use a Wan model "
+                     f"(--config wan2.1-t2v-1.3b)")
+
+
+def embedded_model_notes(items: Sequence[tuple[str, object]], config: OdysseyConfig, *,
+                         strict_vocab: bool = False) -> list[str]:
+    """The warnings (one line each) about the embedded model's requests: words it does not know (in the prompt or
+    the negative prompt), and sizes or lengths it draws but was not trained on. items: (where, resolved request),
+    `where` naming the request in a batch ("prompts.txt:3"). With strict_vocab unknown words are a ValueError
+    instead (one line). Nothing for a Wan model."""
+    if config.model.path is None:
+        notes = [note for note in (_vocabulary_note(items, strict_vocab), _training_note(items)) if note]
+    else:
+        notes = []
+    for _, request in items:
+        _noted.add(request)
+    return notes
+
+
+def _where(found: list[str], items) -> str:
+    return "" if len(items) == 1 else f" (in {len(found)} of {len(items)} prompts, first {found[0]})"
+
+
+def _vocabulary_note(items, strict: bool) -> str | None:
+    from pipeline.tiny import describe_vocabulary, unknown_words
+
+    unknown, found = {}, []
+    for where, request in items:
+        words = unknown_words(f"{request.prompt} {request.negative_prompt or ''}")
+        if words:
+            found.append(where)
+            unknown.update(dict.fromkeys(words))
+    if not unknown:
+        return None
+    named = ", ".join(repr(w[:40]) for w in list(unknown)[:_LISTED])
+    if len(unknown) > _LISTED:
+        named += f" and {len(unknown) - _LISTED} more"
+    plural = "s" if len(unknown) > 1 else ""
+    text = (f"the embedded model does not know the word{plural} {named}{_where(found, items)}, so it cannot draw "
+            f"what they say; it knows {describe_vocabulary()}")
+    if strict:
+        raise ValueError(f"--strict-vocab: {text}")
+    return f"{text} (--strict-vocab refuses such prompts)"
+
+
+def _training_note(items) -> str | None:
+    from pipeline.tiny import TRAINED_FRAMES, TRAINED_SIZE
+
+    sizes, lengths, found = {}, {}, []
+    for where, request in items:
+        off_size = (request.height, request.width) != (TRAINED_SIZE, TRAINED_SIZE)
+        if off_size:
+            sizes[f"{request.height}x{request.width}"] = None
+        if request.frames > TRAINED_FRAMES:
+            lengths[request.frames] = None
+        if off_size or request.frames > TRAINED_FRAMES:
+            found.append(where)
+    if not found:
+        return None
+    asked = " and ".join(part for part in (", ".join(sizes),
+                                          ", ".join(map(str, sorted(lengths))) + " frames" if lengths else "") if part)
+    return (f"the embedded model was trained on {TRAINED_SIZE}x{TRAINED_SIZE} clips of {TRAINED_FRAMES} frames; at "
+            f"{asked}{_where(found, items)} its motion is unreliable (the object stalls, turns back or wraps around)")

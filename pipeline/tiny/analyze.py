@@ -1,10 +1,14 @@
 """Reads a video of the embedded model's world and says what moved: dominant color, shape, direction.
 
     python -m pipeline.tiny.analyze video.mp4 [...]
+
+Prints one line per video; a missing or unreadable file is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -66,15 +70,58 @@ def analyze_frames(frames: np.ndarray) -> Verdict:
 
 
 def analyze_file(path: str) -> Verdict:
+    """The Verdict of a video file; ValueError (one line) when it is missing or not a video ffmpeg can read."""
     import imageio_ffmpeg
 
-    reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
-    w, h = next(reader)["size"]
-    return analyze_frames(np.stack([np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader]))
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not a video")
+    # absolute: ffmpeg would read '-' as stdin and 'name:...' as a protocol
+    reader = imageio_ffmpeg.read_frames(os.path.abspath(path), pix_fmt="rgb24")
+    try:
+        w, h = next(reader)["size"]
+        frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader]
+    except (OSError, RuntimeError, StopIteration) as e:
+        # ffmpeg's whole banner and log come with the error: its last line says what was wrong
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"{path}: not a video ffmpeg can read ({lines[-1] if lines else type(e).__name__})") from None
+    finally:
+        reader.close()
+    if not frames:
+        raise ValueError(f"{path}: the video has no frames")
+    return analyze_frames(np.stack(frames))
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # a file name never forges a line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def main(argv=None) -> int:
+    parser = _Parser(prog="python -m pipeline.tiny.analyze",
+                     description="Say what moved in videos of the embedded model's world: the color and shape of the "
+                                 "object, its direction, its centroid's displacement (last third of the clip minus "
+                                 "the first) and how much of its bounding box it fills (circle ~0.79, square ~1).")
+    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="an MP4 (or any video ffmpeg reads)")
+    args = parser.parse_args(argv)
+    failed = 0
+    for path in args.videos:
+        try:
+            v = analyze_file(path)
+        except ValueError as e:
+            print(f"{parser.prog}: error: {_printable(str(e))}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{_printable(path)}: {v.color} {v.shape} moving {v.direction} (dx {v.displacement[0]:+.1f}, dy "
+              f"{v.displacement[1]:+.1f}, fill {v.fill:.2f})", flush=True)
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        v = analyze_file(p)
-        print(f"{p}: {v.color} {v.shape} moving {v.direction} (dx {v.displacement[0]:+.1f}, dy "
-              f"{v.displacement[1]:+.1f}, fill {v.fill:.2f})")
+    sys.exit(main())

@@ -14,6 +14,7 @@ COLORS = {"red": (225, 45, 40), "green": (45, 205, 70), "blue": (55, 90, 235), "
           "white": (238, 238, 238)}
 SHAPES = ("circle", "square")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) in image coordinates
+FRAMES, SIZE = 17, 32  # the clips the shipped weights were trained on: SIZE x SIZE pixels, FRAMES frames
 
 TEMPLATES = (
     "a {color} {shape} moving {direction}",
@@ -38,6 +39,12 @@ class ClipSpec:
         names = SYNONYMS[self.shape]
         return TEMPLATES[template % len(TEMPLATES)].format(color=self.color, shape=names[synonym % len(names)],
                                                            direction=self.direction)
+
+
+def split_words(text: str) -> list[str]:
+    """The words the tiny text encoder reads from text: lower-cased runs of letters (digits and punctuation
+    separate words and are dropped)."""
+    return "".join(c if c.isalpha() else " " for c in text.lower()).split()
 
 
 def vocabulary() -> list[str]:

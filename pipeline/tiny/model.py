@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..dit import WanDiTConfig
+from .data import split_words
 
 __all__ = ["TinySpec", "TinyTextEncoder", "ChunkEncoder", "ChunkDecoder", "TinyDecoder", "frames_to_chunks"]
 
@@ -72,8 +73,7 @@ class TinyTextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.full((len(prompts), self.text_len), self.PAD, dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            words = "".join(c if c.isalpha() else " " for c in prompt.lower()).split()
-            tokens = [self.vocab.get(w, self.UNK) for w in words][: self.text_len - 1] + [self.EOS]
+            tokens = [self.vocab.get(w, self.UNK) for w in split_words(prompt)][: self.text_len - 1] + [self.EOS]
             ids[i, : len(tokens)] = torch.tensor(tokens)
         return ids, ids != self.PAD
 

@@ -26,10 +26,8 @@ from ..runner import guided_velocity
 from ..samplers import make_sampler
 from . import WEIGHTS
 from .analyze import analyze_frames
-from .data import all_specs, sample_batch, vocabulary
+from .data import FRAMES, SIZE, all_specs, sample_batch, vocabulary
 from .model import ChunkDecoder, ChunkEncoder, TinyDecoder, TinySpec, TinyTextEncoder, frames_to_chunks
-
-FRAMES, SIZE = 17, 32
 
 
 def log(start: float, text: str) -> None:
