@@ -319,7 +319,8 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"),
               show_default=True, help="Folder for the MP4s and manifest.jsonl.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Skip prompts whose output is already complete.")
+              help="Skip prompts whose output is complete and was made with the same settings (its manifest.jsonl "
+                   "record); regenerate those made with other settings.")
 @_run_options
 def batch(prompts_file, output_dir, resume, config_source, overrides, cache, seed, negative_prompt, ulysses,
           ring, shard_weights, cfg_parallel, replicas, address, progress, strict_vocab):

@@ -428,6 +428,88 @@ def test_working_dir_excludes_mean_what_they_say(tmp_path):
     assert uploaded == set(keep)
 
 
+def test_runtime_env_options_add_up_and_refuse_contradictions(tmp_path):
+    from cluster.submit import EXCLUDES, job_runtime_env
+
+    assert job_runtime_env() is None
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("env_vars: {A: '1'}\npip: [numpy]\nexcludes: ['*.log']\n")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    assert job_runtime_env(str(jobs), ["odyssey @ git+https://example.org/odyssey"], env_file) == {
+        "env_vars": {"A": "1"}, "pip": ["numpy", "odyssey @ git+https://example.org/odyssey"],
+        "working_dir": str(jobs), "excludes": ["*.log", *EXCLUDES]}
+    env_file.write_text(json.dumps({"pip": {"packages": ["numpy"], "pip_check": False}}))
+    assert job_runtime_env(None, ["x==1"], env_file) == {"pip": {"packages": ["numpy", "x==1"], "pip_check": False}}
+    # a wheel the job installs from its own working dir must be uploaded with it
+    wheel = "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/odyssey-0.1.0-py3-none-any.whl"
+    assert "*.whl" not in job_runtime_env(str(jobs), [wheel])["excludes"]
+
+    refused = {
+        "env_var: {A: '1'}\n": "unknown runtime_env field 'env_var'",
+        f"working_dir: {jobs}\n": "the working dir is given twice",
+        "conda: {dependencies: [numpy]}\n": "--pip cannot be combined with conda",
+        "pip: requirements.txt\n": "(a requirements file)",
+        "env_vars: {A: 1}\n": "must be of type Dict[str, str]",
+        "- pip\n": "must be a mapping",
+        "a: &x 1\nb: *x\n": "aliases",
+    }
+    for text, message in refused.items():
+        env_file.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            job_runtime_env(str(jobs), ["x"], env_file)
+    result = odyssey("submit", "--runtime-env", env_file, "--", "config", "presets", home=tmp_path, timeout=120)
+    assert result.returncode == 2 and "submitted" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "aliases" in result.stderr, result.stderr
+
+
+class _FakeJobs:
+    """JobSubmissionClient's surface that submit_job uses, for outcomes a loopback head cannot stage cheaply."""
+
+    submitted: list = []
+
+    def __init__(self, address, logs="", code=None, status="FAILED"):
+        self.address, self.logs, self.code, self.status = address, logs, code, status
+
+    def submit_job(self, entrypoint, runtime_env):
+        self.submitted.append((entrypoint, runtime_env))
+        return "raysubmit_fake"
+
+    async def tail_job_logs(self, job_id):
+        for part in (self.logs[: len(self.logs) // 2], self.logs[len(self.logs) // 2:]):  # a line split in two
+            yield part
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        return JobStatus[self.status]
+
+    def get_job_info(self, job_id):
+        return type("Info", (), {"driver_exit_code": self.code, "message": "Job entrypoint command failed"})()
+
+
+@pytest.mark.parametrize("logs, code, hint", [
+    ("/bin/sh: 1: odyssey: not found\n", 127, True),
+    ("ModuleNotFoundError: No module named 'actors'\n", 1, True),  # a worker node without Odyssey
+    ("odyssey: error: the prompt is empty\n", 2, False),
+])
+def test_submit_says_what_to_do_when_nodes_lack_odyssey(monkeypatch, capsys, logs, code, hint):
+    import ray.job_submission
+
+    from cluster.cli import cli
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient",
+                        lambda address: _FakeJobs(address, logs=logs, code=code))
+    _FakeJobs.submitted.clear()
+    result = CliRunner().invoke(cli, ["submit", "--address", "http://127.0.0.1:1", "--pip", "a==1", "--pip", "b",
+                                      "--", "generate", "x"])
+    assert result.exit_code == code
+    assert _FakeJobs.submitted == [("odyssey generate x", {"pip": ["a==1", "b"]})]
+    lines = [line for line in result.stderr.splitlines() if "cannot run Odyssey" in line]
+    assert len(lines) == (1 if hint else 0), result.stderr
+    assert hint or f"odyssey exited with {code}" in result.stderr
+
+
 def test_cluster_up_without_the_token_is_a_usage_error(tmp_path):
     result = odyssey("cluster", "up", LAUNCH / "local.yaml", home=tmp_path, cwd=ROOT, timeout=120)
     assert result.returncode == 2, result.stderr

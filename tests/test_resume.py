@@ -53,6 +53,12 @@ def test_records_say_what_changed(tmp_path):
     assert request_changes(made, dataclasses.replace(request, seed=6), config, seed_drawn=True) == []
     other_model = load_config("tiny", [f"model.path={tmp_path}"])
     assert request_changes(made, request, other_model) == [f'model.path null -> "{tmp_path}"']
+    # the same folder by another name is the same model
+    (tmp_path / "wan").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "wan")
+    _record(manifest, request, load_config("tiny", [f"model.path={tmp_path / 'wan'}"]), tmp_path / "1-b.mp4")
+    by_link = load_config("tiny", [f"model.path={tmp_path / 'link'}"])
+    assert request_changes(read_records(manifest)["1-b.mp4"], request, by_link) == []
     # the layout is not what made the pixels
     assert request_changes(made, request, load_config("tiny", ["parallel.ulysses_degree=2"])) == []
 
@@ -62,7 +68,7 @@ def test_records_say_what_changed(tmp_path):
         f.write('{"output": "1-b.mp4", "prompt": "x"}\n{"output": "2-c.m')
     records = read_records(manifest)
     assert request_changes(records["0-a.mp4"], more_steps, config) == []
-    assert request_changes(records["1-b.mp4"], request, config) is None
+    assert request_changes(records["1-b.mp4"], request, by_link) is None
     assert request_changes(records.get("2-c.mp4", {}), request, config) is None
     assert read_records(tmp_path / "none.jsonl") == {}
 
