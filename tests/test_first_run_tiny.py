@@ -283,6 +283,24 @@ def test_analyze_usage_errors_are_one_line(tmp_path, capsys):
         assert "ffmpeg version" not in err and not out
 
 
+def test_analyze_refuses_files_without_video_frames(tmp_path, capsys, monkeypatch):
+    import imageio_ffmpeg
+
+    audio = tmp_path / "audio.mp4"  # a real MP4 with a sound track and no video stream
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc", "-t", "1",
+                    str(audio)], check=True, timeout=60)
+    code, out, err = analyze(audio, capsys=capsys)
+    assert code == 2 and err.startswith(f"python -m pipeline.tiny.analyze: error: {audio}: not a video ffmpeg can "
+                                        f"read (") and len(err.splitlines()) == 1, err
+
+    def no_frames(path, pix_fmt):  # a stream ffmpeg opens but that ends before its first frame
+        yield {"size": (32, 32)}
+
+    monkeypatch.setattr(imageio_ffmpeg, "read_frames", no_frames)
+    code, out, err = analyze(audio, capsys=capsys)
+    assert code == 2 and err == f"python -m pipeline.tiny.analyze: error: {audio}: the video has no frames\n", err
+
+
 def test_analyze_reads_videos_and_reports_the_bad_ones(tmp_path, capsys):
     from cluster.video import StreamingMP4
 
