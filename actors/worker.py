@@ -102,6 +102,21 @@ class SPWorker:
     def load_models(self) -> float:
         return self.runner.load_models()
 
+    def join(self, rank: int, world_size: int, host: str | None = None, port: int | None = None
+             ) -> tuple[WorkerInfo, float, float]:
+        """rendezvous + load_models in one call, every rank at once (each runs the same collectives in the same
+        order, as when the two are separate calls): one round trip fewer per replica start. A one-rank replica
+        passes no address: its rank opens its own store, so its whole start (info included) is this one call.
+        Returns (info(), seconds to join the group, seconds to load the models)."""
+        info = self.info()
+        t0 = time.perf_counter()
+        if host is None:
+            assert world_size == 1, "only a one-rank replica joins without rank 0's store address"
+            host, port = self.open_store()
+        self.rendezvous(rank, world_size, host, port)
+        joined = time.perf_counter() - t0
+        return info, joined, self.load_models()
+
     def stream(self, request: GenerateRequest) -> Iterator[Event]:
         """Rank 0: every event, as a Ray generator, as soon as it happens."""
         yield from self.runner.generate(request)

@@ -194,6 +194,8 @@ class Driver:
 
     def close(self) -> None:
         self.stop.set()
+        for _ in self._slots:  # wake each slot thread waiting for a job now (not after POLL_S): not a run's job
+            self._jobs.put((None, None))
         # Every wait of a slot thread notices the stop within POLL_S, or is bounded by a few seconds (a health
         # ping, a kill): the bound below is only a guard against a wedged Ray call.
         deadline = time.monotonic() + CLOSE_JOIN_S

@@ -122,22 +122,16 @@ class Replica:
                     ).remote(self.config, shape.worker_threads(g, m)))
                     where.append((g, m))
             self.workers = list(workers)  # killed by kill() if anything below fails
-            infos = self._wait([w.info.remote() for w in workers], rt.placement_timeout_s,
-                               lambda: f"workers did not start in {rt.placement_timeout_s:g} s")
-            phase("actors_s")
-            # Ranks after placement: bundle g (one Ulysses group, one node) gets ranks g*U .. g*U+U-1 in GPU order,
-            # so rank = cfg_rank*(R*U) + ring_rank*U + ulysses_rank; rank 0 is the worker of bundle 0 that holds
-            # the encoder's extra CPUs.
-            order = sorted(range(n), key=lambda i: (where[i][0], where[i][1] != 0 or not shape.encoder_cpus,
-                                                    _gpu_order(infos[i].gpu_ids), infos[i].pid))
-            self.workers, self.infos = [workers[i] for i in order], [infos[i] for i in order]
-            host, port = self._wait(self.workers[0].open_store.remote(), 60, lambda: "rank 0 could not open a store")
-            self._wait([w.rendezvous.remote(r, n, host, port) for r, w in enumerate(self.workers)],
-                       rt.collective_timeout_s + 30, lambda: f"rendezvous at {host}:{port} timed out")
-            phase("rendezvous_s")
-            self.load_s = max(self._wait([w.load_models.remote() for w in self.workers], rt.load_timeout_s,
-                                         lambda: "loading the models timed out"))
-            phase("load_s")
+            if n == 1:  # nothing to order: start, store, group and models in one call (one round trip)
+                total = rt.placement_timeout_s + rt.collective_timeout_s + 30 + rt.load_timeout_s
+                info, timings["rendezvous_s"], self.load_s = self._wait(workers[0].join.remote(0, 1), total, lambda: (
+                    f"its worker did not start, join and load the models in {total:g} s"))
+                self.infos = [info]
+                phase("actors_s")
+                timings["actors_s"] -= timings["rendezvous_s"] + self.load_s
+                timings["load_s"] = self.load_s
+            else:
+                self._start_group(workers, where, timings, phase)
             # visible by default: where each rank runs is what an operator checks first when a video is slow
             log.warning("replica %d up: %s, models loaded in %.1f s", self.index,
                         describe_ranks(self.config, self.nodes, shape.strategy), self.load_s)
@@ -145,6 +139,28 @@ class Replica:
         except BaseException:
             self.kill()
             raise
+
+    def _start_group(self, workers, where, timings, phase) -> None:
+        """Several ranks: where each landed (info), ranks in placement order, then rank 0's store and every rank's
+        join (rendezvous + load) at once."""
+        shape, rt = self.shape, self.config.runtime
+        n = len(workers)
+        infos = self._wait([w.info.remote() for w in workers], rt.placement_timeout_s,
+                           lambda: f"workers did not start in {rt.placement_timeout_s:g} s")
+        phase("actors_s")
+        # Ranks after placement: bundle g (one Ulysses group, one node) gets ranks g*U .. g*U+U-1 in GPU order,
+        # so rank = cfg_rank*(R*U) + ring_rank*U + ulysses_rank; rank 0 is the worker of bundle 0 that holds
+        # the encoder's extra CPUs.
+        order = sorted(range(n), key=lambda i: (where[i][0], where[i][1] != 0 or not shape.encoder_cpus,
+                                                _gpu_order(infos[i].gpu_ids), infos[i].pid))
+        self.workers, self.infos = [workers[i] for i in order], [infos[i] for i in order]
+        host, port = self._wait(self.workers[0].open_store.remote(), 60, lambda: "rank 0 could not open a store")
+        total = rt.collective_timeout_s + 30 + rt.load_timeout_s
+        joined = self._wait([w.join.remote(r, n, host, port) for r, w in enumerate(self.workers)], total,
+                            lambda: f"joining the group at {host}:{port} and loading the models took over {total:g} s")
+        phase("rendezvous_s")
+        self.load_s = timings["load_s"] = max(j[2] for j in joined)
+        timings["rendezvous_s"] -= self.load_s  # the store, the group, the round trips: the rest of the call
 
     @property
     def nodes(self) -> list[str]:

@@ -360,3 +360,18 @@ def test_close_keeps_the_replica_list_for_a_slot_thread_that_outlives_it(script,
             t.join(10)
     assert not [r for r in caplog.records if "crashed" in r.getMessage()]
     assert driver._fatal is None
+
+
+def test_close_wakes_idle_slots_at_once(script, tmp_path, monkeypatch):
+    """An idle slot thread waits for a job with a timeout (POLL_S); close() must wake it, not wait that out: a
+    one-prompt `odyssey generate` otherwise spent up to POLL_S of its exit here. POLL_S is made huge to tell the
+    two apart without timing anything finer than 'did not wait for it'."""
+    monkeypatch.setattr(driver_mod, "POLL_S", 60.0)
+    config = make_config("parallel.replicas=2")
+    driver = Driver(config, progress=False)
+    driver.start()
+    assert driver.wait_ready(2, timeout_s=30) == 2
+    assert all(o.ok for o in driver.run(make_jobs(config, tmp_path, ["a"])))
+    t0 = time.monotonic()
+    driver.close()
+    assert time.monotonic() - t0 < 30 and not any(t.is_alive() for t in driver._slots)
