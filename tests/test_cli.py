@@ -77,7 +77,9 @@ def test_usage_errors_exit_2_with_one_line(args, message):
 
 def test_debug_shows_the_traceback():
     result = odyssey("--debug", "config", "show", "--set", "video.frames=8", timeout=60)
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert result.returncode == 2 and "Traceback" in result.stderr  # a config error: 2 with or without --debug
+    assert result.stderr.splitlines()[-1] == ("odyssey: error: config: video: frames must be 4n+1 (1, 5, 9, ..., 81), "
+                                              "got 8")
 
 
 # -- prompt files and names ----------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ def test_config_show_says_what_it_resolved_from(tmp_path, capsys):
     code, out, _ = odyssey_main(capsys, "config", "show", "--config", str(path), "--set", "sampling.seed=3")
     first, *rest = out.splitlines()
     assert code == 0
-    assert first == f"# resolved from preset tiny (the default: the file names none), then {path}, then --set sampling.seed=3"
+    assert first == (f"# resolved from preset tiny (the default: the file names none), then {path}, then --set "
+                     f"sampling.seed=3")
     assert yaml.safe_load("\n".join(rest)) == _expected("tiny", **{"sampling.steps": 8, "sampling.seed": 3})
 
     path.write_text("preset: wan2.1-t2v-1.3b\n")
