@@ -162,7 +162,9 @@ def serve(config_source, overrides, ulysses, ring, shard_weights, cfg_parallel, 
     from ray import serve as ray_serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    owns_ray = connect_ray(address)
+    ctx = click.get_current_context(silent=True)
+    debug = bool(ctx and ctx.find_root().params.get("debug"))  # --debug: a local Ray's own lines too
+    owns_ray = connect_ray(address, ray_logs=debug)
     # Ray's core worker takes SIGTERM over (a stack dump, then death, leaving the Serve app behind): SIGTERM
     # stops the service like Ctrl-C again.
     signal.signal(signal.SIGTERM, _interrupt)
