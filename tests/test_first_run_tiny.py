@@ -152,6 +152,19 @@ def test_check_batch_refuses_undrawable_sizes_and_warns_once(caplog, tmp_path):
     assert not [r for r in caplog.records if r.name == "cluster.validate"]
 
 
+def test_serve_refuses_sizes_the_embedded_model_cannot_draw(tmp_path):
+    from cluster.serve.service import InvalidField, VideoService
+
+    svc = VideoService(tiny(), output_dir=tmp_path, model_name="tiny")
+    request, _ = svc._request({"prompt": "a red circle moving right", "size": "48x32"})
+    assert (request.width, request.height) == (48, 32)
+    with pytest.raises(InvalidField, match="the embedded model draws 32x32 .* not 64x64") as e:
+        svc._request({"prompt": "a red circle moving right", "size": "64x64"})
+    assert e.value.param == "size"
+    wan_svc = VideoService(wan(), output_dir=tmp_path / "wan", model_name="wan")
+    assert wan_svc._request({"prompt": "a cat", "size": "832x480"})[0].height == 480
+
+
 # -- the CLI: refused before Ray starts, nothing written -----------------------------------------------------------
 
 

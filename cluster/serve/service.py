@@ -333,7 +333,7 @@ class VideoService:
 
     def _request(self, fields: dict) -> tuple[GenerateRequest, str | None]:
         from ..cli import parse_cache  # the CLI's --cache grammar: POLICY or POLICY:THRESHOLD
-        from ..validate import check_request_cache
+        from ..validate import check_request_cache, check_request_size
 
         prompt = fields.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -367,6 +367,10 @@ class VideoService:
             check_request_cache(request, self.config)
         except ValueError as e:
             raise InvalidField(_param_of(str(e)), str(e)) from None
+        try:
+            check_request_size(request, self.config)  # the embedded model's: a grid of copies at 64x64
+        except ValueError as e:
+            raise InvalidField("size", str(e)) from None
         return request, (None if cache is None else str(cache))
 
     def _frames_for(self, seconds, kwargs) -> int:
