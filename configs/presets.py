@@ -8,6 +8,7 @@ only says what differs from its base: `sampling: {steps: 8}` alone stays on the 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +31,9 @@ def list_presets() -> list[str]:
 
 def preset_path(name: str) -> Path:
     if not isinstance(name, str) or name not in list_presets():  # never a path: '../x' must not reach a file
-        raise ConfigError(f"unknown preset {_show(name)}; presets: {', '.join(list_presets()) or 'none'}")
+        near = difflib.get_close_matches(str(name).lower()[:100], list_presets(), n=1, cutoff=0.75)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"unknown preset {_show(name)}; {hint}presets: {', '.join(list_presets()) or 'none'}")
     return PRESETS_DIR / f"{name}.yaml"
 
 
@@ -105,8 +108,10 @@ def _pop_preset(data: dict, path: Path) -> str | None:
     if "preset" not in data:
         return None
     name = data.pop("preset")
-    if not isinstance(name, str) or name not in list_presets():
-        raise ConfigError(f"{path}: preset: unknown preset {_show(name)}; presets: {', '.join(list_presets())}")
+    try:
+        preset_path(name)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: preset: {e}") from None
     return name
 
 

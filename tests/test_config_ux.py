@@ -128,6 +128,7 @@ def test_a_file_names_its_preset(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("preset: wan\n", r"preset: unknown preset 'wan'; presets: cpu-smoke, tiny, wan2\.1-t2v-1\.3b"),
+    ("preset: Wan2.1-T2V-14B\n", r"preset: unknown preset 'Wan2\.1-T2V-14B'; did you mean 'wan2\.1-t2v-14b'\? presets: "),
     ("preset: 3\n", r"preset: unknown preset 3; presets: "),
     ("preset: ../presets/tiny\n", r"preset: unknown preset '\.\./presets/tiny'"),
 ])
