@@ -136,10 +136,10 @@ def check_request_size(request, config: OdysseyConfig) -> None:
     if config.model.path is not None or (request.height in SIDES and request.width in SIDES):
         return
     side = TRAINED_SIZE
-    raise ValueError(f"the embedded model draws {side}x{side} (what it was trained on), or less reliably "
-                     f"{', '.join(f'{h}x{w}' for h in SIDES for w in SIDES if (h, w) != (side, side))}, not "
-                     f"{request.height}x{request.width} (it draws a grid of copies at 64 pixels a side and more, a "
-                     f"smudge at 16): ask for height {side} and width {side}, or use a Wan model "
+    others = ", ".join(f"{h}x{w}" for h in SIDES for w in SIDES if (h, w) != (side, side))
+    raise ValueError(f"the embedded model draws {side}x{side} (what it was trained on), or less reliably {others} "
+                     f"(height x width), not {request.height}x{request.width} (it draws a grid of copies at 64 pixels "
+                     f"a side and more, a smudge at 16): ask for height {side} and width {side}, or use a Wan model "
                      f"(--config wan2.1-t2v-1.3b)")
 
 
@@ -200,5 +200,7 @@ def _training_note(items) -> str | None:
         return None
     asked = " and ".join(part for part in (", ".join(sizes),
                                           ", ".join(map(str, sorted(lengths))) + " frames" if lengths else "") if part)
+    if sizes:
+        asked = asked.replace(" and ", " (height x width) and ", 1) if lengths else f"{asked} (height x width)"
     return (f"the embedded model was trained on {TRAINED_SIZE}x{TRAINED_SIZE} clips of {TRAINED_FRAMES} frames; at "
             f"{asked}{_where(found, items)} its motion is unreliable (the object stalls, turns back or wraps around)")

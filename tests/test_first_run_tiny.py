@@ -100,7 +100,11 @@ def test_notes_for_unknown_words_and_untrained_lengths_one_line_each():
                                                  height=48, width=48))], config)
     assert len(notes) == 2 and all("\n" not in n for n in notes)
     assert notes[0].startswith(UNKNOWN) and describe_vocabulary() in notes[0] and "--strict-vocab" in notes[0]
-    assert notes[1].startswith(OFF_TRAINING) and "at 48x48 and 33 frames its motion is unreliable" in notes[1]
+    assert notes[1].startswith(OFF_TRAINING)
+    assert "at 48x48 (height x width) and 33 frames its motion is unreliable" in notes[1]
+    assert embedded_model_notes([("p", request(config, height=32, width=48))], config) == [
+        f"{OFF_TRAINING}; at 32x48 (height x width) its motion is unreliable (the object stalls, turns back or wraps "
+        f"around)"]
     # the negative prompt is read by the same encoder
     assert "'blurry'" in embedded_model_notes([("p", request(config, negative_prompt="blurry"))], config)[0]
     with pytest.raises(ValueError, match=f"^--strict-vocab: {UNKNOWN}"):
@@ -194,7 +198,7 @@ def test_undrawable_sizes_exit_2_before_ray(tmp_path, capsys, no_ray):
     code, err = run_main(["batch", tmp_path / "p.jsonl", "-o", tmp_path / "out"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "p.jsonl:2: the embedded model draws 32x32 (what it was trained on), or less reliably 32x48, 48x32, " \
-           "48x48, not 128x128" in err
+           "48x48 (height x width), not 128x128" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 
 
@@ -208,7 +212,8 @@ def test_real_wan_model_gets_no_warning_and_no_refusal(tmp_path, capsys, monkeyp
     (tmp_path / "p.txt").write_text("a cat surfing a wave at sunset\n")
     cli_mod.main(["batch", str(tmp_path / "p.txt"), "-o", str(tmp_path / "out"), *wan_args])
     assert capsys.readouterr().err == ""
-    assert [(j.request.height, j.request.width, j.request.frames) for jobs in runs for j in jobs] == [(480, 832, 81)] * 2
+    sizes = [(j.request.height, j.request.width, j.request.frames) for jobs in runs for j in jobs]
+    assert sizes == [(480, 832, 81)] * 2
 
 
 def test_the_warnings_are_printed_once_before_the_run(tmp_path, capsys, monkeypatch):
@@ -326,5 +331,6 @@ def test_analyze_reads_videos_and_reports_the_bad_ones(tmp_path, capsys):
     assert len(out.splitlines()) == 2 and out.splitlines()[0] == out.splitlines()[1]
     assert re.fullmatch(rf"{re.escape(str(clip))}: yellow square moving down \(dx [+-]\d+\.\d, dy \+\d+\.\d, "
                         r"fill \d\.\d\d\)", out.splitlines()[0]), out
-    assert err.strip().splitlines() == [f"python -m pipeline.tiny.analyze: error: {tmp_path / 'gone.mp4'}: no such file"]
+    assert err.strip().splitlines() == [f"python -m pipeline.tiny.analyze: error: {tmp_path / 'gone.mp4'}: no such "
+                                        f"file"]
     assert analyze(clip, capsys=capsys)[0] == 0
