@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,7 @@ from configs import load_config
 from pipeline.request import GenerateRequest, Progress
 from pipeline.step_cache import POLICIES, warmup_steps
 
-ROOT = Path(__file__).resolve().parents[1]
 TEACACHE_REFUSED = "cache teacache has coefficients only for Wan2.1 1.3B and 14B"
-
-
-def odyssey(*args, timeout=240, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture
@@ -65,16 +58,17 @@ def test_parse_cache_accepts(text, expected):
     ("fbcache:1_0", "must be a number, got '1_0'"), ("off:0.1", "off takes no threshold"),
 ])
 @pytest.mark.parametrize("command", ["generate", "batch"])
-def test_bad_cache_values_exit_2_with_one_line_and_write_nothing(tmp_path, command, value, message):
+def test_bad_cache_values_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, no_ray, command, value, message):
+    """In this process (the real entrypoint's exit code and one line: tests/test_shard_cli.py), before any Ray."""
     (tmp_path / "p.txt").write_text("a red circle moving right\n")
     if command == "generate":
         args = ["generate", "a red circle moving right", "-o", tmp_path / "out" / "x.mp4", "--manifest",
                 tmp_path / "m.jsonl"]
     else:
         args = ["batch", tmp_path / "p.txt", "-o", tmp_path / "out"]
-    result = odyssey(*args, f"--cache={value}", timeout=60)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    code, err = run_main([*args, f"--cache={value}"], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "--cache" in lines[0] and message in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"], "nothing may be written"
 
@@ -225,15 +219,37 @@ def _check_record(cache, policy, threshold, steps):
         assert run <= spec.max_skips, skipped
 
 
-def test_batch_with_caches_writes_the_record_and_shows_computed_steps(tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for both real runs of the module (each `odyssey` run in this process joins it instead of
+    starting its own: ~5 s each on 2 cores)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def odyssey_here(args, capsys) -> tuple[int, str]:
+    """main(args) in this process on the shared Ray: (exit code, stderr). The CLI's SIGTERM handler is undone."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return code or 0, capsys.readouterr().err
+
+
+def test_batch_with_caches_writes_the_record_and_shows_computed_steps(local_ray, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a red circle moving right", "seed": 1}\n'
                        '{"prompt": "a blue square moving up", "seed": 2, "cache": "off"}\n'
                        '{"prompt": "a green circle moving left", "seed": 3, "cache": "easycache", '
                        '"cache_threshold": 0.3, "steps": 16}\n')
     out = tmp_path / "out"
-    result = odyssey("batch", prompts, "-o", out, "--cache", "fbcache:0.3", "--progress", "lines")
-    assert result.returncode == 0, result.stderr
+    code, stderr = odyssey_here(["batch", prompts, "-o", out, "--cache", "fbcache:0.3", "--progress", "lines"], capsys)
+    assert code == 0, stderr
     records = {r["index"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert sorted(records) == [0, 1, 2]
     _check_record(records[0]["cache"], "fbcache", 0.3, 20)
@@ -241,17 +257,18 @@ def test_batch_with_caches_writes_the_record_and_shows_computed_steps(tmp_path):
     _check_record(records[2]["cache"], "easycache", 0.3, 16)
     for i in (0, 2):
         c = records[i]["cache"]
-        assert f"[{i}] denoised ({c['steps']} steps, {c['computed_steps']} computed) in " in result.stderr
-        assert f"({c['policy']} 0.3: {c['computed_steps']} of {c['steps']} steps computed)" in result.stderr
-    assert "[1] denoised (20 steps) in " in result.stderr
+        assert f"[{i}] denoised ({c['steps']} steps, {c['computed_steps']} computed) in " in stderr
+        assert f"({c['policy']} 0.3: {c['computed_steps']} of {c['steps']} steps computed)" in stderr
+    assert "[1] denoised (20 steps) in " in stderr
 
 
-def test_generate_with_cache_writes_the_record(tmp_path):
-    result = odyssey("generate", "a yellow square moving down", "-o", tmp_path / "x.mp4", "--seed", 5,
-                     "--cache", "fbcache:0.3", "--manifest", tmp_path / "m.jsonl", "--progress", "lines")
-    assert result.returncode == 0, result.stderr
+def test_generate_with_cache_writes_the_record(local_ray, tmp_path, capsys):
+    code, stderr = odyssey_here(["generate", "a yellow square moving down", "-o", tmp_path / "x.mp4", "--seed", 5,
+                                 "--cache", "fbcache:0.3", "--manifest", tmp_path / "m.jsonl", "--progress", "lines"],
+                                capsys)
+    assert code == 0, stderr
     record = json.loads((tmp_path / "m.jsonl").read_text())
     _check_record(record["cache"], "fbcache", 0.3, 20)
     assert record["request"]["cache"] == "fbcache" and record["config"]["sampling"]["cache_threshold"] == 0.3
     c = record["cache"]
-    assert f"x.mp4 (fbcache 0.3: {c['computed_steps']} of 20 steps computed)" in result.stderr
+    assert f"x.mp4 (fbcache 0.3: {c['computed_steps']} of 20 steps computed)" in stderr
