@@ -10,7 +10,6 @@ import logging
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
