@@ -159,7 +159,11 @@ def embedded_model_notes(items: Sequence[tuple[str, object]], config: OdysseyCon
 
 
 def _where(found: list[str], items) -> str:
-    return "" if len(items) == 1 else f" (in {len(found)} of {len(items)} prompts, first {found[0]})"
+    if len(items) == 1:
+        return ""
+    if len(found) == len(items):
+        return f" (in all {len(items)} prompts)"
+    return f" (in {len(found)} of {len(items)} prompts, first {found[0]})"
 
 
 def _vocabulary_note(items, strict: bool) -> str | None:

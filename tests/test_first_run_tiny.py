@@ -119,6 +119,9 @@ def test_a_batch_gets_one_line_saying_how_many_prompts():
     vocab, lengths = embedded_model_notes(items, config)
     assert "the words 'purple', 'cone' (in 3 of 4 prompts, first p.txt:2)" in vocab
     assert "at 21 frames (in 1 of 4 prompts, first p.txt:4)" in lengths
+    two = [("a.txt:1", request(config, frames=21)), ("a.txt:2", request(config, "a purple box", frames=21))]
+    vocab, lengths = embedded_model_notes(two, config)
+    assert "'purple' (in 1 of 2 prompts, first a.txt:2)" in vocab and "at 21 frames (in all 2 prompts) its" in lengths
     many = " ".join(f"word{chr(97 + i)}" for i in range(20))
     (vocab,) = embedded_model_notes([("x", request(config, many))], config)
     assert "'worda'" in vocab and "'wordl'" in vocab and "'wordm'" not in vocab and "and 8 more" in vocab
