@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .weights import (WeightsError, check_blocks, check_keys, dit_weight_files, download_hint, inside_model,
-                      model_root, read_header, rename_first, user_path)
+from .weights import (MissingWeightsError, WeightsError, check_blocks, check_keys, dit_weight_files, download_hint,
+                      inside_model, model_root, read_header, rename_first, user_path)
 
 __all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR", "locate", "load_tokenizer", "original_state",
            "original_config"]
@@ -152,7 +152,10 @@ def locate(path) -> tuple[bool, Path, Path]:
                 raise WeightsError(f"text encoder file {file} is not a regular file")
     weights = path / "text_encoder" if diffusers else inside_model(root, path / ORIGINAL_T5_FILE, "text encoder file")
     if diffusers:
-        _check_diffusers_layers(weights)
+        try:
+            _check_diffusers_layers(weights)
+        except MissingWeightsError as e:
+            raise MissingWeightsError(f"{e}; {download_hint(path)}") from None
     return diffusers, tok_dir, weights
 
 

@@ -20,7 +20,7 @@ from .dit import WanDiT, WanDiTConfig
 
 __all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
            "WeightsError", "model_root", "inside_model", "read_header", "check_blocks", "file_fingerprint",
-           "MAX_DIT_LAYERS", "user_path", "download_hint", "WAN_REPOS"]
+           "MAX_DIT_LAYERS", "user_path", "download_hint", "WAN_REPOS", "MissingWeightsError"]
 
 MAX_DIT_LAYERS = 256  # Wan2.1 has 30 (1.3B) or 40 (14B): a header naming block 4999 must not build 5000 on meta
 FINGERPRINT_BYTES = 1 << 20  # tensor data hashed per weight file when ranks compare what they loaded
@@ -51,6 +51,11 @@ _DIFFUSERS_TO_ORIGINAL = [
 
 class WeightsError(ValueError):
     """Weights that do not fit: missing or unknown files, keys or shapes."""
+
+
+class MissingWeightsError(WeightsError):
+    """Weight files that are not there (a download that never ran or was cut short): the loaders that know the
+    model folder add download_hint to it."""
 
 
 def user_path(path) -> Path:
@@ -207,7 +212,7 @@ def dit_weight_files(folder: Path) -> list[Path]:
         files = sorted(_shard_inside(folder, root, name, indexes[0]) for name in names)
         missing = [str(f.relative_to(root)) for f in files if not f.is_file()]
         if missing:
-            raise WeightsError(f"{indexes[0]} names shards that are not there (or not regular files): "
+            raise MissingWeightsError(f"{indexes[0]} names shards that are not there (or not regular files): "
                                f"{', '.join(missing)}")
         return files
     root = model_root(folder)
@@ -216,7 +221,7 @@ def dit_weight_files(folder: Path) -> list[Path]:
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
         hint = f" (found {', '.join(others)}: only safetensors are loaded, for safety)" if others else ""
-        raise WeightsError(f"no .safetensors weights in {folder}{hint}")
+        raise MissingWeightsError(f"no .safetensors weights in {folder}{hint}")
     return files
 
 
@@ -310,7 +315,11 @@ def read_dit_headers(path) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, st
     shapes: dict[str, tuple[int, ...]] = {}
     if not isinstance(raw, dict):
         raise WeightsError(f"{folder / 'config.json'} is not a JSON object")
-    for file in dit_weight_files(folder):
+    try:
+        files = dit_weight_files(folder)
+    except MissingWeightsError as e:
+        raise MissingWeightsError(f"{e}; {download_hint(path)}") from None
+    for file in files:
         header = read_header(file)
         diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in header) or (
             "_diffusers_version" in raw

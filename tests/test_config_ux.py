@@ -322,3 +322,26 @@ def test_config_and_cli_expand_home(tmp_path, monkeypatch, capsys):
     assert code == 2 and str(tmp_path / "prompts.txt") in err
     code, _, err = odyssey_main(capsys, "generate", "a cat", "--preview=~/p.gif")
     assert code == 2 and err.strip() == f"odyssey: error: --preview must end in .png, got {tmp_path / 'p.gif'}"
+
+
+def test_a_download_cut_short_names_the_command(wan_home, tmp_path):
+    """Weight files missing from a model folder that is otherwise there (config.json, tokenizer): the DiT's and the
+    text encoder's errors name the download into the model folder, not into its transformer/ or text_encoder/."""
+    import shutil
+
+    from pipeline.text_encoder import WanTextEncoder
+    from pipeline.weights import WeightsError, read_dit_headers
+
+    folder = tmp_path / "Wan2.1-T2V-1.3B"
+    shutil.copytree(wan_home / "models" / "wan", folder)
+    command = f"hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir {folder}`"
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(WeightsError, match=r"^no \.safetensors weights in .*transformer") as err:
+        read_dit_headers(folder)
+    assert command in str(err.value)
+    for weights in (folder / "text_encoder").glob("*.safetensors*"):
+        weights.unlink()
+    with pytest.raises(WeightsError, match=r"text_encoder") as err:
+        WanTextEncoder.from_pretrained(folder)
+    assert command in str(err.value)
