@@ -202,8 +202,8 @@ def unknown_key_error(keys: Sequence[str], depth: int, cls: type, root: type | N
         what = f"{prefix} has no setting {bad}"
         listing = f"{prefix} settings: {', '.join(names)}"
     if list(keys) == ["preset"] and root is not None:
-        return ConfigError(f"unknown config key 'preset' (`preset: NAME` goes at the top of a config file; on the "
-                           f"command line name the preset with --config NAME)")
+        return ConfigError("unknown config key 'preset' (`preset: NAME` goes at the top of a config file; on the "
+                           "command line name the preset with --config NAME)")
     return ConfigError(f"unknown config key {typed} ({what}; "
                        + (f"did you mean {guess!r}?)" if guess else f"{listing})"))
 
