@@ -1,7 +1,9 @@
-"""Two replicas x SP=2 on a simulated two-node cluster with fake GPUs (gloo underneath)."""
+"""Two replicas x SP=2, and one replica of Ulysses 2 x Ring 2, on a simulated two-node cluster with fake GPUs (gloo
+underneath): one cluster for the module."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -9,7 +11,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.driver import Driver, Job  # noqa: E402
 from cluster.video import read_mp4  # noqa: E402
-from pipeline.request import GenerateRequest  # noqa: E402
+from configs import load_config  # noqa: E402
+from pipeline.launcher import LocalLauncher  # noqa: E402
+from pipeline.request import Frame, GenerateRequest  # noqa: E402
 from tests.ray_helpers import assert_cluster_clean, ray_config  # noqa: E402
 from tests.tiny_models import wan_pipeline_folder  # noqa: E402
 
@@ -66,6 +70,32 @@ def test_a_worker_given_a_gpu_that_torch_cannot_see_fails_clearly(two_nodes, fol
                                             r"torch sees no CUDA device \(CUDA_VISIBLE_DEVICES="):
         with Driver(config, progress=False):
             pass
+    assert_cluster_clean()
+
+
+def test_a_ring_of_two_single_node_ulysses_groups_on_two_nodes(two_nodes, tmp_path):
+    """Ulysses x Ring (issue #13; the CLI on a local Ray: tests/test_ring_e2e.py): a replica of ring 2 x ulysses 2
+    spans both nodes of 2 fake GPUs, one Ulysses pair per node, and streams the frames of one rank."""
+    base = ["runtime.collective_timeout_s=60", "runtime.placement_timeout_s=60"]
+    config = load_config("cpu-smoke", [*base, "parallel.ulysses_degree=2", "parallel.ring_degree=2",
+                                       "runtime.device=auto", "runtime.accelerator_check=false"])  # fake GPUs
+    request = GenerateRequest("a blue square moving up", seed=3).resolve(config)
+    frames = []
+    with Driver(config, progress=False, on_event=lambda job, e: isinstance(e, Frame) and frames.append(e.image)) \
+            as driver:
+        assert driver.shape.bundles() == [{"CPU": 1.0, "GPU": 2.0}] * 2 and driver.shape.strategy == "PACK"
+        assert driver.wait_ready(timeout_s=120) == 1
+        nodes = [info.node_id for info in driver.replicas[0].infos]  # by rank
+        # ranks 0, 1 (ring index 0) on one node, 2, 3 (ring index 1) on the other: Ulysses pairs never split
+        assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], nodes
+        (outcome,) = driver.run([Job(0, request, tmp_path / "ring.mp4")])
+    assert outcome.ok, outcome.error
+    one = load_config("cpu-smoke", base)
+    with LocalLauncher(one, timeout_s=120) as group:
+        want = np.stack([e.image for e in group.generate(request) if isinstance(e, Frame)])
+    assert len(frames) == len(want) > 1
+    assert np.abs(np.stack(frames).astype(int) - want.astype(int)).max() <= 1
+    assert read_mp4(tmp_path / "ring.mp4")[0].shape == want.shape
     assert_cluster_clean()
 
 
