@@ -223,13 +223,14 @@ def wan(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_rank_latents(wan):
+def one_rank_latents(dist_pools, wan):
+    """The same Runner on one rank (the session's one-process pool: no process of its own to start)."""
     from configs import load_config
-    from pipeline.launcher import LocalLauncher
 
     config = load_config(None, [f"model.path={wan}", *RUNNER_BASE])
-    with LocalLauncher(config, timeout_s=120, runner_options={"return_latents": True}) as one:
-        return list(one.generate(_request().resolve(config)))[-1].latents
+    (where, latents), = dist_pools(1).run(_runner_case, config, _request().resolve(config))
+    assert where[:3] == (1, 0, 0), where  # no ring, no Ulysses
+    return latents
 
 
 @pytest.mark.parametrize("cfg, ring, ulysses", [(1, 2, 2), (2, 2, 1)])
