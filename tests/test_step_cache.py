@@ -88,7 +88,7 @@ def wan13_folder(folder):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Every layout's runs, once per module (a launcher per layout: spawning and loading cost more than the requests)
+# Every layout's runs, once per module (on the session's pools: spawning and loading cost more than the requests)
 
 
 def per_rank(group: LocalLauncher, requests: list[GenerateRequest]) -> list[tuple[str, object]]:
@@ -115,30 +115,56 @@ def variant(name: str) -> GenerateRequest:
     return cached(policy, threshold, video)
 
 
-def run_layout(model: str, sp: int, cfg: int, folder=None) -> dict:
+def layout_requests(model: str, sp: int, cfg: int) -> list[tuple[str, GenerateRequest]]:
+    """The (name, request) pairs a layout serves, in order; every rank serves the same ones."""
+    todo = []
+    if (model, sp, cfg) in {(m, s, c) for m, _, s, c in NOTHING_CASES}:  # nothing skipped's twin
+        todo.append(("off", REQUEST))
+    for name in [name for m, name in CASES if m == model]:
+        todo.append((name, variant(name)))
+        if (model, name, sp, cfg) in NOTHING_CASES:
+            todo.append((f"{name}-nothing", cached(name, NOTHING)))
+    if model == "wan13" and (sp, cfg) == (1, 1):
+        todo.append(("teacache-default", cached("teacache", None)))
+    return todo
+
+
+def _pool_layout(config, todo):
+    """On every rank of a session pool (no processes of its own to spawn): serve the requests; rank 0's events by
+    name. The Runner is closed and forgotten afterwards (the pool lives on; a 1.3B-wide DiT per rank should not)."""
+    from tests import pool_runner as pr
+
+    import gc
+
+    try:
+        runner = pr.pool_runner(config, return_latents=True)
+        out = {name: list(runner.generate(request.resolve(config))) for name, request in todo}
+    finally:
+        pr._RUNNERS.pop(repr(config), None)  # not runner.close(): that would end the pool's own group
+        runner = None
+        gc.collect()
+    return out if dist.get_rank() == 0 else None
+
+
+def run_layout(model: str, sp: int, cfg: int, folder=None, pools=None) -> dict:
     config = tiny_config(sp, cfg) if model == "tiny" else wan13_config(folder, sp, cfg)
-    names = [name for m, name in CASES if m == model]
+    todo = layout_requests(model, sp, cfg)
+    if not (model == "tiny" and (sp, cfg) == (2, 2)):
+        return pools(sp * cfg).run(_pool_layout, config, todo, timeout=300)[0]
     out = {}
     with LocalLauncher(config, timeout_s=120, runner_options={"return_latents": True}) as group:
-        if model == "tiny" and (sp, cfg) == (2, 2):
-            # refused in the first collective on every rank; the group serves the requests after them
-            request = cached("teacache", None).resolve(config)
-            out["teacache-on-tiny"] = per_rank(group, [request] * group.world)
-            try:
-                out["teacache-on-tiny-launcher"] = list(group.generate(request))
-            except RequestRejectedError as e:  # what a caller of the launcher sees
-                out["teacache-on-tiny-launcher"] = e
-            fb = cached("fbcache", 0.1).resolve(config)
-            out["threshold-differs"] = per_rank(group, [fb, dataclasses.replace(fb, cache_threshold=0.2), fb, fb])
-            out["policy-differs"] = per_rank(group, [fb, fb, fb, dataclasses.replace(fb, cache="easycache")])
-        if (model, sp, cfg) in {(m, s, c) for m, _, s, c in NOTHING_CASES}:  # nothing skipped's twin
-            out["off"] = list(group.generate(REQUEST))
-        for name in names:
-            out[name] = list(group.generate(variant(name)))
-            if (model, name, sp, cfg) in NOTHING_CASES:
-                out[f"{name}-nothing"] = list(group.generate(cached(name, NOTHING)))
-        if model == "wan13" and (sp, cfg) == (1, 1):
-            out["teacache-default"] = list(group.generate(cached("teacache", None)))
+        # refused in the first collective on every rank; the group serves the requests after them
+        request = cached("teacache", None).resolve(config)
+        out["teacache-on-tiny"] = per_rank(group, [request] * group.world)
+        try:
+            out["teacache-on-tiny-launcher"] = list(group.generate(request))
+        except RequestRejectedError as e:  # what a caller of the launcher sees
+            out["teacache-on-tiny-launcher"] = e
+        fb = cached("fbcache", 0.1).resolve(config)
+        out["threshold-differs"] = per_rank(group, [fb, dataclasses.replace(fb, cache_threshold=0.2), fb, fb])
+        out["policy-differs"] = per_rank(group, [fb, fb, fb, dataclasses.replace(fb, cache="easycache")])
+        for name, request in todo:
+            out[name] = list(group.generate(request))
     return out
 
 
@@ -148,13 +174,13 @@ def wan13(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(request):
+def runs(request, dist_pools):
     done: dict = {}
 
     def get(model: str, sp: int = 1, cfg: int = 1) -> dict:
         if (model, sp, cfg) not in done:
             folder = request.getfixturevalue("wan13")[0] if model == "wan13" else None
-            done[model, sp, cfg] = run_layout(model, sp, cfg, folder)
+            done[model, sp, cfg] = run_layout(model, sp, cfg, folder, dist_pools)
         return done[model, sp, cfg]
 
     return get
