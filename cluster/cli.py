@@ -194,7 +194,8 @@ def _run(config, jobs, address, manifest, progress, on_event=None):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(_version(), prog_name="odyssey")
-@click.option("--debug", is_flag=True, help="Also print the traceback of an error (the exit code stays the same).")
+@click.option("--debug", is_flag=True, help="Also print the traceback of an error (the exit code stays the same), "
+              "and a local Ray's own start-up lines.")
 def cli(debug):
     """Odyssey: text-to-video generation on Ray clusters."""
 

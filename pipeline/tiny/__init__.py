@@ -49,6 +49,7 @@ def load_tiny(path: Path = WEIGHTS, device="cpu", attention_backend: str = "auto
     from ..dit import WanDiT
     from .model import TinyDecoder, TinySpec, TinyTextEncoder
 
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"the embedded model's weights are missing ({path}); train them with "
                                 f"`python -m pipeline.tiny.train`")
