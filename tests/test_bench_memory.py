@@ -67,9 +67,16 @@ def test_quick_run_reports_the_shapes_sharding_and_equal_outputs(tmp_path):
     assert f"resident parameters {ratio:.3f}x" in done.stdout and "bitwise equal" in done.stdout
 
 
-def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys):
+    """main() in this process (the script's last line is sys.exit(main())): refused before any rank is spawned."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     for args, says in ((["--quick", "--tokens", "0"], "--tokens must be at least 1"),
                        (["--quick", "--json", str(tmp_path / "nowhere" / "x.json")], "does not exist")):
-        done = run_bench(*args, timeout=60)
-        assert done.returncode == 2 and says in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and "memory: whole" not in done.stdout
+        code = bench.main(args)
+        out, err = capsys.readouterr()
+        assert code == 2 and says in err, err
+        assert len(err.strip().splitlines()) == 1 and "memory: whole" not in out
