@@ -31,12 +31,40 @@ def run(config, requests, **options):
         return [list(group.generate(r)) for r in requests]
 
 
+def _on_pool(config, requests, options):
+    """On every rank of a session pool: rank 0's events per request. The Runner is forgotten afterwards (its
+    options are this call's alone)."""
+    import torch.distributed as dist
+
+    from tests import pool_runner as pr
+
+    try:
+        runner = pr.pool_runner(config, **options)
+        out = [list(runner.generate(r.resolve(config))) for r in requests]
+    finally:
+        pr._RUNNERS.pop(repr(config), None)  # not runner.close(): that would end the pool's own group
+    return out if dist.get_rank() == 0 else None
+
+
+def run_on_pool(pools, config, requests, **options):
+    """run() on the session's gloo pool of the config's size (no processes of its own to spawn)."""
+    return pools(config.parallel.group_size).run(_on_pool, config, requests, {"return_latents": True, **options})[0]
+
+
 REQUEST = GenerateRequest("a red circle moving right", seed=1234, negative_prompt="blurry")
+# the one-rank launcher's requests: the baseline, then test_seeds_guidance_and_samplers's variations
+ONE_RANK = [REQUEST, dataclasses.replace(REQUEST, seed=99), dataclasses.replace(REQUEST, guidance_scale=1.0),
+            dataclasses.replace(REQUEST, sampler="euler", steps=2)]
 
 
 @pytest.fixture(scope="module")
-def baseline(wan_folder):
-    return run(tiny_config(wan_folder), [REQUEST])[0]
+def one_rank(wan_folder):
+    return run(tiny_config(wan_folder), ONE_RANK)
+
+
+@pytest.fixture(scope="module")
+def baseline(one_rank):
+    return one_rank[0]
 
 
 def test_events_stream_in_order(baseline):
@@ -55,10 +83,10 @@ def test_events_stream_in_order(baseline):
 
 
 @pytest.mark.parametrize("cfg, sp", [(1, 2), (1, 3), (2, 1), (2, 2)])
-def test_layouts_give_the_same_latents(wan_folder, baseline, cfg, sp):
+def test_layouts_give_the_same_latents(dist_pools, wan_folder, baseline, cfg, sp):
     """Noise depends on the seed only; SP shards and CFG-parallel halves reproduce sequential, unsharded results
-    (3 heads: uneven on 2 ranks, 18 tokens: padded on 4)."""
-    events = run(tiny_config(wan_folder, cfg, sp), [REQUEST])[0]
+    (3 heads: uneven on 2 ranks, 18 tokens: padded on 4). The same Runner on the session's pools."""
+    events = run_on_pool(dist_pools, tiny_config(wan_folder, cfg, sp), [REQUEST])[0]
     want, got = baseline[-1].latents, events[-1].latents
     assert ((got - want).norm() / want.norm()) < 1e-4
     frames = np.stack([e.image for e in events if isinstance(e, Frame)]).astype(int)
@@ -66,16 +94,13 @@ def test_layouts_give_the_same_latents(wan_folder, baseline, cfg, sp):
     assert np.abs(frames - ref).max() <= 1
 
 
-def test_gathering_every_step_changes_nothing(wan_folder, baseline):
-    events = run(tiny_config(wan_folder, 1, 2), [REQUEST], keep_latents_sharded=False)[0]
+def test_gathering_every_step_changes_nothing(dist_pools, wan_folder, baseline):
+    events = run_on_pool(dist_pools, tiny_config(wan_folder, 1, 2), [REQUEST], keep_latents_sharded=False)[0]
     assert torch.allclose(events[-1].latents, baseline[-1].latents, rtol=1e-4, atol=1e-5)
 
 
-def test_seeds_guidance_and_samplers(wan_folder):
-    config = tiny_config(wan_folder)
-    a, b, c, d = run(config, [REQUEST, dataclasses.replace(REQUEST, seed=99),
-                              dataclasses.replace(REQUEST, guidance_scale=1.0),
-                              dataclasses.replace(REQUEST, sampler="euler", steps=2)])
+def test_seeds_guidance_and_samplers(one_rank):
+    a, b, c, d = one_rank
     assert not torch.allclose(a[-1].latents, b[-1].latents)
     assert not torch.allclose(a[-1].latents, c[-1].latents)
     assert d[-1].num_frames == 9 and sum(isinstance(e, Progress) and e.stage == "denoise" for e in d) == 2
