@@ -10,7 +10,9 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
 import re
+import stat
 import reprlib
 import textwrap
 import types
@@ -251,6 +253,21 @@ class _StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys: `pip: [a]` then `pip: [b]` would drop [a] without a word.
+        first = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if seen is not key_node.start_mark:
+                raise _YamlRefused(f"a key given twice (first on line {seen.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
 
 # YAML 1.1's int and float, less base 60 (`1:30` is 90 there): its constructor is quadratic in the digits, so
 # a 1 MiB `1:1:1...` took 94 s of CPU, and no setting is written that way. Floats also take YAML 1.2's `1e-3`
@@ -363,29 +380,64 @@ def _deep_copy(data: Mapping[str, Any]) -> dict:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A config file as a dict ("~" expanded): at most MAX_CONFIG_BYTES, UTF-8, YAML without aliases. Errors name
-    the file and the line, never its contents."""
+class NotRegularFile(OSError):
+    """A path that names a FIFO, a device, a folder or a socket where a file is expected."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def open_regular(path: str | Path, *, follow_links: bool = True) -> int:
+    """A read-only descriptor of `path`, which must be a regular file: NotRegularFile (an OSError whose strerror
+    says what it is instead) for a FIFO, a device, a folder; ELOOP for a link without follow_links. Opened
+    O_NONBLOCK: a plain open() of a FIFO waits for a writer, for ever (reads of a regular file never block)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(0, f"not a regular file ({_kind(mode)})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_yaml_file(path: str | Path, what: str = "config file"):
+    """The YAML data of the file at path ("~" expanded), whatever it is: at most MAX_CONFIG_BYTES, a regular file,
+    UTF-8, YAML without aliases or repeated keys. ConfigErrors name the file (as `what`) and the line, never its
+    contents."""
     path = Path(path).expanduser()
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded even for /dev/zero or a growing file
+        with os.fdopen(open_regular(path), "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded even for a growing file
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: a config file may be at most {MAX_CONFIG_BYTES // 1024} KiB")
+        raise ConfigError(f"{path}: a {what} may be at most {MAX_CONFIG_BYTES // 1024} KiB")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     try:
-        data = safe_yaml_load(text)
+        return safe_yaml_load(text)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file as a dict (read_yaml_file): a mapping of sections, {} when empty."""
+    data = read_yaml_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{Path(path).expanduser()}: a config file must be a mapping of sections, got "
+                          f"{type(data).__name__}")
     return data
 
 

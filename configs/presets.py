@@ -30,7 +30,10 @@ def list_presets() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
-    if not isinstance(name, str) or name not in list_presets():  # never a path: '../x' must not reach a file
+    if not isinstance(name, str):  # `preset:` left empty, a number, a list
+        raise ConfigError(f"must be a preset name, got {'nothing' if name is None else _show(name)}; "
+                          f"presets: {', '.join(list_presets()) or 'none'}")
+    if name not in list_presets():  # never a path: '../x' must not reach a file
         near = difflib.get_close_matches(str(name).lower()[:100], list_presets(), n=1, cutoff=0.75)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(f"unknown preset {_show(name)}; {hint}presets: {', '.join(list_presets()) or 'none'}")
@@ -49,7 +52,12 @@ def preset_description(name: str) -> str:
 
 
 def _is_file(text: str) -> bool:
-    return text.endswith((".yaml", ".yml")) or "/" in text or text.startswith("~") or Path(text).is_file()
+    if text.endswith((".yaml", ".yml")) or "/" in text or text.startswith("~"):
+        return True
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for a file (ENAMETOOLONG), a NUL: a preset name, then
+        return False
 
 
 @dataclass(frozen=True)

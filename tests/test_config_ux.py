@@ -129,7 +129,9 @@ def test_a_file_names_its_preset(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("preset: wan\n", r"preset: unknown preset 'wan'; presets: cpu-smoke, tiny, wan2\.1-t2v-1\.3b"),
     ("preset: Wan2.1-T2V-14B\n", r"preset: unknown preset 'Wan2\.1-T2V-14B'; did you mean 'wan2\.1-t2v-14b'\? presets: "),
-    ("preset: 3\n", r"preset: unknown preset 3; presets: "),
+    ("preset: 3\n", r"preset: must be a preset name, got 3; presets: cpu-smoke, "),
+    ("preset:\n", r"preset: must be a preset name, got nothing; presets: cpu-smoke, "),
+    ("preset: [tiny]\n", r"preset: must be a preset name, got \['tiny'\]; presets: "),
     ("preset: ../presets/tiny\n", r"preset: unknown preset '\.\./presets/tiny'"),
 ])
 def test_a_bad_preset_key_is_refused(tmp_path, text, message):
@@ -345,3 +347,40 @@ def test_a_download_cut_short_names_the_command(wan_home, tmp_path):
     with pytest.raises(WeightsError, match=r"text_encoder") as err:
         WanTextEncoder.from_pretrained(folder)
     assert command in str(err.value)
+
+
+# -- what a config file may be (review of #16) --------------------------------------------------------------------
+
+
+def test_a_fifo_or_device_as_config_is_refused_at_once(tmp_path, capsys):
+    """A FIFO passes click's exists/dir_okay checks; a plain open() would wait for a writer for ever."""
+    import os
+
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a device"), (tmp_path, "a folder")):
+        with pytest.raises(ConfigError, match=f"^cannot read config file {path}: not a regular file \\({kind}\\)$"):
+            read_yaml(path)
+    result = odyssey_process("config", "show", "--config", fifo)  # its timeout (120 s) would mean it hung
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "(a FIFO)" in result.stderr, result.stderr
+
+
+def test_an_overlong_config_name_is_a_config_error(capsys):
+    name = "x" * 300  # past NAME_MAX: stat() fails with ENAMETOOLONG
+    code, _, err = odyssey_main(capsys, "config", "show", "--config", name)
+    assert code == 2 and err.count("\n") == 1 and "unknown preset 'xxx" in err, err
+    code, _, err = odyssey_main(capsys, "config", "show", "--config", name + ".yaml")
+    assert code == 2 and err.count("\n") == 1 and "cannot read config file" in err and "too long" in err, err
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sampling:\n  steps: 8\n  guidance_scale: 3.0\n  steps: 20\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML \(line 4, column 3: a key given twice \(first on "
+                                          r"line 2\)\)$"):
+        load_config(path)
+    path.write_text("sampling: {steps: 8}\nsampling: {guidance_scale: 3.0}\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 1: a key given twice"):
+        load_config(path)
+    path.write_text("sampling: {steps: 8}\nvideo: {fps: 8}\n")  # the same field name in two sections is fine
+    assert load_config(path).sampling.steps == 8
