@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pipeline import WanVAEDecoder
-from pipeline.launcher import LocalLauncher
 from pipeline.request import Frame, GenerateRequest, Result
 from tests.test_vae import reference_frames
 from tests.tiny_models import diffusers_vae, save_vae, wan_pipeline_folder
@@ -229,22 +228,20 @@ def test_tiling_with_a_group_is_refused_on_every_rank(dist_pools, folders):
 # -- through the Runner ---------------------------------------------------------------------------------------------
 
 
-class _EveryRank(LocalLauncher):
-    def generate_all(self, request):
-        """(rank 0's events, every rank's Result by rank)."""
-        request = request if request.is_resolved else request.resolve(self.config)
-        for q in self.requests:
-            q.put(request)
-        events, results = [], {}
-        while len(results) < self.world:
-            rank, kind, payload = self._get()
-            if kind == "error":
-                self._raise(rank, payload)
-            if isinstance(payload, Result):
-                results[rank] = payload
-            if rank == 0:
-                events.append(payload)
-        return events, results
+def _every_rank(config, request):
+    """On every rank of a session pool (the Runner forgotten afterwards): (rank 0's events or None, this rank's
+    Result)."""
+    import torch.distributed as dist
+
+    from tests import pool_runner as pr
+
+    try:
+        runner = pr.pool_runner(config, return_latents=True)
+        events = list(runner.generate(request.resolve(config)))
+    finally:
+        pr._RUNNERS.pop(repr(config), None)  # not runner.close(): that would end the pool's own group
+    assert isinstance(events[-1], Result), events[-1]
+    return (events if dist.get_rank() == 0 else None), events[-1]
 
 
 @pytest.fixture(scope="module")
@@ -252,14 +249,15 @@ def wan_folder(tmp_path_factory):
     return wan_pipeline_folder(tmp_path_factory.mktemp("wan") / "wan")
 
 
-def _run(folder, *overrides, seed=3):
-    """(rank 0's frames [9, 48, 32, 3], every rank's Result by rank) of one request on a fresh Runner group, after
-    checking the stream's shape: frames 0..8 in order, the first before the Result, the Result last."""
+def _run(pools, folder, *overrides, seed=3):
+    """(rank 0's frames [9, 48, 32, 3], every rank's Result by rank) of one request on a fresh Runner on the
+    session's gloo pool, after checking the stream's shape: frames 0..8 in order, the first before the Result, the
+    Result last."""
     from configs import load_config
 
     config = load_config("cpu-smoke", [f"model.path={folder}", "video.height=48", "video.width=32", *overrides])
-    with _EveryRank(config, timeout_s=120, runner_options={"return_latents": True}) as group:
-        events, results = group.generate_all(GenerateRequest(PROMPT, seed=seed))
+    out = pools(config.parallel.group_size).run(_every_rank, config, GenerateRequest(PROMPT, seed=seed))
+    events, results = out[0][0], {rank: result for rank, (_, result) in enumerate(out)}
     frames = [e for e in events if isinstance(e, Frame)]
     kinds = [type(e).__name__ for e in events]
     assert kinds.index("Frame") < kinds.index("Result") == len(kinds) - 1
@@ -276,18 +274,18 @@ def _decoded_here(folder, result) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def sp2_unsplit(wan_folder):
+def sp2_unsplit(dist_pools, wan_folder):
     """Frames of the SP=2 run with rank 0 decoding alone."""
-    frames, results = _run(wan_folder, "parallel.ulysses_degree=2", "parallel.vae_parallel=false")
+    frames, results = _run(dist_pools, wan_folder, "parallel.ulysses_degree=2", "parallel.vae_parallel=false")
     assert "decode_s" in results[0].timings and "decode_s" not in results[1].timings  # rank 1 did not decode
     return frames
 
 
 @pytest.mark.parametrize("parallel", ["parallel.ulysses_degree=2", "parallel.cfg_degree=2"])
-def test_runner_split_decode_gives_the_same_frames(wan_folder, sp2_unsplit, parallel):
+def test_runner_split_decode_gives_the_same_frames(dist_pools, wan_folder, sp2_unsplit, parallel):
     """vae_parallel on: both ranks decode (CFG-parallel ranks included) and rank 0 streams the frames rank 0 alone
     decodes: for SP=2 the vae_parallel=false run's; for CFG=2 the one-rank decode of the same latents."""
-    frames, results = _run(wan_folder, parallel, "parallel.vae_parallel=true")
+    frames, results = _run(dist_pools, wan_folder, parallel, "parallel.vae_parallel=true")
     assert all("decode_s" in r.timings for r in results.values()), results  # every rank decoded its band
     want = _decoded_here(wan_folder, results[0])
     if parallel.startswith("parallel.ulysses"):
@@ -298,8 +296,8 @@ def test_runner_split_decode_gives_the_same_frames(wan_folder, sp2_unsplit, para
     assert _max_diff(frames, want) <= 1
 
 
-def test_runner_with_tiling_decodes_on_rank_zero(wan_folder, sp2_unsplit):
-    frames, results = _run(wan_folder, "parallel.ulysses_degree=2", "parallel.vae_parallel=true",
+def test_runner_with_tiling_decodes_on_rank_zero(dist_pools, wan_folder, sp2_unsplit):
+    frames, results = _run(dist_pools, wan_folder, "parallel.ulysses_degree=2", "parallel.vae_parallel=true",
                            "model.vae_tiling=true")
     assert "decode_s" in results[0].timings and "decode_s" not in results[1].timings
     assert _max_diff(frames, sp2_unsplit) <= 1  # 48 x 32 pixels: smaller than a tile, so not tiled either
