@@ -13,6 +13,8 @@ import os
 import stat
 from pathlib import Path
 
+from configs.loader import open_regular
+
 from .prompts import UNPRINTABLE, printable
 
 __all__ = ["ManifestError", "append_manifest_line", "check_manifest", "manifest_line", "read_records",
@@ -86,14 +88,31 @@ REQUEST_FIELDS = ("negative_prompt", "height", "width", "frames", "fps", "steps"
 CONFIG_FIELDS = (("model", "path"), ("model", "dtype"), ("parallel", "fp8_comm"))
 
 
+MAX_RECORD_BYTES = 1024 * 1024
+"""A manifest line longer than this is skipped unread (a record is a few KiB: prompts are capped far below)."""
+
+
+def _lines(f, limit: int = MAX_RECORD_BYTES):
+    """Each line of the binary file f, or None for one longer than `limit`, which is read past in bounded chunks:
+    a line of a gigabyte with no newline is never held whole."""
+    while line := f.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := f.readline(64 * 1024)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
 def read_records(path: Path) -> dict[str, dict]:
     """{output file name: what its latest record says it was made from} (see request_changes) from the manifest at
     `path`; {} when there is none. Read like it is written: never through a link, never blocking on a FIFO. Lines
-    that are not JSON objects (one cut short by a full disk) say nothing."""
+    that are not JSON objects (one cut short by a full disk), nested too deep for the parser or longer than
+    MAX_RECORD_BYTES say nothing: a video they were about has no record (kept, said so)."""
     path = Path(path)
     check_manifest(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_regular(path, follow_links=False)
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -101,11 +120,13 @@ def read_records(path: Path) -> dict[str, dict]:
     records = {}
     with os.fdopen(fd, "rb") as f:
         _check_stat(path, os.fstat(f.fileno()))
-        for raw in f:
+        for raw in _lines(f):
+            if raw is None:
+                continue
             try:
                 record = json.loads(raw)
                 name = Path(record["output"]).name
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: '[' * 200000
                 continue
             request, config = record.get("request"), record.get("config")
             if not isinstance(request, dict) or not isinstance(config, dict):

@@ -73,6 +73,34 @@ def test_records_say_what_changed(tmp_path):
     assert read_records(tmp_path / "none.jsonl") == {}
 
 
+def test_records_survive_hostile_lines(tmp_path):
+    """A line nested past the JSON parser's recursion limit, or longer than MAX_RECORD_BYTES (64 MiB with no
+    newline here), says nothing: the records around it still count, and the long one is never held in memory."""
+    import tracemalloc
+
+    from cluster.manifest import MAX_RECORD_BYTES
+
+    config = load_config("tiny")
+    request = GenerateRequest("a red circle moving right", seed=5).resolve(config)
+    manifest = tmp_path / "manifest.jsonl"
+    _record(manifest, request, config, tmp_path / "0-a.mp4")
+    with open(manifest, "a") as f:
+        f.write("[" * 200_000 + "]" * 200_000 + "\n")
+        f.write('{"output": "2-c.mp4", "pad": "' + "x" * MAX_RECORD_BYTES + '"}\n')  # just over: skipped
+    _record(manifest, request, config, tmp_path / "1-b.mp4")
+    with open(manifest, "a") as f:
+        f.write('{"output": "3-d.mp4", "pad": "' + "x" * (64 << 20))  # a run killed mid-write, or a planted file
+    tracemalloc.start()
+    try:
+        records = read_records(manifest)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(records) == ["0-a.mp4", "1-b.mp4"]
+    assert request_changes(records["1-b.mp4"], request, config) == []
+    assert peak < 4 * MAX_RECORD_BYTES, f"read_records held {peak / 2**20:.0f} MiB"
+
+
 def test_records_are_never_read_through_a_link(tmp_path):
     (tmp_path / "elsewhere.jsonl").write_text("")
     (tmp_path / "manifest.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
