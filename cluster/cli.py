@@ -172,14 +172,26 @@ def _embedded_model_notes(items, config, strict_vocab: bool) -> None:
         click.echo(f"odyssey: warning: {_printable(note)}", err=True)
 
 
-def _run(config, jobs, address, manifest, progress, on_event=None):
+def _preset_of(config_source) -> str | None:
+    """The preset --config starts from (a file's `preset:`, else the default), for the missing-weights hint; None
+    when it cannot be read (resolve_config has read it by now, so it can)."""
+    from configs.presets import resolve
+
+    try:
+        chain = resolve(config_source or DEFAULT_PRESET)[1].presets
+    except ValueError:
+        return None
+    return chain[-1] if chain else None
+
+
+def _run(config, jobs, address, manifest, progress, on_event=None, preset=None):
     from .driver import Driver
     from .prompts import printable
 
     ctx = click.get_current_context(silent=True)
     debug = bool(ctx and ctx.find_root().params.get("debug"))  # --debug: a local Ray's own lines too
     with Driver(config, address=address, manifest=manifest, progress=None if progress == "none" else progress,
-                on_event=on_event, ray_logs=debug) as d:
+                on_event=on_event, ray_logs=debug, preset=preset) as d:
         outcomes = d.run(jobs)
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:
@@ -312,7 +324,7 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
         raise InputError(str(e)) from None
     _embedded_model_notes([("the prompt", request)], config, strict_vocab)
     _run(config, [Job(0, request, output, name=prompt)], address, manifest, progress,
-         on_event=PreviewFile(preview) if preview is not None else None)
+         on_event=PreviewFile(preview) if preview is not None else None, preset=_preset_of(config_source))
 
 
 @cli.command()
@@ -388,7 +400,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(output_dir)  # killed runs' only: another batch may be writing into this folder too
-    _run(config, jobs, address, manifest, progress)
+    _run(config, jobs, address, manifest, progress, preset=_preset_of(config_source))
 
 
 # -- submit / cluster -----------------------------------------------------------------------------------------------
@@ -423,7 +435,8 @@ def submit(address, working_dir, token_file, pip, runtime_env_file, no_wait, ody
     except ValueError as e:
         raise InputError(str(e)) from None
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    code = submit_job(address, list(odyssey_args), runtime_env, wait=not no_wait)
+    debug = bool(click.get_current_context().find_root().params.get("debug"))
+    code = submit_job(address, list(odyssey_args), runtime_env, wait=not no_wait, debug=debug)
     if code:
         sys.exit(code)
 
@@ -536,7 +549,10 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    # only odyssey's own --debug, before the command, counts: after it, it is the command's (unknown) option or
+    # the value of one (a prompt), and the traceback of its usage error is no help
+    command_at = next((i for i, a in enumerate(args) if a == "--" or not a.startswith("-")), len(args))
+    debug = "--debug" in args[:command_at]
     # SIGTERM unwinds like Ctrl-C: partial files removed, actors and placement groups released, local Ray stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -546,6 +562,11 @@ def main(argv=None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("odyssey: interrupted", err=True)
         sys.exit(130)
+    except click.NoSuchOption as e:
+        if e.option_name == "--debug" and e.ctx is not None and e.ctx.parent is not None:
+            command = e.ctx.command_path.split(" ", 1)[1]
+            _fail(f"put --debug before the command: odyssey --debug {command} ...", e.exit_code, False)
+        _fail(e.format_message(), e.exit_code, debug)
     except click.ClickException as e:
         _fail(e.format_message(), e.exit_code, debug)
     except ValueError as e:  # config, input, weights and placement problems

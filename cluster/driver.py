@@ -28,7 +28,7 @@ from .token_file import secure_default_token
 from .validate import check_batch, check_config
 from .video import StreamingMP4
 
-__all__ = ["Driver", "Job", "Outcome", "connect_ray"]
+__all__ = ["Driver", "Job", "Outcome", "connect_ray", "check_model_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,24 @@ def connect_ray(address: str | None, num_cpus: int | None = None, *, ray_logs: b
     return True
 
 
+def check_model_folder(path, preset: str | None = None) -> None:
+    """ValueError (one line, naming how to get the weights: download_hint, for the size `preset` says) unless the
+    folder at `path` holds a Wan2.1 model: the DiT's config.json and safetensors headers, the text encoder's and
+    the VAE's files, checked as their loaders check them, reading no weights. For a cluster that is this machine,
+    before Ray starts (an empty folder must not cost a Ray start, nor show as 'no GPU' on a CPU box)."""
+    from pipeline.weights import download_hint, hint_preset  # torch: only for a model folder
+
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"model.path {path} does not exist: {download_hint(path, preset)}")
+    from pipeline.text_encoder import locate
+    from pipeline.vae_weights import _locate as locate_vae
+    from pipeline.weights import read_dit_headers
+
+    with hint_preset(preset):
+        for check in (read_dit_headers, locate, locate_vae):
+            check(Path(path).expanduser())
+
+
 class Driver:
     """with Driver(config) as d: outcomes = d.run(jobs)
 
@@ -90,12 +108,13 @@ class Driver:
 
     def __init__(self, config: OdysseyConfig, *, address: str | None = None, manifest: Path | None = None,
                  progress: str | bool | None = "auto", on_event: Callable | None = None, persistent: bool = False,
-                 ray_logs: bool = False):
+                 ray_logs: bool = False, preset: str | None = None):
         """persistent: a service's driver: a replica that fails to start is retried for as long as the driver
         lives (only a config that can never work, a ValueError, is fatal), instead of failing the batch after
         runtime.scale_up_timeout_s without any replica. ray_logs: show a local Ray's own start-up lines and
-        warnings (connect_ray)."""
-        self.config, self.address, self.manifest = config, address, manifest
+        warnings (connect_ray). preset: the preset the config started from (the CLI's --config), so that the
+        missing-weights hint names the repository of the size it says (the folder's name is the fallback)."""
+        self.config, self.address, self.manifest, self.preset = config, address, manifest, preset
         self.persistent, self.ray_logs = persistent, ray_logs
         self.ray_init_s = 0.0  # starting (or joining) Ray in start(); 0 when Ray was up already
         self.started_at = 0.0  # wall clock when start() began
@@ -136,19 +155,23 @@ class Driver:
         path = self.config.model.path
         # only when this machine is the cluster: in a Ray already joined (a Serve replica on the head) the weights
         # live on the workers' nodes, which check their own folder when they load
-        if path is not None and self.address is None and not os.environ.get("RAY_ADDRESS") \
-                and not ray.is_initialized():
-            if not Path(path).expanduser().exists():
-                from pipeline.weights import download_hint  # torch: only on this error's path
-
-                raise ValueError(f"model.path {path} does not exist: {download_hint(path)}")
+        if path is not None and self._local_cluster() and not ray.is_initialized():
+            check_model_folder(path, self.preset)
         check_config(self.config)
+
+    def _local_cluster(self) -> bool:
+        """Whether start() will start a Ray on this machine (no cluster named)."""
+        return self.address is None and not os.environ.get("RAY_ADDRESS")
 
     def start(self) -> None:
         """Plan, ask for what the cluster lacks, start every replica slot, and return once the first replica is up
         (or raise what stopped every replica from starting)."""
         self.validate()
         self.started_at, t0 = time.time(), time.perf_counter()
+        import ray
+
+        if self._local_cluster() and not ray.is_initialized():  # seconds of silence otherwise (lines mode)
+            self.reporter.note(f"starting a local Ray ({os.cpu_count()} CPUs) ...")
         self._owns_ray = connect_ray(self.address, ray_logs=self.ray_logs)
         self.ray_init_s = time.perf_counter() - t0 if self._owns_ray else 0.0
         nodes = cluster_nodes()
@@ -168,6 +191,9 @@ class Driver:
                         "the rest; starting on the first replica placed, waiting up to %g s "
                         "(runtime.scale_up_timeout_s)", layout, missing, rt.scale_up_timeout_s)
         self.replicas = [None] * par.replicas
+        ranks = par.group_size
+        self.reporter.note(f"placing {par.replicas} replica{'s' * (par.replicas > 1)} of {ranks} "
+                           f"rank{'s' * (ranks > 1)} and loading the model ...")
         self._no_replica_since = time.monotonic()
         self._slots = [threading.Thread(target=self._slot, args=(i,), daemon=True, name=f"odyssey-replica-{i}")
                        for i in range(par.replicas)]

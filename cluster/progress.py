@@ -25,6 +25,10 @@ def cache_note(cache: dict | None) -> str:
 class ProgressReporter:
     """Silent base: the interface the driver calls."""
 
+    def note(self, text: str) -> None:
+        """What the driver is doing before any prompt runs (starting Ray, placing replicas): seconds that would
+        otherwise pass without a line. Lines mode only: a bar has nothing to describe yet, and quiet is quiet."""
+
     def start(self, index: int, name: str, replica: int, attempt: int) -> None: ...
 
     def event(self, index: int, event) -> None: ...
@@ -64,6 +68,9 @@ class LineReporter(ProgressReporter):
         if index is not None:
             self.last_line[index] = self.clock()
         print(text, file=self.stream, flush=True)
+
+    def note(self, text):
+        self._say(None, text)
 
     def start(self, index, name, replica, attempt):
         name = printable(name, 80)

@@ -4,6 +4,8 @@ never materialised twice."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -20,7 +22,7 @@ from .dit import WanDiT, WanDiTConfig
 
 __all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
            "WeightsError", "model_root", "inside_model", "read_header", "check_blocks", "file_fingerprint",
-           "MAX_DIT_LAYERS", "user_path", "download_hint", "WAN_REPOS", "MissingWeightsError"]
+           "MAX_DIT_LAYERS", "user_path", "download_hint", "hint_preset", "WAN_REPOS", "MissingWeightsError"]
 
 MAX_DIT_LAYERS = 256  # Wan2.1 has 30 (1.3B) or 40 (14B): a header naming block 4999 must not build 5000 on meta
 FINGERPRINT_BYTES = 1 << 20  # tensor data hashed per weight file when ranks compare what they loaded
@@ -68,18 +70,49 @@ WAN_REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B", "14B": "Wan-AI/Wan2.1-T2V-14B"}
 """The Hugging Face repositories of the supported text-to-video models (the -Diffusers variants load too)."""
 
 
-def download_hint(path) -> str:
-    """How to put the weights at `path`: the `hf download` command for the Wan2.1 size the folder's name says
-    (1.3B or 14B; the 1.3B one, naming the 14B repo as the alternative, when it says neither), of the -Diffusers
-    repo when the name says so."""
+_HINT_PRESET: contextvars.ContextVar[str | None] = contextvars.ContextVar("odyssey_hint_preset", default=None)
+
+
+@contextlib.contextmanager
+def hint_preset(preset: str | None):
+    """Within it, download_hint (from any loader's check) names the repository of the Wan size `preset` says
+    (wan2.1-t2v-14b: the 14B one) before the folder's name, and says when the preset is not a Wan one (tiny's
+    sizes and steps with Wan weights). The driver's check of a model folder runs in one; the ranks, which do not
+    know the preset, go by the folder's name."""
+    token = _HINT_PRESET.set(preset)
+    try:
+        yield
+    finally:
+        _HINT_PRESET.reset(token)
+
+
+def _wan_sizes(name: str) -> list[str]:
+    """The Wan2.1 sizes a folder or preset name says: ['14B'], ['1.3B'], both or neither."""
+    name = name.lower()
+    return [size for size, tag in (("14B", r"14b"), ("1.3B", r"1[._-]?3b")) if re.search(tag, name)]
+
+
+def download_hint(path, preset: str | None = None) -> str:
+    """How to put the weights at `path`: the `hf download` command for the Wan2.1 size the config's preset says
+    (`preset`, else the hint_preset in effect), else the folder's name (1.3B or 14B; the 1.3B one, naming the 14B
+    repo as the alternative, when neither says), of the -Diffusers repo when the folder's name says so. A preset
+    that is not a Wan one (tiny, cpu-smoke) also gets the --config that gives Wan's sizes and settings."""
     path = user_path(path)
-    name = path.name.lower()
-    sizes = [size for size, tag in (("14B", r"14b"), ("1.3B", r"1[._-]?3b")) if re.search(tag, name)]
-    suffix = "-Diffusers" if "diffusers" in name else ""
+    preset = preset if preset is not None else _HINT_PRESET.get()
+    by_preset = _wan_sizes(preset) if preset else []
+    sizes = by_preset if len(by_preset) == 1 else _wan_sizes(path.name)
+    suffix = "-Diffusers" if "diffusers" in path.name.lower() else ""
     size = sizes[0] if len(sizes) == 1 else "1.3B"
     other = "" if len(sizes) == 1 else f"or {WAN_REPOS['14B']}{suffix}; "
-    return (f"download the weights with `hf download {WAN_REPOS[size]}{suffix} --local-dir {shlex.quote(str(path))}` "
-            f"({other}hf comes with `pip install huggingface_hub`), or set model.path to a folder that has them")
+    hint = (f"download the weights with `hf download {WAN_REPOS[size]}{suffix} --local-dir "
+            f"{shlex.quote(str(path))}` ({other}hf comes with `pip install huggingface_hub`), or set model.path to "
+            f"a folder that has them")
+    if preset and not by_preset:
+        wan = f"wan2.1-t2v-{size.lower()}"
+        alt = "" if len(sizes) == 1 else " (or wan2.1-t2v-14b)"
+        hint += (f"; preset {preset} keeps the embedded model's sizes and settings: add `--config {wan}`{alt} for "
+                 f"Wan's")
+    return hint
 
 
 def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str) -> None:
