@@ -80,14 +80,16 @@ def job_runtime_env(working_dir: str | None = None, pip: tuple[str, ...] | list[
     """The runtime_env of `odyssey submit`: FILE's (Ray's runtime_env as YAML or JSON) with --working-dir (uploaded
     without EXCLUDES) and --pip packages added. ValueError, one line, for a file that cannot be read, an unknown
     field, or options that say the same thing twice (a working dir in both places, --pip beside conda or uv)."""
-    from configs import ConfigError, read_yaml
+    from configs import ConfigError
+    from configs.loader import read_yaml_file
 
     env: dict = {}
     if runtime_env_file is not None:
-        try:
-            data = read_yaml(runtime_env_file)  # bounded, UTF-8, no YAML aliases; JSON is YAML
+        try:  # a regular file, bounded, UTF-8, no YAML aliases or repeated keys; JSON is YAML
+            data = read_yaml_file(runtime_env_file, what="file")
         except ConfigError as e:
-            raise ValueError(f"--runtime-env: {e}".replace("config file", "file")) from None
+            raise ValueError(f"--runtime-env: {e}") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ValueError(f"--runtime-env {runtime_env_file}: expected a mapping of Ray runtime_env fields "
                              f"(working_dir, pip, env_vars, ...), got {type(data).__name__}")
@@ -101,7 +103,15 @@ def job_runtime_env(working_dir: str | None = None, pip: tuple[str, ...] | list[
             raise ValueError(f"the working dir is given twice: --working-dir {working_dir} and working_dir in "
                              f"--runtime-env {runtime_env_file}; keep one")
         env["working_dir"] = working_dir
-    if "working_dir" in env and "://" not in str(env["working_dir"]):  # a local folder Ray zips and uploads
+    # Local paths (not URIs) take ~ like every path Odyssey takes; Ray would look for a folder named "~".
+    if _is_local(env.get("working_dir")):
+        env["working_dir"] = os.path.expanduser(env["working_dir"])
+    if isinstance(env.get("py_modules"), list):
+        env["py_modules"] = [os.path.expanduser(m) if _is_local(m) else m for m in env["py_modules"]]
+    # Ray applies `excludes` to the local folders it zips and uploads: the working dir and py_modules folders (a
+    # .whl module goes up as it is).
+    if _is_local(env.get("working_dir")) or any(_is_local(m) and not m.endswith(".whl")
+                                                 for m in env.get("py_modules") or [] if isinstance(m, str)):
         excludes = env.get("excludes") or []
         if not isinstance(excludes, list):
             raise ValueError(f"--runtime-env {runtime_env_file}: excludes must be a list of patterns")
@@ -136,6 +146,11 @@ def job_runtime_env(working_dir: str | None = None, pip: tuple[str, ...] | list[
     return env
 
 
+def _is_local(path) -> bool:
+    """A runtime_env path that names a local file or folder (uploaded by Ray), not a URI (s3://, gs://, https://)."""
+    return isinstance(path, str) and "://" not in path
+
+
 def _pip_specs(have, added) -> list:
     """Every package spec of a runtime_env's pip field (list, or dict with packages) and --pip's."""
     if isinstance(have, dict):
@@ -151,11 +166,16 @@ def not_found_hint(job_id: str) -> str:
             f"git+https:// URL of Odyssey the nodes can reach) or --runtime-env FILE")
 
 
-def submit_job(address: str, odyssey_args: list[str], runtime_env: dict | None, wait: bool) -> int:
+def submit_job(address: str, odyssey_args: list[str], runtime_env: dict | None, wait: bool,
+               debug: bool = False) -> int:
     """Submit `odyssey ODYSSEY_ARGS` as a Ray Job with runtime_env (job_runtime_env). Returns the exit code to use:
-    0 if the job succeeded."""
+    0 if the job succeeded. debug (--debug): Ray's SDK's INFO lines too ('WebSocket closed for job ...')."""
+    import logging
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    # The SDK sets its logger to INFO when imported, and logs the end of every log stream it tails.
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.INFO if debug else logging.WARNING)
     client = JobSubmissionClient(address)
     entrypoint = shlex.join(["odyssey", *odyssey_args])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
@@ -187,7 +207,9 @@ def submit_job(address: str, odyssey_args: list[str], runtime_env: dict | None, 
     code = getattr(info, "driver_exit_code", None)
     if not isinstance(code, int) or isinstance(code, bool):
         code = None
-    if code == _NOT_FOUND_EXIT or (seen["not_found"] and status == JobStatus.FAILED):
+    # The log's pattern counts only where the exit code could be such a failure (a Python's ImportError is 1):
+    # a command that failed with another code said why, and the pattern may be a prompt quoted in its error.
+    if code == _NOT_FOUND_EXIT or (seen["not_found"] and status == JobStatus.FAILED and code in (1, None)):
         print(not_found_hint(job_id), file=sys.stderr)
         return code if code and 0 < code < 256 else 1
     if code is not None and 0 < code < 256:
@@ -196,8 +218,19 @@ def submit_job(address: str, odyssey_args: list[str], runtime_env: dict | None, 
         return code
     lines = (info.message or "").strip().splitlines()  # Ray's first line says what; the rest are the logs again
     reason = printable(lines[0], 2000) if lines else ""
+    if reason.startswith("runtime_env setup failed"):  # "Failed to set up runtime environment.": the why is below
+        detail = _setup_failure(lines[1:])
+        reason += f" ({printable(detail, 500)})" if detail else ""
     print(f"odyssey: job {job_id} {status.value.lower()}: {reason}".rstrip(": "), file=sys.stderr)
     return 1
+
+
+def _setup_failure(lines: list[str]) -> str:
+    """What a failed runtime_env setup's message (a traceback, then the installer's last lines) says went wrong:
+    its last line that pip starts with 'ERROR:', else its last non-empty line."""
+    lines = [line.strip() for line in lines if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or [""])[-1]
 
 
 def validate_cluster_yaml(path: str | Path) -> dict:

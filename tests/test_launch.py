@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata as metadata
 import json
+import logging
 import os
 import re
 import shlex
@@ -303,6 +304,7 @@ def test_runtime_env_file_reaches_the_job(local_head, tmp_path):
                      home=local_head.laptop, timeout=240)
     assert result.returncode == 0, result.stderr + result.stdout
     assert f"probe saw {marker}" in result.stdout and "tiny" in result.stdout
+    assert "WebSocket closed" not in result.stderr, result.stderr  # Ray's SDK's INFO line: --debug only
 
 
 def test_jobs_api_refuses_callers_without_the_token(local_head, tmp_path):
@@ -451,7 +453,7 @@ def test_runtime_env_options_add_up_and_refuse_contradictions(tmp_path):
         "conda: {dependencies: [numpy]}\n": "--pip cannot be combined with conda",
         "pip: requirements.txt\n": "(a requirements file)",
         "env_vars: {A: 1}\n": "must be of type Dict[str, str]",
-        "- pip\n": "must be a mapping",
+        "- pip\n": "expected a mapping of Ray runtime_env fields",
         "a: &x 1\nb: *x\n": "aliases",
     }
     for text, message in refused.items():
@@ -463,13 +465,56 @@ def test_runtime_env_options_add_up_and_refuse_contradictions(tmp_path):
     assert result.stderr.count("\n") == 1 and "aliases" in result.stderr, result.stderr
 
 
+def test_runtime_env_files_are_read_strictly(tmp_path):
+    """A list is not a runtime_env (said in runtime_env words), a key given twice is refused (YAML keeps the last),
+    and a FIFO passes click's exists/dir_okay checks but is refused at once (a plain open() waits for a writer)."""
+    from cluster.submit import job_runtime_env
+
+    env_file = tmp_path / "env.yaml"
+    for text, message in {"- pip\n": "expected a mapping of Ray runtime_env fields (working_dir, pip, env_vars, ...), "
+                                      "got list",
+                          "pip: [a]\npip: [b]\n": "line 2, column 1: a key given twice (first on line 1)"}.items():
+        env_file.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            job_runtime_env(None, [], env_file)
+        with pytest.raises(ValueError) as refused:
+            job_runtime_env(None, [], env_file)
+        assert "config" not in str(refused.value) and "sections" not in str(refused.value)
+    fifo = tmp_path / "env.fifo"
+    os.mkfifo(fifo)
+    result = odyssey("submit", "--runtime-env", fifo, "--", "config", "presets", home=tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot read file {fifo}: not a regular file (a FIFO)" in result.stderr
+
+
+def test_local_runtime_env_paths_take_home_and_uploads_take_the_excludes(tmp_path, monkeypatch):
+    """working_dir and py_modules name local folders Ray zips and uploads: `~` means HOME there as everywhere, and
+    Ray applies `excludes` to py_modules folders too, so they get the project's (a .whl module and URIs are not
+    zipped: no excludes for them alone)."""
+    from cluster.submit import EXCLUDES, job_runtime_env
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("proj", "lib"):
+        (tmp_path / name).mkdir()
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("working_dir: ~/proj\n")
+    assert job_runtime_env(None, [], env_file) == {"working_dir": str(tmp_path / "proj"), "excludes": EXCLUDES}
+    env_file.write_text("py_modules: [~/lib, s3://bucket/mod.zip]\nexcludes: ['*.log']\n")
+    assert job_runtime_env(None, [], env_file) == {"py_modules": [str(tmp_path / "lib"), "s3://bucket/mod.zip"],
+                                                   "excludes": ["*.log", *EXCLUDES]}
+    (tmp_path / "m-1.0-py3-none-any.whl").write_bytes(b"")
+    env_file.write_text("py_modules: [~/m-1.0-py3-none-any.whl, s3://bucket/mod.zip]\n")
+    assert job_runtime_env(None, [], env_file) == {
+        "py_modules": [str(tmp_path / "m-1.0-py3-none-any.whl"), "s3://bucket/mod.zip"]}
+
+
 class _FakeJobs:
     """JobSubmissionClient's surface that submit_job uses, for outcomes a loopback head cannot stage cheaply."""
 
     submitted: list = []
 
-    def __init__(self, address, logs="", code=None, status="FAILED"):
-        self.address, self.logs, self.code, self.status = address, logs, code, status
+    def __init__(self, address, logs="", code=None, status="FAILED", message="Job entrypoint command failed"):
+        self.address, self.logs, self.code, self.status, self.message = address, logs, code, status, message
 
     def submit_job(self, entrypoint, runtime_env):
         self.submitted.append((entrypoint, runtime_env))
@@ -478,6 +523,9 @@ class _FakeJobs:
     async def tail_job_logs(self, job_id):
         for part in (self.logs[: len(self.logs) // 2], self.logs[len(self.logs) // 2:]):  # a line split in two
             yield part
+        # what the real client logs when the stream ends (ray.dashboard.modules.job.sdk, INFO)
+        logging.getLogger("ray.dashboard.modules.job.sdk").info(f"WebSocket closed for job {job_id} with close code "
+                                                                f"1000")
 
     def get_job_status(self, job_id):
         from ray.job_submission import JobStatus
@@ -485,13 +533,16 @@ class _FakeJobs:
         return JobStatus[self.status]
 
     def get_job_info(self, job_id):
-        return type("Info", (), {"driver_exit_code": self.code, "message": "Job entrypoint command failed"})()
+        return type("Info", (), {"driver_exit_code": self.code, "message": self.message})()
 
 
 @pytest.mark.parametrize("logs, code, hint", [
     ("/bin/sh: 1: odyssey: not found\n", 127, True),
     ("ModuleNotFoundError: No module named 'actors'\n", 1, True),  # a worker node without Odyssey
     ("odyssey: error: the prompt is empty\n", 2, False),
+    ("/bin/sh: 1: odyssey: not found\n", None, True),  # the code unknown: the log says it
+    # the log's pattern quoted in a command's own error (a prompt): its known exit code says it ran
+    ("odyssey: error: unknown words in 'No module named 'cluster'' (--strict-vocab)\n", 2, False),
 ])
 def test_submit_says_what_to_do_when_nodes_lack_odyssey(monkeypatch, capsys, logs, code, hint):
     import ray.job_submission
@@ -503,11 +554,62 @@ def test_submit_says_what_to_do_when_nodes_lack_odyssey(monkeypatch, capsys, log
     _FakeJobs.submitted.clear()
     result = CliRunner().invoke(cli, ["submit", "--address", "http://127.0.0.1:1", "--pip", "a==1", "--pip", "b",
                                       "--", "generate", "x"])
-    assert result.exit_code == code
+    assert result.exit_code == (code or 1)
     assert _FakeJobs.submitted == [("odyssey generate x", {"pip": ["a==1", "b"]})]
     lines = [line for line in result.stderr.splitlines() if "cannot run Odyssey" in line]
     assert len(lines) == (1 if hint else 0), result.stderr
     assert hint or f"odyssey exited with {code}" in result.stderr
+
+
+PIP_FAILED = """runtime_env setup failed: Failed to set up runtime environment.
+Failed to create runtime env {"pip": {"packages": ["nosuchpkg==99"]}}.
+Traceback (most recent call last):
+  File "ray/_private/runtime_env/pip.py", line 290, in _install_pip_packages
+ray._private.runtime_env.utils.SubprocessCalledProcessError: Run cmd[3] failed with the following details.
+Command '['/tmp/ray/virtualenv/bin/python', '-m', 'pip', 'install', 'nosuchpkg==99']' returned non-zero exit status 1.
+Last 50 lines of stdout:
+    ERROR: Could not find a version that satisfies the requirement nosuchpkg==99 (from versions: none)
+    ERROR: No matching distribution found for nosuchpkg==99
+
+"""
+
+
+@pytest.mark.parametrize("message, reason", [
+    (PIP_FAILED, "runtime_env setup failed: Failed to set up runtime environment. (ERROR: No matching distribution "
+                 "found for nosuchpkg==99)"),
+    ("runtime_env setup failed: Failed to set up runtime environment.\nTraceback (most recent call last):\n  File "
+     "x\nFileNotFoundError: /data/mods does not exist\n", "runtime_env setup failed: Failed to set up runtime "
+     "environment. (FileNotFoundError: /data/mods does not exist)"),
+    ("Job supervisor actor died\nmore\n", "Job supervisor actor died"),
+])
+def test_a_failed_job_environment_says_why_in_one_line(monkeypatch, capfd, message, reason):
+    """Ray's message for a runtime_env that could not be set up says what in its first line and why in pip's last
+    ERROR: line (or its last line); one stderr line says both. Ray's SDK's 'WebSocket closed' INFO line stays out
+    unless --debug."""
+    import ray.job_submission
+
+    from cluster.cli import main
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient",
+                        lambda address: _FakeJobs(address, logs="", code=None, message=message))
+    sdk = logging.getLogger("ray.dashboard.modules.job.sdk")
+    seen: list[str] = []  # Ray's own handler writes to the stderr it found at import: watch the records instead
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    sdk.addHandler(handler)
+    try:
+        for debug in ([], ["--debug"]):
+            seen.clear()
+            with pytest.raises(SystemExit) as exit_:
+                main([*debug, "submit", "--address", "http://127.0.0.1:1", "--pip", "nosuchpkg==99", "--",
+                      "generate", "x"])
+            err = capfd.readouterr().err
+            assert exit_.value.code == 1
+            assert f"odyssey: job raysubmit_fake failed: {reason}\n" in err, err
+            assert (seen == ["WebSocket closed for job raysubmit_fake with close code 1000"]) == bool(debug), seen
+            assert debug or err.count("\n") == 2, err  # 'submitted ...' and the reason
+    finally:
+        sdk.removeHandler(handler)
 
 
 def test_cluster_up_without_the_token_is_a_usage_error(tmp_path):
