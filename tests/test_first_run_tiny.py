@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -319,6 +320,43 @@ def test_analyze_refuses_files_without_video_frames(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(imageio_ffmpeg, "read_frames", no_frames)
     code, out, err = analyze(audio, capsys=capsys)
     assert code == 2 and err == f"python -m pipeline.tiny.analyze: error: {audio}: the video has no frames\n", err
+
+
+def test_analyze_refuses_a_fifo_at_once_and_never_shows_ffmpeg_s_banner(tmp_path, capsys, monkeypatch):
+    """A FIFO is refused before ffmpeg opens it (ffmpeg would wait for a writer until imageio-ffmpeg killed it, and
+    its error would be the banner's last line); an error whose text is only the banner says so plainly, and
+    imageio-ffmpeg's 'We had to kill ffmpeg' warning stays out."""
+    import imageio_ffmpeg
+
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    code, out, err = analyze(fifo, capsys=capsys)
+    assert code == 2 and err == f"python -m pipeline.tiny.analyze: error: {fifo}: not a regular file (a FIFO)\n", err
+
+    banner = ("ffmpeg version 7.0.2-static https://johnvansickle.com/ffmpeg/  Copyright (c) 2000-2024 the FFmpeg "
+              "developers\n  built with gcc 8 (Debian 8.3.0-6)\n  configuration: --enable-gpl --enable-version3\n"
+              "  libavutil      59.  8.100 / 59.  8.100\n  libswscale      8.  1.100 /  8.  1.100\n")
+
+    class Stuck:  # what read_frames gives for an input ffmpeg never got a frame of
+        def __init__(self, path, pix_fmt):
+            pass
+
+        def __next__(self):
+            raise RuntimeError(banner)
+
+        def close(self):
+            logging.getLogger("imageio_ffmpeg").warning("We had to kill ffmpeg to stop it.")
+
+    clip = tmp_path / "stuck.mp4"
+    clip.write_bytes(b"\0" * 64)
+    monkeypatch.setattr(imageio_ffmpeg, "read_frames", Stuck)
+    code, out, err = analyze(clip, capsys=capsys)
+    assert code == 2 and err == (f"python -m pipeline.tiny.analyze: error: {clip}: not a video ffmpeg can read (ffmpeg "
+                                 f"stopped before reading a frame)\n"), err
+    monkeypatch.setattr(Stuck, "__next__", lambda self: (_ for _ in ()).throw(RuntimeError(banner + "  moov atom not "
+                                                                                            "found\n")))
+    code, out, err = analyze(clip, capsys=capsys)
+    assert code == 2 and err.endswith("not a video ffmpeg can read (moov atom not found)\n"), err
 
 
 def test_analyze_reads_videos_and_reports_the_bad_ones(tmp_path, capsys):

@@ -8,7 +8,9 @@ Prints one line per video; a missing or unreadable file is one line on stderr an
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -69,23 +71,39 @@ def analyze_frames(frames: np.ndarray) -> Verdict:
     return Verdict(color, "square" if fill > 0.89 else "circle", direction, (float(dx), float(dy)), fill)
 
 
+# ffmpeg's banner: its version, build and library versions, which it prints before anything it has to say.
+_BANNER = re.compile(r"^(?:ffmpeg version |built with |configuration: |lib\w+\s+\d+\.\s*\d+\.\s*\d+ / )")
+
+
+def _ffmpeg_reason(e: Exception) -> str:
+    """The last line of what ffmpeg said that is not its banner (the error comes with the whole banner and log)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    said = [line for line in lines if not _BANNER.match(line)]
+    return said[-1] if said else "ffmpeg stopped before reading a frame"
+
+
 def analyze_file(path: str) -> Verdict:
-    """The Verdict of a video file; ValueError (one line) when it is missing or not a video ffmpeg can read."""
+    """The Verdict of a video file; ValueError (one line) when it is missing, not a regular file (a FIFO would
+    leave ffmpeg waiting for a writer) or not a video ffmpeg can read."""
     import imageio_ffmpeg
+
+    from configs.loader import open_regular
 
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a folder, not a video")
+    try:
+        os.close(open_regular(path))  # never blocks, whatever path is
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
     # absolute: ffmpeg would read '-' as stdin and 'name:...' as a protocol
     reader = imageio_ffmpeg.read_frames(os.path.abspath(path), pix_fmt="rgb24")
     try:
         w, h = next(reader)["size"]
         frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader]
     except (OSError, RuntimeError, StopIteration) as e:
-        # ffmpeg's whole banner and log come with the error: its last line says what was wrong
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise ValueError(f"{path}: not a video ffmpeg can read ({lines[-1] if lines else type(e).__name__})") from None
+        raise ValueError(f"{path}: not a video ffmpeg can read ({_ffmpeg_reason(e)})") from None
     finally:
         reader.close()
     if not frames:
@@ -110,6 +128,8 @@ def main(argv=None) -> int:
                                  "the first) and how much of its bounding box it fills (circle ~0.79, square ~1).")
     parser.add_argument("videos", nargs="+", metavar="VIDEO", help="an MP4 (or any video ffmpeg reads)")
     args = parser.parse_args(argv)
+    # imageio-ffmpeg warns when it kills an ffmpeg that would not stop: the video's error line says it all
+    logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
     failed = 0
     for path in args.videos:
         try:
