@@ -87,8 +87,9 @@ class ConfigSource:
 
 
 def _preset_layers(name: str) -> tuple[dict, tuple[str, ...]]:
-    """A preset's data merged over the presets it names (its `preset:` chain), and that chain, base first. Only
-    the default preset starts from the built-in defaults; every other one from the default preset."""
+    """A preset's data merged over the presets it names (its `preset:` chain), and that chain, base first. A
+    shipped preset that names none starts from the built-in defaults: a Wan preset never inherits a setting of the
+    embedded model's (a user's config file, which is not a preset, starts from the default preset instead)."""
     chain: list[str] = []
     layers: list[dict] = []
     while True:
@@ -100,10 +101,8 @@ def _preset_layers(name: str) -> tuple[dict, tuple[str, ...]]:
         data = read_yaml(preset_path(name))
         base = _pop_preset(data, preset_path(name))
         layers.append(data)
-        if base is None:
-            if name == DEFAULT_PRESET:
-                break
-            base = DEFAULT_PRESET
+        if base is None:  # a shipped preset that names no base is a root: the built-in defaults under it
+            break
         name = base
     merged: dict = {}
     for data in reversed(layers):

@@ -146,12 +146,12 @@ def test_presets_that_name_each_other_in_a_loop_are_refused(tmp_path, monkeypatc
     (tmp_path / "a.yaml").write_text("preset: b\n")
     (tmp_path / "b.yaml").write_text("preset: a\n")
     (tmp_path / "c.yaml").write_text("preset: tiny\nvideo:\n  fps: 12\n")
-    (tmp_path / "d.yaml").write_text("video:\n  frames: 5\n")  # a preset too starts from the default one
+    (tmp_path / "d.yaml").write_text("video:\n  frames: 5\n")  # a preset naming none: the built-in defaults
     monkeypatch.setattr(configs.presets, "PRESETS_DIR", tmp_path)
     with pytest.raises(ConfigError, match=r"^presets name each other in a loop: a -> b -> a$"):
         load_config("a")
     assert load_config("c").video.fps == 12 and load_config("tiny").video.fps == 8
-    assert (load_config("d").video.fps, load_config("d").video.frames) == (8, 5)
+    assert (load_config("d").video.fps, load_config("d").video.frames) == (OdysseyConfig().video.fps, 5) != (8, 5)
 
 
 @pytest.mark.parametrize("name", list_presets())
@@ -177,9 +177,9 @@ def test_config_show_says_what_it_resolved_from(tmp_path, capsys):
 
     path.write_text("preset: wan2.1-t2v-1.3b\n")
     code, out, _ = odyssey_main(capsys, "config", "show", "--config", str(path), "--explain")
-    assert out.splitlines()[0] == f"# resolved from preset wan2.1-t2v-1.3b (over tiny), then {path}"
+    assert out.splitlines()[0] == f"# resolved from preset wan2.1-t2v-1.3b, then {path}"
     code, out, _ = odyssey_main(capsys, "config", "show", "--config", "cpu-smoke")
-    assert out.splitlines()[0] == "# resolved from preset cpu-smoke (over tiny)"
+    assert out.splitlines()[0] == "# resolved from preset cpu-smoke"
     code, out, _ = odyssey_main(capsys, "config", "show")
     assert out.splitlines()[0] == "# resolved from preset tiny"
 
