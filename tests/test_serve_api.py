@@ -1030,8 +1030,9 @@ def test_read_token_file(tmp_path):
         assert "\n" not in str(e.value) and "secrets.token_urlsafe" in str(e.value)
     assert read_token_file(_token_file(tmp_path, "x" * 16)) == "x" * 16
     (tmp_path / "folder").mkdir(mode=0o700)
-    for path in (_token_file(tmp_path, "abc", 0o604), tmp_path / "folder", tmp_path / "nothing"):
-        with pytest.raises(ValueError):
+    for path, message in ((_token_file(tmp_path, "abc", 0o604), "readable or writable by other users"),
+                          (tmp_path / "folder", "is not a regular file"), (tmp_path / "nothing", "cannot read")):
+        with pytest.raises(ValueError, match=message):
             read_token_file(path)
     with pytest.raises(ValueError, match="4096"):
         read_token_file(_token_file(tmp_path, "a" * 5000))

@@ -18,6 +18,7 @@ from pathlib import Path
 from ray import serve
 
 from configs import OdysseyConfig, from_dict, load_config, to_dict
+from configs.loader import NotRegularFile, open_regular
 
 __all__ = ["OdysseyIngress", "ingress", "build_app", "read_token_file", "with_previews", "model_name_of",
            "proxy_address", "DEFAULT_PREVIEW_EVERY"]
@@ -116,13 +117,12 @@ def read_token_file(path: str | os.PathLike) -> str:
     read or write is refused: anyone who can read it can use the service as you (chmod 600)."""
     path = Path(path).expanduser()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_regular(path)
+    except NotRegularFile:
+        raise ValueError(f"the token file {path} is not a regular file") from None
     except OSError as e:
         raise ValueError(f"cannot read the token file {path}: {e.strerror}") from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise ValueError(f"the token file {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
         if st.st_mode & 0o077:
             raise ValueError(f"the token file {path} is readable or writable by other users (mode "
