@@ -258,3 +258,92 @@ def wan_pipeline_folder(folder: Path, seed: int = 0, heads: int = 3, layers: int
     save_vae(diffusers_vae(seed), folder, "pipeline")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wan2.2 VAE (TI2V-5B's: 48 latent channels, residual up blocks, a 2x2 output patch; 16x spatial, 4x temporal)
+
+# Upstream's Wan2_2_VAE hard-codes these (wan/modules/vae2_2.py); diffusers' conversion script copies them into the
+# VAE config. Written out here independently of pipeline/vae.py: the "original" layout carries no config, so a
+# loader must supply exactly these for the original .pth to decode like the diffusers folder.
+VAE22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
+VAE22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+
+# The released structure (z 48, is_residual, patch 2, 12 in/out channels, 16x spatial) at tiny widths: decoder
+# dims 48, 48, 48, 24, 12 (the real one: 1024, 1024, 1024, 512, 256).
+VAE22_KW = dict(base_dim=8, decoder_base_dim=12, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                latents_mean=VAE22_LATENTS_MEAN, latents_std=VAE22_LATENTS_STD)
+
+
+def diffusers_vae22(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLWan(**{**VAE22_KW, **overrides}).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: perturb everything so every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _vae22_to_original(state: dict, num_res_blocks: int) -> dict:
+    """diffusers AutoencoderKLWan (Wan2.2) decoder keys -> upstream Wan2.2_VAE.pth keys (wan/modules/vae2_2.py:
+    Decoder3d.upsamples.i is an Up_ResidualBlock whose own `upsamples` Sequential holds the residual blocks and then
+    the Resample; its DupUp3D shortcut has no weights). Independent of pipeline/."""
+    res = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+           "conv_shortcut": "shortcut"}
+    out = {"conv2.weight": state["post_quant_conv.weight"], "conv2.bias": state["post_quant_conv.bias"],
+           "conv1.weight": state["quant_conv.weight"], "conv1.bias": state["quant_conv.bias"],
+           "encoder.conv1.weight": state["encoder.conv_in.weight"],  # encoder weights ride along, ignored
+           "encoder.conv1.bias": state["encoder.conv_in.bias"]}
+    for key, t in state.items():
+        if not key.startswith("decoder."):
+            continue
+        parts = key.split(".")
+        if parts[1] == "conv_in":
+            out["decoder.conv1." + parts[-1]] = t
+        elif parts[1] == "norm_out":
+            out["decoder.head.0." + parts[-1]] = t
+        elif parts[1] == "conv_out":
+            out["decoder.head.2." + parts[-1]] = t
+        elif parts[1] == "mid_block":
+            if parts[2] == "attentions":
+                out["decoder.middle.1." + ".".join(parts[4:])] = t
+            else:
+                out[f"decoder.middle.{2 * int(parts[3])}.{res[parts[4]]}.{parts[5]}"] = t
+        elif parts[1] == "up_blocks":
+            block = int(parts[2])
+            if parts[3] == "resnets":
+                out[f"decoder.upsamples.{block}.upsamples.{parts[4]}.{res[parts[5]]}.{parts[6]}"] = t
+            else:  # upsampler.<resample.1 | time_conv>.<weight | bias>: the Sequential's last entry
+                out[f"decoder.upsamples.{block}.upsamples.{num_res_blocks + 1}." + ".".join(parts[4:])] = t
+        else:
+            raise AssertionError(key)
+    return out
+
+
+def save_vae22(model, folder: Path, layout: str) -> Path:
+    """Save a Wan2.2 AutoencoderKLWan as 'folder' (a diffusers VAE folder: config.json + safetensors), 'pipeline'
+    (folder/vae/) or 'original' (folder/Wan2.2_VAE.pth in upstream key names, no config). Returns `folder`."""
+    folder = Path(folder)
+    if layout == "folder":
+        model.save_pretrained(folder)
+    elif layout == "pipeline":
+        model.save_pretrained(folder / "vae")
+    elif layout == "original":
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(_vae22_to_original(state, model.config.num_res_blocks), folder / "Wan2.2_VAE.pth")
+    else:
+        raise ValueError(layout)
+    return folder
