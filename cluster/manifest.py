@@ -83,8 +83,8 @@ def append_manifest_line(path: Path, record: dict) -> None:
 # What a finished video was made from, as its manifest record holds it: the request's fields (the driver records
 # dataclasses.asdict of the resolved GenerateRequest) and the settings outside the request that change the pixels.
 # Not the layout (ulysses, ring, cfg, replicas, sharding: the same video up to rounding) nor runtime settings.
-REQUEST_FIELDS = ("negative_prompt", "height", "width", "frames", "fps", "steps", "guidance_scale", "shift", "sampler",
-                  "cache", "cache_threshold")
+REQUEST_FIELDS = ("negative_prompt", "height", "width", "frames", "fps", "steps", "guidance_scale",
+                  "low_noise_guidance_scale", "shift", "sampler", "cache", "cache_threshold")
 CONFIG_FIELDS = (("model", "path"), ("model", "dtype"), ("parallel", "fp8_comm"))
 
 
@@ -134,6 +134,9 @@ def read_records(path: Path) -> dict[str, dict]:
                 continue
             made = {"prompt": record.get("prompt"), "seed": request.get("seed")}
             made.update({k: request.get(k) for k in REQUEST_FIELDS if k in request})
+            if "low_noise_guidance_scale" not in made and "guidance_scale" in made:
+                # a record from before two-expert models: its requests resolved every step's guidance to this
+                made["low_noise_guidance_scale"] = made["guidance_scale"]
             for section, key in CONFIG_FIELDS:
                 if isinstance(config.get(section), dict) and key in config[section]:
                     made[f"{section}.{key}"] = config[section][key]

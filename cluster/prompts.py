@@ -14,7 +14,8 @@ __all__ = ["PromptSpec", "PromptFileError", "read_prompt_file", "slugify", "outp
            "UNPRINTABLE"]
 
 # Per-prompt settings a .jsonl line may set (GenerateRequest fields).
-OVERRIDABLE = {"steps": int, "guidance_scale": (int, float), "shift": (int, float), "sampler": str, "height": int,
+OVERRIDABLE = {"steps": int, "guidance_scale": (int, float), "low_noise_guidance_scale": (int, float),
+               "shift": (int, float), "sampler": str, "height": int,
                "width": int, "frames": int, "fps": int, "cache": str, "cache_threshold": (int, float)}
 _KEYS = {"prompt", "name", "seed", "negative_prompt", *OVERRIDABLE}
 

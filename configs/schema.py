@@ -36,8 +36,9 @@ CACHE_POLICIES = ("off", "teacache", "fbcache", "easycache")
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None
-    """Folder holding the weights: a Wan2.1 diffusers pipeline folder or the original Wan2.1 release folder.
-    null runs the embedded tiny model that ships inside the package."""
+    """Folder holding the weights: a diffusers pipeline folder or an original release folder of Wan2.1 (T2V 1.3B,
+    14B) or Wan2.2 (T2V-A14B: two experts; TI2V-5B). null runs the embedded tiny model that ships inside the
+    package."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype of the DiT: auto is bfloat16 on GPUs with native bf16 (Ampere, sm80, on), float16 on older
@@ -65,6 +66,22 @@ class ModelConfig:
     and every rank encodes each prompt together, on its own GPU, gathering one layer's weights at a time (rank 0's
     result is what the replica uses). Needs a replica of 2 or more ranks, text_encoder_device=auto and
     offload_text_encoder=false. For 14B on 24 GB GPUs; see the README's "Big models on small GPUs"."""
+
+    boundary_ratio: float | None = None
+    """Two-expert models (Wan2.2 T2V-A14B): denoising steps with timestep t >= boundary_ratio x 1000 run the
+    high-noise expert, the rest the low-noise expert (diffusers' rule). null: the folder's model_index.json
+    boundary_ratio, else 0.875 (T2V-A14B's). In (0, 1) when set; set on a folder holding one DiT, loading refuses
+    it."""
+
+    offload_idle_expert: bool = False
+    """Two-expert models on a GPU: keep the expert not in use in (pinned) CPU memory and swap the two at the
+    boundary (one transfer each way per video), halving the DiTs' GPU memory (A14B in bf16: 27 GiB instead of
+    54). Not with parallel.shard_weights (both experts are then sharded over the replica instead)."""
+
+    def __post_init__(self) -> None:
+        _finite(self, "boundary_ratio")
+        _require(self.boundary_ratio is None or 0 < self.boundary_ratio < 1,
+                 "boundary_ratio must be in (0, 1) (null: the model's own), got {}", self.boundary_ratio)
 
 
 @dataclass(frozen=True)
@@ -138,7 +155,12 @@ class SamplingConfig:
     """Denoising steps."""
 
     guidance_scale: float = 5.0
-    """Classifier-free guidance weight; 1.0 turns guidance off (one model pass per step)."""
+    """Classifier-free guidance weight; 1.0 turns guidance off (one model pass per step). On two-expert models
+    (Wan2.2 T2V-A14B) the high-noise expert's (diffusers' guidance_scale)."""
+
+    low_noise_guidance_scale: float | None = None
+    """Two-expert models: the guidance weight of the low-noise expert's steps (t < the boundary; diffusers'
+    guidance_scale_2). null: guidance_scale. Ignored by single-DiT models."""
 
     shift: float = 5.0
     """Flow shift of the sigma schedule: s' = shift*s / (1 + (shift-1)*s). Higher spends more steps at high noise.
@@ -170,7 +192,7 @@ class SamplingConfig:
     `odyssey generate --preview` use 5 when this is 0."""
 
     def __post_init__(self) -> None:
-        _finite(self, "guidance_scale", "shift", "cache_threshold")
+        _finite(self, "guidance_scale", "low_noise_guidance_scale", "shift", "cache_threshold")
         _require(self.preview_every >= 0, "preview_every must be >= 0 (0 turns previews off), got {}",
                  self.preview_every)
         _require(self.cache in CACHE_POLICIES, "cache must be one of {}, got {}", ", ".join(CACHE_POLICIES),
@@ -181,6 +203,8 @@ class SamplingConfig:
                  "cache_threshold is set but cache is off: set a cache policy, or cache_threshold null")
         _require(self.steps >= 1, "steps must be >= 1, got {}", self.steps)
         _require(self.guidance_scale >= 0, "guidance_scale must be >= 0, got {}", self.guidance_scale)
+        _require(self.low_noise_guidance_scale is None or self.low_noise_guidance_scale >= 0,
+                 "low_noise_guidance_scale must be >= 0, got {}", self.low_noise_guidance_scale)
         _require(self.shift >= 1e-3, "shift must be >= 0.001, got {}", self.shift)
         _require(self.seed is None or 0 <= self.seed < 2**63, "seed must be in 0..2^63-1, got {}", self.seed)
 
@@ -328,6 +352,8 @@ class LimitsConfig:
             ("height x width", video.height * video.width, self.max_pixels, "max_pixels"),
             ("fps", video.fps, self.max_fps, "max_fps"),
             ("guidance_scale", sampling.guidance_scale, self.max_guidance_scale, "max_guidance_scale"),
+            ("low_noise_guidance_scale", sampling.low_noise_guidance_scale or 0.0, self.max_guidance_scale,
+             "max_guidance_scale"),
             ("shift", sampling.shift, self.max_shift, "max_shift"),
         ]
         for name, value, limit, key in bounds:
@@ -406,7 +432,15 @@ class OdysseyConfig:
             self.parallel.cfg_degree == 1 or self.sampling.guidance_scale != 1.0,
             "parallel.cfg_degree=2 needs classifier-free guidance, but sampling.guidance_scale is 1.0 (off)",
         )
+        _require(
+            self.parallel.cfg_degree == 1 or self.sampling.low_noise_guidance_scale != 1.0,
+            "parallel.cfg_degree=2 needs classifier-free guidance, but sampling.low_noise_guidance_scale is 1.0 "
+            "(off)",
+        )
         par, model = self.parallel, self.model
+        _require(not (model.offload_idle_expert and par.shard_weights),
+                 "model.offload_idle_expert parks one whole expert in CPU memory, but parallel.shard_weights shards "
+                 "both experts over the replica instead: choose one")
         _require(not par.shard_weights or par.group_size > 1,
                  "parallel.shard_weights needs a replica of 2 or more ranks (ulysses_degree x cfg_degree is 1): "
                  "there is nothing to shard over (--ulysses 2 or more, or --cfg-parallel)")

@@ -44,7 +44,8 @@ class GenerateRequest:
     frames: int | None = None
     fps: int | None = None
     steps: int | None = None
-    guidance_scale: float | None = None
+    guidance_scale: float | None = None  # two-expert models: the high-noise expert's
+    low_noise_guidance_scale: float | None = None  # resolved: this, else the config's, else guidance_scale
     shift: float | None = None
     sampler: str | None = None
     cache: str | None = None
@@ -58,6 +59,8 @@ class GenerateRequest:
         sampling = SamplingConfig(
             sampler=self.sampler or s.sampler, steps=_pick(self.steps, s.steps),
             guidance_scale=float(_pick(self.guidance_scale, s.guidance_scale)), shift=float(_pick(self.shift, s.shift)),
+            low_noise_guidance_scale=float(_pick(self.low_noise_guidance_scale, _pick(
+                s.low_noise_guidance_scale, _pick(self.guidance_scale, s.guidance_scale)))),
             negative_prompt=_pick(self.negative_prompt, s.negative_prompt), seed=_pick(self.seed, s.seed),
             cache=_pick(self.cache, s.cache),
             # a threshold is on its policy's scale: the config's applies only to the config's policy
@@ -69,14 +72,17 @@ class GenerateRequest:
             raise ValueError(f"sampler must be unipc or euler, got {sampling.sampler!r}")
         video = VideoConfig(height=_pick(self.height, v.height), width=_pick(self.width, v.width),
                             frames=_pick(self.frames, v.frames), fps=_pick(self.fps, v.fps))
-        if config.parallel.cfg_degree == 2 and sampling.guidance_scale == 1.0:
-            raise ValueError("this replica runs CFG in parallel (cfg_degree=2) but the request turns guidance off")
+        if config.parallel.cfg_degree == 2 and 1.0 in (sampling.guidance_scale, sampling.low_noise_guidance_scale):
+            which = "" if sampling.guidance_scale == 1.0 else " for the low-noise expert's steps"
+            raise ValueError(f"this replica runs CFG in parallel (cfg_degree=2) but the request turns guidance off"
+                             f"{which}")
         config.limits.check(sampling, video, (self.prompt,))
         seed = sampling.seed if sampling.seed is not None else secrets.randbelow(2**63)
         return GenerateRequest(
             prompt=self.prompt, request_id=self.request_id or f"req-{seed:x}", seed=seed,
             negative_prompt=sampling.negative_prompt, height=video.height, width=video.width, frames=video.frames,
-            fps=video.fps, steps=sampling.steps, guidance_scale=sampling.guidance_scale, shift=sampling.shift,
+            fps=video.fps, steps=sampling.steps, guidance_scale=sampling.guidance_scale,
+            low_noise_guidance_scale=sampling.low_noise_guidance_scale, shift=sampling.shift,
             sampler=sampling.sampler, cache=sampling.cache,
             cache_threshold=None if sampling.cache_threshold is None else float(sampling.cache_threshold),
         )
@@ -103,7 +109,7 @@ class GenerateRequest:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an integer, got {value!r:.40}")
-        for name in ("guidance_scale", "shift", "cache_threshold"):
+        for name in ("guidance_scale", "low_noise_guidance_scale", "shift", "cache_threshold"):
             value = getattr(self, name)
             if value is None:
                 continue
