@@ -204,6 +204,28 @@ def test_create_from_urlencoded_form(client, service):
                                      "guidance_scale": 1.0}
 
 
+def test_low_noise_guidance_scale_is_a_number_field_in_every_encoding(client, service):
+    """Two-expert models (Wan2.2 T2V-A14B) take the low-noise expert's guidance like guidance_scale: a JSON number
+    (an int becomes a float), a form's text parsed strictly; a string in JSON or a non-number in a form is a 422."""
+    r = client.post("/v1/videos", json={"prompt": "a red circle", "guidance_scale": 4, "low_noise_guidance_scale": 3})
+    assert r.status_code == 200, r.text
+    assert service.submitted[-1] == {"prompt": "a red circle", "guidance_scale": 4.0, "low_noise_guidance_scale": 3.0}
+    assert type(service.submitted[-1]["low_noise_guidance_scale"]) is float
+    r = client.post("/v1/videos", files={"prompt": (None, "a red circle"), "low_noise_guidance_scale": (None, " 2.5")})
+    assert r.status_code == 200, r.text
+    assert service.submitted[-1] == {"prompt": "a red circle", "low_noise_guidance_scale": 2.5}
+    r = client.post("/v1/videos", data={"prompt": "a red circle", "low_noise_guidance_scale": ""})
+    assert r.status_code == 200 and service.submitted[-1] == {"prompt": "a red circle"}  # empty: the default
+    submitted = len(service.submitted)
+    for bad in ({"json": {"prompt": "x", "low_noise_guidance_scale": "3"}},
+                {"json": {"prompt": "x", "low_noise_guidance_scale": True}},
+                {"data": {"prompt": "x", "low_noise_guidance_scale": "nan"}},
+                {"files": {"prompt": (None, "x"), "low_noise_guidance_scale": (None, "3,5")}}):
+        err = assert_error(client.post("/v1/videos", **bad), 422, param="low_noise_guidance_scale")
+        assert "low_noise_guidance_scale" in err["message"]
+    assert len(service.submitted) == submitted
+
+
 @pytest.mark.parametrize("field,value", [
     ("steps", "4.5"), ("steps", "four"), ("steps", "1e3"), ("seed", "0x10"), ("frames", "nan"),
     ("guidance_scale", "nan"), ("guidance_scale", "inf"), ("guidance_scale", "-Infinity"), ("guidance_scale", "1,5"),

@@ -224,3 +224,51 @@ def test_restored_records_are_checked_like_new_requests(tmp_path):
         assert svc._restored({**record, **bad}) is None, bad
     with pytest.raises(ValueError):
         svc._video_path("video_../x")
+
+
+def test_low_noise_guidance_scale_is_resolved_checked_and_echoed(tmp_path):
+    """The low-noise expert's guidance (two-expert models): a request's own value, else the config's, else the
+    request's guidance_scale; checked like guidance_scale (>= 0, limits.max_guidance_scale, on in every step with
+    CFG in parallel) with the 422 naming it; echoed in the video object and the model's defaults; a record written
+    before the field existed resumes with guidance_scale for every step (what it meant then)."""
+    svc = VideoService(config(), output_dir=tmp_path, model_name="tiny")
+    request, _ = svc._request({"prompt": PROMPT, "guidance_scale": 4.5, "low_noise_guidance_scale": 3.0})
+    assert (request.guidance_scale, request.low_noise_guidance_scale) == (4.5, 3.0)
+    request, _ = svc._request({"prompt": PROMPT, "guidance_scale": 4.5})
+    assert request.low_noise_guidance_scale == 4.5
+    assert svc._object(dataclass_record(request))["low_noise_guidance_scale"] == 4.5
+    assert svc.models()[0]["defaults"]["low_noise_guidance_scale"] == svc.config.sampling.guidance_scale
+    for value, words in ((-1.0, ">= 0"), (51.0, "max_guidance_scale")):
+        with pytest.raises(InvalidField) as bad:
+            svc._request({"prompt": PROMPT, "low_noise_guidance_scale": value})
+        assert bad.value.param == "low_noise_guidance_scale" and words in str(bad.value)
+
+    wan22 = VideoService(config("sampling.guidance_scale=4", "sampling.low_noise_guidance_scale=3"),
+                         output_dir=tmp_path, model_name="tiny")
+    request, _ = wan22._request({"prompt": PROMPT, "guidance_scale": 6.0})
+    assert (request.guidance_scale, request.low_noise_guidance_scale) == (6.0, 3.0)  # the config's, not 6
+    assert wan22.models()[0]["defaults"]["low_noise_guidance_scale"] == 3.0
+
+    cfg2 = VideoService(config("parallel.cfg_degree=2"), output_dir=tmp_path, model_name="tiny")
+    with pytest.raises(InvalidField) as bad:
+        cfg2._request({"prompt": PROMPT, "low_noise_guidance_scale": 1.0})
+    assert bad.value.param == "low_noise_guidance_scale" and "low-noise" in str(bad.value)
+    with pytest.raises(InvalidField) as bad:
+        cfg2._request({"prompt": PROMPT, "guidance_scale": 1.0, "low_noise_guidance_scale": 3.0})
+    assert bad.value.param == "guidance_scale"
+
+    old = {"prompt": "p", "request_id": "video_" + "ab" * 12, "seed": 1, "negative_prompt": "", "height": 32,
+           "width": 32, "frames": 17, "fps": 8, "steps": 20, "guidance_scale": 4.0, "shift": 2.0, "sampler": "unipc",
+           "cache": "off", "cache_threshold": None}
+    record = {"id": old["request_id"], "request": old, "created_at": 1.0, "status": "queued", "attempts": 0,
+              "completed_at": None, "error": None, "deleted": False, "cache": None}
+    assert wan22._restored(record).request.low_noise_guidance_scale == 4.0
+    new = {**old, "low_noise_guidance_scale": 2.0}
+    assert wan22._restored({**record, "request": new}).request.low_noise_guidance_scale == 2.0
+    assert wan22._restored({**record, "request": {**new, "low_noise_guidance_scale": "2"}}) is None
+
+
+def dataclass_record(request):
+    from cluster.serve.service import _Record
+
+    return _Record(id=request.request_id, request=request, created_at=1.0)

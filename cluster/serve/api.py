@@ -52,7 +52,8 @@ MAX_LIST = 100
 # The fields POST /v1/videos takes, by type. JSON keeps its own types (checked); forms send strings (coerced).
 _STR, _INT, _FLOAT, _SECONDS = "string", "integer", "number", "seconds"
 FIELDS = {"prompt": _STR, "model": _STR, "negative_prompt": _STR, "seed": _INT, "seconds": _SECONDS, "size": _STR,
-          "frames": _INT, "fps": _INT, "steps": _INT, "guidance_scale": _FLOAT, "sampler": _STR, "cache": _STR}
+          "frames": _INT, "fps": _INT, "steps": _INT, "guidance_scale": _FLOAT, "low_noise_guidance_scale": _FLOAT,
+          "sampler": _STR, "cache": _STR}
 # What OpenAI's API defines and Odyssey cannot do: refused by name rather than silently ignored.
 UNSUPPORTED = {"input_reference": "input_reference is not supported: Odyssey generates videos from text only",
                "remix_video_id": "remixing is not supported"}

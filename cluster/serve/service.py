@@ -39,7 +39,8 @@ FINAL = ("completed", "failed", "cancelled")
 DB_NAME = "odyssey-serve.sqlite3"
 LOCK_NAME = ".odyssey-serve.lock"
 LOCK_WAIT_S = 90.0  # a redeploy starts the new service while the old one still drains its requests
-_REQUEST_FIELDS = ("negative_prompt", "seed", "frames", "fps", "steps", "guidance_scale", "sampler")
+_REQUEST_FIELDS = ("negative_prompt", "seed", "frames", "fps", "steps", "guidance_scale", "low_noise_guidance_scale",
+                   "sampler")
 
 
 class InvalidField(ValueError):
@@ -197,7 +198,11 @@ class VideoService:
             video_id = data["id"]
             if not isinstance(video_id, str) or not ID_RE.fullmatch(video_id):
                 raise ValueError(f"a malformed id {str(video_id)[:40]!r}")
-            request = GenerateRequest(**data["request"])
+            made = dict(data["request"])
+            if "low_noise_guidance_scale" not in made and "guidance_scale" in made:
+                # a record from before two-expert models: every step's guidance was guidance_scale
+                made["low_noise_guidance_scale"] = made["guidance_scale"]
+            request = GenerateRequest(**made)
             if request.request_id != video_id:
                 raise ValueError("its request belongs to another id")
             status = data["status"]
@@ -232,6 +237,8 @@ class VideoService:
         v, smp = self.config.video, self.config.sampling
         defaults = {"size": f"{v.width}x{v.height}", "frames": v.frames, "fps": v.fps,
                     "seconds": f"{v.frames / v.fps:.3g}", "steps": smp.steps, "guidance_scale": smp.guidance_scale,
+                    "low_noise_guidance_scale": (smp.guidance_scale if smp.low_noise_guidance_scale is None
+                                                 else smp.low_noise_guidance_scale),
                     "sampler": smp.sampler, "cache": smp.cache}
         return [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "odyssey",
                  "sizes": [defaults["size"]], "defaults": defaults}]
@@ -538,13 +545,14 @@ class VideoService:
             "completed_at": None if rec.completed_at is None else int(rec.completed_at), "expires_at": None,
             "model": self.model_name, "size": f"{r.width}x{r.height}", "seconds": f"{r.frames / r.fps:.3g}",
             "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed, "frames": r.frames,
-            "fps": r.fps, "steps": r.steps, "guidance_scale": r.guidance_scale, "sampler": r.sampler,
+            "fps": r.fps, "steps": r.steps, "guidance_scale": r.guidance_scale,
+            "low_noise_guidance_scale": r.low_noise_guidance_scale, "sampler": r.sampler,
             "cache": rec.cache, "attempts": rec.attempts, "stage": rec.stage, "step": rec.step,
             "total_steps": r.steps, "error": rec.error, "deleted": rec.deleted,
         }
 
 
-_PARAMS = ("negative_prompt", "guidance_scale", "request_id", "prompt", "seed", "height", "width", "frames", "fps",
+_PARAMS = ("negative_prompt", "guidance_scale", "low_noise_guidance_scale", "request_id", "prompt", "seed", "height", "width", "frames", "fps",
            "steps", "shift", "sampler", "cache_threshold", "cache")
 
 
@@ -557,6 +565,8 @@ def _param_of(message: str) -> str | None:
     for name in _PARAMS:
         if re.match(rf"{name}\b", message):
             return "cache" if name == "cache_threshold" else name
+    if "low-noise" in message or "low_noise" in message:  # cfg_degree=2 with the low-noise expert's guidance off
+        return "low_noise_guidance_scale"
     if "guidance" in message:
         return "guidance_scale"
     return None
