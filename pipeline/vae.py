@@ -1,10 +1,15 @@
-"""Wan2.1 VAE decoder that streams: one latent frame in, its RGB frames out, with a per-conv causal cache so memory
-does not grow with video length (it grows with the frame size: 8.1 GiB of fp32 caches at 720p, 3.5 at 480p).
-Parity-tested against diffusers' AutoencoderKLWan.decode.
+"""Wan VAE decoders (Wan2.1's and Wan2.2's) that stream: one latent frame in, its RGB frames out, with a per-conv
+causal cache so memory does not grow with video length (it grows with the frame size: 8.1 GiB of fp32 caches at
+720p, 3.5 at 480p for Wan2.1). Parity-tested against diffusers' AutoencoderKLWan.decode.
 
-Legend: B batch, C channels, T frames, H/W height/width (latent or pixel, as named).
-Module names follow diffusers (decoder.up_blocks.0.resnets.1.conv1, post_quant_conv); original Wan2.1_VAE.pth keys
-are mapped onto them.
+Wan2.2's VAE (TI2V-5B: 48 latent channels) differs in three ways: its up blocks are residual (a weightless DupUp3D
+shortcut: channels rearranged into the upsampled pixels and frames, added to the blocks' output), its upsamplers
+keep the channel count (Wan2.1's halve it), and the decoder outputs 3 x 2 x 2 channels that a 2 x 2 unpatchify
+turns into pixels (16x spatial: 8x from the up blocks times the patch).
+
+Legend: B batch, C channels, T frames, H/W height/width (latent or pixel, as named), P patch side.
+Module names follow diffusers (decoder.up_blocks.0.resnets.1.conv1, post_quant_conv); original Wan2.1_VAE.pth and
+Wan2.2_VAE.pth keys are mapped onto them.
 """
 
 from __future__ import annotations
@@ -18,21 +23,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WanVAEDecoder", "DecoderSpec", "WAN21_LATENTS_MEAN", "WAN21_LATENTS_STD", "tile_cache_factor"]
+__all__ = ["WanVAEDecoder", "DecoderSpec", "WAN21_LATENTS_MEAN", "WAN21_LATENTS_STD", "WAN22_LATENTS_MEAN",
+           "WAN22_LATENTS_STD", "tile_cache_factor"]
 
 WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
 WAN21_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+# Wan2.2 (48 channels): upstream's Wan2_2_VAE hard-codes them (wan/modules/vae2_2.py); the .pth does not carry them
+WAN22_LATENTS_MEAN = [-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+                      -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+                      -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+                      -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+                      -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+                      0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
+WAN22_LATENTS_STD = [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+                     0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+                     0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+                     0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+                     0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+_LATENTS = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}
 
 CACHE_T = 2  # frames of input each causal conv keeps from the previous chunk
 
 
 class Cache(dict):
     """Per-module streaming state for one decode: module -> last input frames (or a marker). `bands`: this rank's
-    share of a decode split over a process group (pipeline.vae_parallel.Bands), None when one rank decodes all."""
+    share of a decode split over a process group (pipeline.vae_parallel.Bands), None when one rank decodes all.
+    `first`: the next chunk is the stream's first (Wan2.2's shortcuts keep one frame of it, like its upsamplers)."""
 
     bands = None
+    first = True
 
 
 _FIRST_DONE = "first chunk done"
@@ -122,13 +144,13 @@ class AttentionBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """2x nearest spatial upsampling + conv halving the channels; in 3D mode a causal time conv doubles the frames
-    first (skipped on the first chunk, which stays one frame)."""
+    """2x nearest spatial upsampling + conv to out_dim channels (Wan2.1: half of dim; Wan2.2: dim); in 3D mode a
+    causal time conv doubles the frames first (skipped on the first chunk, which stays one frame)."""
 
-    def __init__(self, dim: int, temporal: bool):
+    def __init__(self, dim: int, temporal: bool, out_dim: int | None = None):
         super().__init__()
         self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                      nn.Conv2d(dim, dim // 2, 3, padding=1))
+                                      nn.Conv2d(dim, dim // 2 if out_dim is None else out_dim, 3, padding=1))
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
     def forward(self, x, cache):
@@ -170,6 +192,47 @@ class UpBlock(nn.Module):
         return self.upsamplers[0](x, cache) if self.upsamplers is not None else x
 
 
+class DupUp3D(nn.Module):
+    """Wan2.2's weightless shortcut of an upsampling block: each input channel repeated, the copies laid out as the
+    2 x 2 pixels (and, temporal, 2 frames) each input pixel becomes, out_dim channels left. On the stream's first
+    chunk only the last of the frame copies is kept (one frame in, one out, as the upsampler's first chunk)."""
+
+    def __init__(self, cin: int, cout: int, temporal: bool):
+        super().__init__()
+        self.cout, self.ft = cout, 2 if temporal else 1
+        assert cout * self.ft * 4 % cin == 0, (cin, cout)
+        self.repeats = cout * self.ft * 4 // cin
+
+    def forward(self, x_BCTHW: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        B, _, T, H, W = x_BCTHW.shape
+        x = x_BCTHW.repeat_interleave(self.repeats, dim=1)
+        # the repeated channels are (out channel, frame copy, row copy, column copy), the last three fastest
+        x = x.view(B, self.cout, self.ft, 2, 2, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(B, self.cout, T * self.ft, H * 2, W * 2)
+        return x[:, :, self.ft - 1 :] if first_chunk else x
+
+
+class ResidualUpBlock(nn.Module):
+    """Wan2.2's up block: residual blocks then an upsampler keeping the channels, plus the DupUp3D shortcut of the
+    block's input (the last block neither upsamples nor has a shortcut)."""
+
+    def __init__(self, cin: int, cout: int, n_resnets: int, upsample: str | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResidualBlock(cin if i == 0 else cout, cout) for i in range(n_resnets))
+        temporal = upsample == "upsample3d"
+        self.upsampler = Upsample(cout, temporal, out_dim=cout) if upsample else None
+        self.avg_shortcut = DupUp3D(cin, cout, temporal) if upsample else None
+
+    def forward(self, x, cache):
+        x_in = x
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsampler is None:
+            return x
+        # the shortcut made last, added in place: one upsampled tensor fewer alive at the peak
+        return self.upsampler(x, cache).add_(self.avg_shortcut(x_in, cache.first))
+
+
 class MidBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -191,24 +254,53 @@ class DecoderSpec:
                      (96, 96, 3, None))
     latents_mean: tuple = tuple(WAN21_LATENTS_MEAN)
     latents_std: tuple = tuple(WAN21_LATENTS_STD)
+    is_residual: bool = False  # Wan2.2: ResidualUpBlock (DupUp3D shortcuts), upsamplers keep the channels
+    patch_size: int = 1  # Wan2.2: 2, the decoder's 3 * P * P output channels are P x P pixels each
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict) -> "DecoderSpec":
-        if cfg.get("is_residual") or cfg.get("patch_size"):
-            raise ValueError("only the Wan2.1 VAE is supported (this config is a Wan2.2-style residual VAE)")
+        """The decoder of an AutoencoderKLWan config.json (Wan2.1's or Wan2.2's). ValueError if it cannot be."""
+        residual = bool(cfg.get("is_residual", False))
+        patch = cfg.get("patch_size") or 1
         dim = cfg.get("decoder_base_dim") or cfg.get("base_dim", 96)
         mult = cfg.get("dim_mult", [1, 2, 4, 4])
         nres = cfg.get("num_res_blocks", 2)
         temporal = list(cfg.get("temperal_downsample", [False, True, True]))[::-1]
+        ints = [patch, dim, nres, *mult]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in ints) or not mult:
+            raise ValueError(f"VAE config: patch_size, decoder_base_dim/base_dim, num_res_blocks and dim_mult must "
+                             f"be positive integers, got {patch!r}, {dim!r}, {nres!r}, {mult!r}")
+        out = cfg.get("out_channels", 3)
+        if out != 3 * patch * patch:
+            raise ValueError(f"VAE config: out_channels {out!r} is not RGB times the {patch}x{patch} patch "
+                             f"({3 * patch * patch})")
+        if len(temporal) < len(mult) - 1:
+            raise ValueError(f"VAE config: temperal_downsample has {len(temporal)} entries for {len(mult)} blocks")
         dims = [dim * u for u in [mult[-1], *mult[::-1]]]
         blocks = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             up = None if i == len(mult) - 1 else ("upsample3d" if temporal[i] else "upsample2d")
-            blocks.append((cin // 2 if i > 0 else cin, cout, nres + 1, up))
+            # Wan2.1's upsamplers halve the channels, Wan2.2's keep them
+            blocks.append((cin // 2 if i > 0 and not residual else cin, cout, nres + 1, up))
         z = cfg.get("z_dim", 16)
-        mean = cfg.get("latents_mean", WAN21_LATENTS_MEAN)
-        std = cfg.get("latents_std", WAN21_LATENTS_STD)
-        return cls(z, dims[0], tuple(blocks), tuple(mean)[:z], tuple(std)[:z])
+        default_mean, default_std = _LATENTS.get(z, ([], []))
+        mean = tuple(cfg.get("latents_mean") or default_mean)[:z]
+        std = tuple(cfg.get("latents_std") or default_std)[:z]
+        if len(mean) != z or len(std) != z:
+            raise ValueError(f"VAE config: z_dim {z} needs {z} latents_mean and latents_std values, got "
+                             f"{len(mean)} and {len(std)}")
+        spec = cls(z, dims[0], tuple(blocks), mean, std, residual, patch)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """ValueError unless the modules can be built (a config or weight file names any shapes)."""
+        if self.is_residual:
+            for cin, cout, _, up in self.blocks:
+                factor = (8 if up == "upsample3d" else 4) if up else 0
+                if up and cout * factor % cin:
+                    raise ValueError(f"a residual up block of {cin} -> {cout} channels cannot shortcut (its "
+                                     f"{cout} x {factor} upsampled channels are no multiple of {cin})")
 
     @property
     def temporal_stride(self) -> int:
@@ -216,7 +308,8 @@ class DecoderSpec:
 
     @property
     def spatial_stride(self) -> int:
-        return 2 ** sum(b[3] is not None for b in self.blocks)
+        """Pixels per latent pixel: the up blocks' 2x each times the output patch."""
+        return 2 ** sum(b[3] is not None for b in self.blocks) * self.patch_size
 
 
 class WanVAEDecoder(nn.Module):
@@ -230,10 +323,11 @@ class WanVAEDecoder(nn.Module):
         self.decoder = nn.Module()
         self.decoder.conv_in = CausalConv3d(spec.z_dim, spec.mid_dim, 3, padding=1)
         self.decoder.mid_block = MidBlock(spec.mid_dim)
-        self.decoder.up_blocks = nn.ModuleList(UpBlock(*b) for b in spec.blocks)
+        block = ResidualUpBlock if spec.is_residual else UpBlock
+        self.decoder.up_blocks = nn.ModuleList(block(*b) for b in spec.blocks)
         out_dim = spec.blocks[-1][1]
         self.decoder.norm_out = RMSNorm(out_dim, images=False)
-        self.decoder.conv_out = CausalConv3d(out_dim, 3, 3, padding=1)
+        self.decoder.conv_out = CausalConv3d(out_dim, 3 * spec.patch_size**2, 3, padding=1)
         self.register_buffer("latents_mean", torch.tensor(spec.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(spec.latents_std).view(1, -1, 1, 1, 1), persistent=False)
         self.tile_sample_min = 256  # pixels: tile size and stride when tiling (as diffusers)
@@ -260,12 +354,25 @@ class WanVAEDecoder(nn.Module):
     # -- decoding -----------------------------------------------------------------------------------------------
 
     def _decode_chunk(self, z_BCTHW: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One latent frame through the decoder: [B, 3 * P * P, n, H / P, W / P], not yet unpatchified or clamped."""
         d = self.decoder
         x = d.conv_in(self.post_quant_conv(z_BCTHW), cache)
         x = d.mid_block(x, cache)
         for block in d.up_blocks:
             x = block(x, cache)
-        return d.conv_out(F.silu(d.norm_out(x)), cache)
+        out = d.conv_out(F.silu(d.norm_out(x)), cache)
+        cache.first = False
+        return out
+
+    def _pixels(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as RGB in [-1, 1]: [B, 3 * P * P, n, h, w] -> [B, 3, n, h * P, w * P]. Channel
+        c * P * P + j * P + i is pixel (row i, column j) of its P x P patch (upstream's "(c r q) -> (h q) (w r)")."""
+        P = self.spec.patch_size
+        if P > 1:
+            B, _, n, h, w = x_BCTHW.shape
+            x_BCTHW = (x_BCTHW.view(B, 3, P, P, n, h, w).permute(0, 1, 4, 5, 3, 6, 2)
+                       .reshape(B, 3, n, h * P, w * P))
+        return x_BCTHW.clamp(-1, 1)
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.to(self.latents_std.dtype) * self.latents_std + self.latents_mean
@@ -306,7 +413,7 @@ class WanVAEDecoder(nn.Module):
             yield from self._tiled_chunks(z)
             return
         for t in range(T):
-            yield self._decode_chunk(z[:, :, t : t + 1], cache).clamp(-1, 1)
+            yield self._pixels(self._decode_chunk(z[:, :, t : t + 1], cache))
 
     def _tiled_chunks(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
         """Overlapping spatial tiles decoded with a cache each and blended linearly (as diffusers' tiled_decode).
@@ -318,9 +425,14 @@ class WanVAEDecoder(nn.Module):
         constant in the video's length, and the peak falls (720p: 14.4 vs 19.4 GiB; 480p: 6.7 vs 8.4 GiB): the
         activations saved outweigh the extra caches. See bench/vae_cache.py."""
         _, _, T, h, w = z.shape
-        s = self.spec.spatial_stride
+        s, P = self.spec.spatial_stride, self.spec.patch_size
+        if self.tile_sample_min % P or self.tile_sample_stride % P:
+            raise ValueError(f"VAE tiles of {self.tile_sample_min} pixels every {self.tile_sample_stride}: both "
+                             f"must be multiples of the decoder's {P}x{P} output patch")
         tile, stride = self.tile_sample_min // s, self.tile_sample_stride // s
-        blend = self.tile_sample_min - self.tile_sample_stride
+        # tiles are blended before the unpatchify (as diffusers), so in the decoder's output pixels: P x P each
+        tile_out, stride_out = self.tile_sample_min // P, self.tile_sample_stride // P
+        blend = tile_out - stride_out
         origins = [(i, j) for i in range(0, h, stride) for j in range(0, w, stride)]
         caches = {o: Cache() for o in origins}
         rows_i = sorted({i for i, _ in origins})
@@ -338,9 +450,9 @@ class WanVAEDecoder(nn.Module):
                     if ci > 0:
                         cur = _blend(tiles[(i, cols_j[ci - 1])], cur, blend, dim=-1)
                     tiles[(i, j)] = cur
-                    row.append(cur[..., : self.tile_sample_stride, : self.tile_sample_stride])
+                    row.append(cur[..., :stride_out, :stride_out])
                 out_rows.append(torch.cat(row, dim=-1))
-            yield torch.cat(out_rows, dim=-2)[..., : h * s, : w * s].clamp(-1, 1)
+            yield self._pixels(torch.cat(out_rows, dim=-2)[..., : h * s // P, : w * s // P])
 
     def decode_stream(self, latents: torch.Tensor, *, group=None) -> Iterator[np.ndarray | None]:
         """uint8 RGB frames [H, W, 3], each as soon as it is decoded.
