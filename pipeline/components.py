@@ -1,8 +1,10 @@
-"""The models one rank needs, loaded once from the config: the DiT everywhere, the text encoder and the decoder
-only where they run."""
+"""The models one rank needs, loaded once from the config: the DiT everywhere (both experts of a two-expert model),
+the text encoder and the decoder only where they run."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -15,7 +17,15 @@ from configs import ModelConfig
 from .dit import WanDiT
 
 __all__ = ["Components", "TextEncoder", "FrameDecoder", "EncoderPlacement", "encoder_placement", "load_components",
-           "resolve_dtype", "TEXT_ENCODER_DTYPE"]
+           "resolve_dtype", "TEXT_ENCODER_DTYPE", "DEFAULT_BOUNDARY_RATIO", "NUM_TRAIN_TIMESTEPS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOUNDARY_RATIO = 0.875
+"""Wan2.2 T2V-A14B's boundary (upstream wan/configs/wan_t2v_A14B.py: boundary), for a two-expert folder whose
+model_index.json gives none (the original release has no model_index.json)."""
+
+NUM_TRAIN_TIMESTEPS = 1000  # the model timestep t = sigma * 1000
 
 # umt5-xxl runs in bfloat16 wherever it runs: its released weights are bfloat16 (nothing is gained by fp32), upstream
 # Wan2.1 keeps it bfloat16 on CPU too (t5_cpu), and fp32 would double its 11.4 GB (10.6 GiB) to 22.7 GB. On a CPU
@@ -70,6 +80,22 @@ class Components:
     temporal_stride: int
     spatial_stride: int
     text_placement: EncoderPlacement = EncoderPlacement(torch.device("cpu"), torch.device("cpu"))
+    dit_low: WanDiT | None = None  # two-expert models: the low-noise expert (dit is then the high-noise one)
+    boundary_ratio: float | None = None  # set iff dit_low is: t >= boundary_ratio * 1000 runs dit
+
+    def __post_init__(self) -> None:
+        assert (self.dit_low is None) == (self.boundary_ratio is None), "boundary_ratio goes with dit_low"
+
+    def experts(self) -> list[WanDiT]:
+        """The DiTs, high-noise expert first: [dit] or [dit, dit_low]."""
+        return [self.dit] if self.dit_low is None else [self.dit, self.dit_low]
+
+    def expert_index(self, t: float) -> int:
+        """Which of experts() denoises at model timestep t (0..1000): 0 (dit) when there is one DiT or t >=
+        boundary_ratio * 1000 (diffusers' WanPipeline rule), else 1 (dit_low)."""
+        if self.dit_low is None or t >= self.boundary_ratio * NUM_TRAIN_TIMESTEPS:
+            return 0
+        return 1
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """[N, text_len, text_dim] float32 on the encoder's run device; the encoder is back home afterwards."""
@@ -131,12 +157,17 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
     straight to its home, see encoder_placement) and the decoder if `decode`. model.path None loads the embedded
     tiny model. shard_group: the DiT's blocks sharded over it (pipeline.sharding; every rank of it loads
     together); shard_text_group: the umt5 encoder too (needs `encode`; the embedded model's few-MB encoder is
-    never sharded)."""
+    never sharded). A two-expert model (Wan2.2 T2V-A14B) loads both experts (Components.dit_low, boundary_ratio:
+    model.boundary_ratio, else its model_index.json's, else 0.875), sharded alike over shard_group; with
+    model.offload_idle_expert on a GPU the low-noise one starts in pinned CPU memory (the Runner swaps them)."""
     dtype = resolve_dtype(model.dtype, device)
     place = encoder_placement(model.text_encoder_device, model.offload_text_encoder, device)
     if model.path is None:
         from .tiny import load_tiny_components
 
+        if model.boundary_ratio is not None:
+            raise ValueError("model.boundary_ratio is set but the embedded model (model.path null) holds one DiT: "
+                             "set it null")
         comp = load_tiny_components(device=device, dtype=dtype, encode=encode, decode=decode,
                                     attention_backend=attention_backend)
         if shard_group is not None:
@@ -150,17 +181,40 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
     from .text_encoder import WanTextEncoder
     from .vae import WanVAEDecoder
     from .vae_weights import read_vae_spec
+    from .weights import dit_folders, read_dit_headers
 
     path = Path(model.path).expanduser()
-    if shard_group is not None:
-        from .sharding import load_dit_sharded
-
-        dit = load_dit_sharded(path, shard_group, device=device, dtype=dtype, attention_backend=attention_backend)
-    else:
-        dit = WanDiT.from_pretrained(path, device=device, dtype=dtype, attention_backend=attention_backend)
+    # Everything that can be refused from configs and headers is, before a weight is read.
+    folders = dit_folders(path)
+    configs = [read_dit_headers(folder)[1] for folder in folders]
+    boundary = _boundary_ratio(model, path, folders)
+    if len(configs) == 2 and configs[0] != configs[1]:
+        high, low = configs
+        fields = [f"{f.name} {getattr(high, f.name)} vs {getattr(low, f.name)}" for f in dataclasses.fields(high)
+                  if getattr(high, f.name) != getattr(low, f.name)]
+        raise ValueError(f"the two experts in {path} ({folders[0].name}/, {folders[1].name}/) differ: "
+                         f"{', '.join(fields[:4])}: both must have the same shape")
     spec = read_vae_spec(path)
-    if spec.z_dim != dit.config.in_dim:
-        raise ValueError(f"the VAE's {spec.z_dim} latent channels do not match the DiT's {dit.config.in_dim}")
+    if spec.z_dim != configs[0].in_dim:
+        raise ValueError(f"the VAE in {path} has {spec.z_dim} latent channels but the DiT takes {configs[0].in_dim}: "
+                         f"{_vae_hint(configs[0].in_dim)}")
+
+    def load(folder: Path, on: torch.device) -> WanDiT:
+        if shard_group is not None:
+            from .sharding import load_dit_sharded
+
+            return load_dit_sharded(folder, shard_group, device=on, dtype=dtype, attention_backend=attention_backend)
+        return WanDiT.from_pretrained(folder, device=on, dtype=dtype, attention_backend=attention_backend)
+
+    dit = load(folders[0], device)
+    dit_low = None
+    if len(folders) == 2:
+        # offload_idle_expert on a GPU: the low-noise expert waits in pinned CPU memory until the Runner swaps it in
+        # (pinned: the swap is one fast DMA copy). Sharded experts both stay (config refuses the two together).
+        park = model.offload_idle_expert and device.type == "cuda" and shard_group is None
+        dit_low = load(folders[1], torch.device("cpu") if park else device)
+        if park:
+            _pin(dit_low)
     text_encoder = decoder = None
     if encode and shard_text_group is not None:
         from .sharding import load_text_encoder_sharded
@@ -177,4 +231,41 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
     if decode:
         decoder = WanVAEDecoder.from_pretrained(path, device=device, dtype=torch.float32)
         decoder.tiling = model.vae_tiling
-    return Components(dit, text_encoder, decoder, spec.z_dim, spec.temporal_stride, spec.spatial_stride, place)
+    return Components(dit, text_encoder, decoder, spec.z_dim, spec.temporal_stride, spec.spatial_stride, place,
+                      dit_low=dit_low, boundary_ratio=boundary)
+
+
+def _boundary_ratio(model: ModelConfig, path: Path, folders: list[Path]) -> float | None:
+    """The boundary of a two-expert model: model.boundary_ratio, else its model_index.json's, else
+    DEFAULT_BOUNDARY_RATIO (logged with its source); None for one DiT (where setting it is refused)."""
+    from .weights import model_boundary_ratio
+
+    if len(folders) == 1:
+        if model.boundary_ratio is not None:
+            raise ValueError(f"model.boundary_ratio is set but {path} holds one DiT (only two-expert models such as "
+                             f"Wan2.2 T2V-A14B have a boundary): set it null")
+        return None
+    if model.boundary_ratio is not None:
+        ratio, source = model.boundary_ratio, "model.boundary_ratio"
+    elif (from_index := model_boundary_ratio(path)) is not None:
+        ratio, source = from_index, f"{path / 'model_index.json'}"
+    else:
+        ratio, source = DEFAULT_BOUNDARY_RATIO, "Wan2.2 T2V-A14B's default (the folder gives none)"
+    log.info("two experts in %s: steps with t >= %g run %s/, the rest %s/ (boundary_ratio %g from %s)", path,
+             ratio * NUM_TRAIN_TIMESTEPS, folders[0].name, folders[1].name, ratio, source)
+    return ratio
+
+
+def _vae_hint(in_dim: int) -> str:
+    if in_dim == 48:
+        return "a 48-channel DiT (Wan2.2 TI2V-5B) needs the Wan2.2 VAE (Wan2.2_VAE.pth, or vae/ with z_dim 48)"
+    if in_dim == 16:
+        return "a 16-channel DiT (Wan2.1, Wan2.2 T2V-A14B) needs the Wan2.1 VAE (Wan2.1_VAE.pth, or vae/ with z_dim 16)"
+    return "the VAE and the DiT come from different models"
+
+
+@torch.no_grad()
+def _pin(module: torch.nn.Module) -> None:
+    """Move a CPU module's parameters and buffers into page-locked memory (fast, asynchronous copies to the GPU)."""
+    for t in (*module.parameters(), *module.buffers()):
+        t.data = t.data.pin_memory()

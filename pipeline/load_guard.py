@@ -4,7 +4,8 @@ Different shapes make the sharded weights' all-gathers mismatch (a gloo abort, a
 the same shapes with different weights silently mix the ranks' rows into one video. So after loading, each rank
 describes what it loaded (model_record) and the Runner compares them all (one all_gather) with check_same_models.
 
-A record: the DiT's config, a hash of its parameters' names, global shapes and dtypes, a hash of each weight file's
+A record: the DiT's config, a hash of its parameters' names, global shapes and dtypes (both experts' for a two-expert
+model, the low-noise one's after the high-noise one's), a hash of each weight file's
 size, safetensors header and first MiB of tensor data (weights.file_fingerprint: cheap, and different weights of
 the same shapes differ in it), the same for the text encoder when every rank runs it (sharded), and the host.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weights import file_fingerprint, read_dit_headers
+from .weights import dit_folders, file_fingerprint, read_dit_headers
 
 __all__ = ["model_record", "check_same_models", "encode_record", "decode_record", "RECORD_BYTES"]
 
@@ -57,19 +58,26 @@ def _vae_files(path: Path) -> list[Path]:
     return [found] if found.is_file() else [found / "diffusion_pytorch_model.safetensors"]
 
 
-def model_record(dit, path, text_encoder=None, decoder=None) -> dict:
-    """What this rank loaded: dit (a WanDiT), path its model.path (None: the embedded model, no files), the text
-    encoder when every rank holds (a shard of) it and encodes, the decoder when every rank decodes a band."""
+def model_record(dit, path, text_encoder=None, decoder=None, dit_low=None) -> dict:
+    """What this rank loaded: dit (a WanDiT; the high-noise expert of a two-expert model, dit_low the low-noise
+    one), path its model.path (None: the embedded model, no files), the text encoder when every rank holds (a shard
+    of) it and encodes, the decoder when every rank decodes a band."""
+    params = _param_hash(dit) if dit_low is None else hashlib.sha256(
+        f"{_param_hash(dit)} {_param_hash(dit_low)}".encode()).hexdigest()
     record = {"host": socket.gethostname()[:64],
               "config": {k: list(v) if isinstance(v, tuple) else v
                          for k, v in dataclasses.asdict(dit.config).items()},
-              "params": _param_hash(dit)[:32], "files": "", "text": "", "vae": ""}
+              "params": params[:32], "files": "", "text": "", "vae": ""}
+    record["config"]["experts"] = 1 if dit_low is None else 2
     if decoder is not None:
         files = _files_hash(_vae_files(Path(path))) if path is not None else ""
         record["vae"] = hashlib.sha256((_param_hash(decoder) + files).encode()).hexdigest()[:32]
-    if path is not None:
-        _, _, source, _ = read_dit_headers(path)
-        record["files"] = _files_hash(sorted({file for file, _ in source.values()}))[:32]
+    if path is not None:  # every expert's files, each expert's in order (high-noise first)
+        files = []
+        for folder in dit_folders(path):
+            _, _, source, _ = read_dit_headers(folder)
+            files += sorted({file for file, _ in source.values()})
+        record["files"] = _files_hash(files)[:32]
     if text_encoder is not None:
         files = _files_hash(_text_files(Path(path))) if path is not None else ""
         record["text"] = hashlib.sha256((_param_hash(text_encoder.model) + files).encode()).hexdigest()[:32]

@@ -1,6 +1,13 @@
-"""Loading Wan2.1 DiT weights from a local folder: diffusers model folder, diffusers pipeline folder, or the original
-release. safetensors only; the model is built on the meta device and the loaded tensors are assigned, so it is
-never materialised twice."""
+"""Loading Wan DiT weights from a local folder: diffusers model folder, diffusers pipeline folder, or the original
+release, of Wan2.1 (one DiT) or Wan2.2 (T2V-A14B: two experts; TI2V-5B: one 48-channel DiT). safetensors only; the
+model is built on the meta device and the loaded tensors are assigned, so it is never materialised twice.
+
+Where a model's DiTs are (dit_folders), high-noise expert first:
+    a DiT folder                      config.json + safetensors                  [folder]
+    a diffusers pipeline folder       transformer/ (+ transformer_2/)            [transformer (, transformer_2)]
+    an original Wan2.1 / TI2V-5B      config.json + safetensors at the root      [root]
+    an original Wan2.2 T2V-A14B       high_noise_model/ + low_noise_model/       [high_noise_model, low_noise_model]
+"""
 
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from .dit import WanDiT, WanDiTConfig
 
 __all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
            "WeightsError", "model_root", "inside_model", "read_header", "check_blocks", "file_fingerprint",
-           "MAX_DIT_LAYERS", "user_path", "download_hint", "hint_preset", "WAN_REPOS", "MissingWeightsError"]
+           "MAX_DIT_LAYERS", "user_path", "download_hint", "hint_preset", "WAN_REPOS", "MissingWeightsError",
+           "dit_folders", "model_boundary_ratio", "EXPERT_FOLDERS", "PIPELINE_EXPERTS", "WAN_PRESETS"]
 
 MAX_DIT_LAYERS = 256  # Wan2.1 has 30 (1.3B) or 40 (14B): a header naming block 4999 must not build 5000 on meta
 FINGERPRINT_BYTES = 1 << 20  # tensor data hashed per weight file when ranks compare what they loaded
@@ -66,8 +74,18 @@ def user_path(path) -> Path:
     return Path(path).expanduser()
 
 
-WAN_REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B", "14B": "Wan-AI/Wan2.1-T2V-14B"}
+WAN_REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B", "14B": "Wan-AI/Wan2.1-T2V-14B", "A14B": "Wan-AI/Wan2.2-T2V-A14B",
+             "5B": "Wan-AI/Wan2.2-TI2V-5B"}
 """The Hugging Face repositories of the supported text-to-video models (the -Diffusers variants load too)."""
+
+WAN_PRESETS = {"1.3B": "wan2.1-t2v-1.3b", "14B": "wan2.1-t2v-14b", "A14B": "wan2.2-t2v-a14b", "5B": "wan2.2-ti2v-5b"}
+"""The preset of each model in WAN_REPOS."""
+
+EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
+"""An original Wan2.2 T2V-A14B release's two DiTs, high-noise expert first (upstream's high/low_noise_checkpoint)."""
+
+PIPELINE_EXPERTS = ("transformer", "transformer_2")
+"""A diffusers pipeline's DiTs: transformer is the high-noise expert, transformer_2 (when there) the low-noise one."""
 
 
 _HINT_PRESET: contextvars.ContextVar[str | None] = contextvars.ContextVar("odyssey_hint_preset", default=None)
@@ -86,17 +104,21 @@ def hint_preset(preset: str | None):
         _HINT_PRESET.reset(token)
 
 
+_SIZE_TAGS = (("14B", r"(?<!a)14b"), ("1.3B", r"1[._-]?3b"), ("A14B", r"a14b"), ("5B", r"(?<![\d.])5b"))
+
+
 def _wan_sizes(name: str) -> list[str]:
-    """The Wan2.1 sizes a folder or preset name says: ['14B'], ['1.3B'], both or neither."""
+    """The Wan models a folder or preset name says (keys of WAN_REPOS): ['14B'], ['A14B'], several or none."""
     name = name.lower()
-    return [size for size, tag in (("14B", r"14b"), ("1.3B", r"1[._-]?3b")) if re.search(tag, name)]
+    return [size for size, tag in _SIZE_TAGS if re.search(tag, name)]
 
 
 def download_hint(path, preset: str | None = None) -> str:
-    """How to put the weights at `path`: the `hf download` command for the Wan2.1 size the config's preset says
-    (`preset`, else the hint_preset in effect), else the folder's name (1.3B or 14B; the 1.3B one, naming the 14B
-    repo as the alternative, when neither says), of the -Diffusers repo when the folder's name says so. A preset
-    that is not a Wan one (tiny, cpu-smoke) also gets the --config that gives Wan's sizes and settings."""
+    """How to put the weights at `path`: the `hf download` command for the Wan model the config's preset says
+    (`preset`, else the hint_preset in effect), else the folder's name (Wan2.1 1.3B or 14B, Wan2.2 A14B or 5B; the
+    1.3B one, naming the 14B repo as the alternative, when neither says), of the -Diffusers repo when the folder's
+    name says so. A preset that is not a Wan one (tiny, cpu-smoke) also gets the --config that gives Wan's sizes
+    and settings."""
     path = user_path(path)
     preset = preset if preset is not None else _HINT_PRESET.get()
     by_preset = _wan_sizes(preset) if preset else []
@@ -108,7 +130,7 @@ def download_hint(path, preset: str | None = None) -> str:
             f"{shlex.quote(str(path))}` ({other}hf comes with `pip install huggingface_hub`), or set model.path to "
             f"a folder that has them")
     if preset and not by_preset:
-        wan = f"wan2.1-t2v-{size.lower()}"
+        wan = WAN_PRESETS[size]
         alt = "" if len(sizes) == 1 else " (or wan2.1-t2v-14b)"
         hint += (f"; preset {preset} keeps the embedded model's sizes and settings: add `--config {wan}`{alt} for "
                  f"Wan's")
@@ -216,19 +238,89 @@ def inside_model(root: Path, path: Path, what: str) -> Path:
     return resolved
 
 
-def _dit_folder(path: Path) -> Path:
+def _has_config(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def dit_folders(path) -> list[Path]:
+    """The DiT folders of the model at `path`, high-noise expert first: [one] for a single-DiT model, [high, low]
+    for a two-expert one (see the module's table). WeightsError, one line naming what is missing, for a folder
+    with no DiT or half of a two-expert model (one expert folder without the other, transformer_2/ without
+    transformer/, a model_index.json naming a transformer_2 that is not there)."""
+    path = user_path(path)
     if not path.exists():
         raise WeightsError(f"weights folder {path} does not exist: {download_hint(path)}")
     if not path.is_dir():
         raise WeightsError(f"{path} is not a folder; pass the folder that holds config.json and the weights")
-    if (path / "transformer" / "config.json").is_file():
-        return path / "transformer"  # diffusers pipeline folder
-    if (path / "config.json").is_file():
-        return path
+    high, low = (path / name for name in PIPELINE_EXPERTS)
+    if high.exists() or low.exists():
+        if not _has_config(high):
+            what = "transformer_2/ (the low-noise expert) but " if low.exists() else ""
+            raise MissingWeightsError(f"{path} holds {what}no transformer/config.json (the DiT; the high-noise "
+                                      f"expert of a two-expert model); {download_hint(path)}")
+        if low.exists() or _index_names_transformer_2(path):
+            if not _has_config(low):
+                raise MissingWeightsError(
+                    f"{path} holds transformer/ (the high-noise expert) but no transformer_2/config.json (the "
+                    f"low-noise expert{', which model_index.json names' if _index_names_transformer_2(path) else ''}"
+                    f"); {download_hint(path)}")
+            return [high, low]
+        return [high]
+    experts = [path / name for name in EXPERT_FOLDERS]
+    if any(folder.exists() for folder in experts):
+        missing = [f"{folder.name}/" + ("config.json" if folder.exists() else "") for folder in experts
+                   if not _has_config(folder)]
+        if missing:
+            have = [f"{folder.name}/" for folder in experts if _has_config(folder)]
+            raise MissingWeightsError(
+                f"{path} holds half of a two-expert model (Wan2.2 T2V-A14B): {' and '.join(have) or 'neither'} "
+                f"but no {' and no '.join(missing)}; {download_hint(path)}")
+        return experts
+    if _has_config(path):
+        return [path]
     raise WeightsError(
-        f"{path} holds no DiT: expected config.json (a diffusers model or original Wan2.1 folder) "
-        f"or transformer/config.json (a diffusers pipeline folder); {download_hint(path)}"
+        f"{path} holds no DiT: expected config.json (a diffusers model or original Wan2.1 / TI2V-5B folder), "
+        f"transformer/config.json (a diffusers pipeline folder) or high_noise_model/ and low_noise_model/ (the "
+        f"original Wan2.2 T2V-A14B); {download_hint(path)}"
     )
+
+
+def _model_index(path: Path) -> dict:
+    """model_index.json of a diffusers pipeline folder as a dict; {} when there is none."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        raw = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {index}: {str(e)[:200]}") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{index} is not a JSON object")
+    return raw
+
+
+def _index_names_transformer_2(path: Path) -> bool:
+    entry = _model_index(path).get("transformer_2")
+    return isinstance(entry, list) and any(item is not None for item in entry)
+
+
+def model_boundary_ratio(path) -> float | None:
+    """The boundary_ratio a diffusers pipeline folder's model_index.json gives (Wan2.2 T2V-A14B-Diffusers: 0.875),
+    None where it gives none (null, absent, no model_index.json: the original release). WeightsError when it is
+    not a number in (0, 1)."""
+    path = user_path(path)
+    ratio = _model_index(path).get("boundary_ratio")
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise WeightsError(f"{path / 'model_index.json'}: boundary_ratio must be a number in (0, 1), got "
+                           f"{json.dumps(ratio)[:40]}")
+    return float(ratio)
+
+
+def _dit_folder(path: Path) -> Path:
+    """The (first, high-noise) DiT folder of the model at `path`, the whole model's layout checked."""
+    return dit_folders(path)[0]
 
 
 def dit_weight_files(folder: Path) -> list[Path]:
@@ -290,13 +382,15 @@ def _our_name(key: str, diffusers: bool) -> str:
 def read_dit_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> WanDiTConfig:
     """WanDiTConfig from a config.json (diffusers or original keys) and the weights' shapes (our names), which
     supply what the config omits (original configs have no text_dim or patch_size)."""
-    if raw.get("image_dim") or raw.get("added_kv_proj_dim") or raw.get("model_type", "t2v") not in ("t2v", None):
+    # ti2v (Wan2.2 TI2V-5B): its DiT takes no image input of its own (an image would enter through the latents)
+    if raw.get("image_dim") or raw.get("added_kv_proj_dim") or raw.get("model_type", "t2v") not in ("t2v", "ti2v",
+                                                                                                  None):
         raise WeightsError(
-            f"only text-to-video Wan2.1 checkpoints are supported; this one is "
+            f"only text-to-video Wan checkpoints are supported; this one is "
             f"{raw.get('model_type') or 'image-conditioned (image_dim / added_kv_proj_dim set)'}"
         )
     if any(k.startswith("img_emb.") or ".k_img." in k for k in shapes):
-        raise WeightsError("only text-to-video Wan2.1 checkpoints are supported; these weights have image inputs")
+        raise WeightsError("only text-to-video Wan checkpoints are supported; these weights have image inputs")
     for key in ("patch_embedding.weight", "text_embedding.0.weight", "head.head.weight", "blocks.0.ffn.0.weight"):
         if key not in shapes:
             raise WeightsError(f"weights lack {key}: not a Wan2.1 DiT checkpoint")

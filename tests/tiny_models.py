@@ -347,3 +347,74 @@ def save_vae22(model, folder: Path, layout: str) -> Path:
     else:
         raise ValueError(layout)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wan2.2 folders
+
+def wan22_a14b_dits(seed: int = 0, **overrides):
+    """(high-noise, low-noise) tiny diffusers DiTs of one config (DIT_KW + overrides), seeds seed and seed + 1."""
+    return diffusers_dit(seed, **overrides), diffusers_dit(seed + 1, **overrides)
+
+
+def wan22_a14b_folder(folder: Path, layout: str, seed: int = 0) -> Path:
+    """A tiny Wan2.2 T2V-A14B-style model: two DiTs of the same config (wan22_a14b_dits(seed)), the Wan2.1 VAE
+    (diffusers_vae(seed)) and umt5 (hf_umt5(seed)). 'pipeline': the diffusers layout, transformer/ (high) +
+    transformer_2/ (low) + model_index.json with boundary_ratio 0.875; 'original': the release's high_noise_model/ +
+    low_noise_model/ (Wan names, sharded, config.json without text_dim and patch_size), Wan2.1_VAE.pth, the umt5
+    .pth and google/umt5-xxl/."""
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(folder / "_spm")
+    save_t5(hf_umt5(len(tokenizer), seed=seed, d_model=24), tokenizer, folder, layout)
+    high, low = wan22_a14b_dits(seed)
+    vae = diffusers_vae(seed)
+    if layout == "pipeline":
+        save_dit(high, folder, "pipeline")
+        low.save_pretrained(folder / "transformer_2")
+        save_vae(vae, folder, "pipeline")
+        (folder / "model_index.json").write_text(json.dumps(_model_index(boundary_ratio=0.875, two=True)))
+    elif layout == "original":
+        save_dit(high, folder / "high_noise_model", "original")
+        save_dit(low, folder / "low_noise_model", "original")
+        save_vae(vae, folder, "original")
+    else:
+        raise ValueError(layout)
+    return folder
+
+
+def wan22_ti2v_dit(seed: int = 0, **overrides):
+    """The tiny TI2V-5B-style DiT: 48 latent channels in and out."""
+    return diffusers_dit(seed, **{"in_channels": 48, "out_channels": 48, **overrides})
+
+
+def wan22_ti2v_folder(folder: Path, layout: str, seed: int = 0) -> Path:
+    """A tiny Wan2.2 TI2V-5B-style model: one 48-channel DiT (wan22_ti2v_dit(seed)), the Wan2.2 VAE
+    (diffusers_vae22(seed)) and umt5. 'pipeline': transformer/, vae/, model_index.json with expand_timesteps true
+    and boundary_ratio null; 'original': the DiT at the root (Wan names, config.json model_type ti2v),
+    Wan2.2_VAE.pth, the umt5 .pth and google/umt5-xxl/."""
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(folder / "_spm")
+    save_t5(hf_umt5(len(tokenizer), seed=seed, d_model=24), tokenizer, folder, layout)
+    dit = wan22_ti2v_dit(seed)
+    if layout == "pipeline":
+        save_dit(dit, folder, "pipeline")
+        (folder / "model_index.json").write_text(json.dumps(_model_index(boundary_ratio=None, two=False,
+                                                                         expand_timesteps=True)))
+    elif layout == "original":
+        save_dit(dit, folder, "original")
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "ti2v"}))
+    else:
+        raise ValueError(layout)
+    save_vae22(diffusers_vae22(seed), folder, layout)
+    return folder
+
+
+def _model_index(boundary_ratio, two: bool, expand_timesteps: bool = False) -> dict:
+    """A WanPipeline model_index.json as diffusers 0.42 writes it."""
+    return {"_class_name": "WanPipeline", "_diffusers_version": "0.42.0", "boundary_ratio": boundary_ratio,
+            "expand_timesteps": expand_timesteps, "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "transformer_2": ["diffusers", "WanTransformer3DModel"] if two else [None, None],
+            "vae": ["diffusers", "AutoencoderKLWan"]}

@@ -1,0 +1,222 @@
+"""Loading Wan2.2 (issue #17): T2V-A14B's two experts and TI2V-5B's 48-channel DiT, from the diffusers pipeline
+layout and the original release layout (tiny random models of tests/tiny_models.py). Each loaded expert must hold
+exactly the weights of the diffusers model it was saved from (the high-noise one as `dit`), the boundary comes from
+the config, else model_index.json, else 0.875, and every missing or mismatched piece is one line naming it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from configs import ModelConfig
+from pipeline.components import load_components
+from pipeline.weights import WeightsError, dit_folders, download_hint, model_boundary_ratio
+from tests.tiny_models import (diffusers_dit, diffusers_vae, save_dit, save_vae, to_original_key, wan22_a14b_dits,
+                               wan22_a14b_folder, wan22_ti2v_dit, wan22_ti2v_folder)
+
+LAYOUTS = ("pipeline", "original")
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    root = tmp_path_factory.mktemp("a14b")
+    return {layout: wan22_a14b_folder(root / layout, layout, seed=5) for layout in LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ti2v")
+    return {layout: wan22_ti2v_folder(root / layout, layout, seed=7) for layout in LAYOUTS}
+
+
+def _load(path, **model):
+    path = None if path is None else str(path)
+    return load_components(ModelConfig(path=path, **model), device=torch.device("cpu"), encode=True, decode=True)
+
+
+def _assert_same_weights(dit, reference) -> None:
+    """dit (ours, original Wan names) holds exactly the diffusers model's tensors."""
+    ours = dit.state_dict()
+    theirs = {to_original_key(k): v for k, v in reference.state_dict().items()}
+    assert set(ours) == set(theirs)
+    unequal = [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    assert unequal == [], unequal[:4]
+
+
+def _one_line(excinfo) -> str:
+    text = str(excinfo.value)
+    assert "\n" not in text
+    return text
+
+
+# -- both layouts load ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a14b_loads_both_experts_in_order(a14b, layout, caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline.components"):
+        comp = _load(a14b[layout])
+    high, low = wan22_a14b_dits(seed=5)
+    _assert_same_weights(comp.dit, high)
+    _assert_same_weights(comp.dit_low, low)
+    assert comp.experts() == [comp.dit, comp.dit_low] and comp.dit_low is not comp.dit
+    assert comp.boundary_ratio == 0.875 and comp.dit.config == comp.dit_low.config
+    # t >= 0.875 * 1000 runs the high-noise expert (diffusers' rule), below it the low-noise one
+    assert [comp.expert_index(t) for t in (999.0, 875.0, 874.9, 500.0, 0.0)] == [0, 0, 1, 1, 1]
+    assert (comp.z_dim, comp.temporal_stride, comp.spatial_stride) == (16, 4, 8)
+    assert comp.text_encoder is not None and comp.decoder is not None
+    # the original layout's config.json has no text_dim or patch_size: read from the weights' shapes
+    assert comp.dit.config.text_dim == 24 and comp.dit.config.patch_size == (1, 2, 2)
+    source = "model_index.json" if layout == "pipeline" else "default"
+    assert any(source in r.getMessage() and "boundary_ratio 0.875" in r.getMessage() for r in caplog.records)
+    names = ["transformer", "transformer_2"] if layout == "pipeline" else ["high_noise_model", "low_noise_model"]
+    assert [f.name for f in dit_folders(a14b[layout])] == names
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ti2v_loads_one_48_channel_dit_and_the_wan22_vae(ti2v, layout):
+    comp = _load(ti2v[layout])
+    _assert_same_weights(comp.dit, wan22_ti2v_dit(seed=7))
+    assert comp.dit_low is None and comp.boundary_ratio is None and comp.experts() == [comp.dit]
+    assert comp.expert_index(999.0) == comp.expert_index(0.0) == 0
+    assert (comp.dit.config.in_dim, comp.dit.config.out_dim, comp.z_dim) == (48, 48, 48)
+    assert (comp.temporal_stride, comp.spatial_stride) == (4, 16)
+    # 121 frames of 1280x704 (upstream's default): 31 latent frames of 44 x 80; sides are multiples of 32
+    assert comp.latent_shape(121, 704, 1280) == (1, 48, 31, 44, 80)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        comp.latent_shape(121, 720, 1280)
+    assert model_boundary_ratio(ti2v[layout]) is None
+
+
+def test_the_boundary_comes_from_the_config_then_model_index_then_0875(a14b, tmp_path, caplog):
+    assert model_boundary_ratio(a14b["pipeline"]) == 0.875 and model_boundary_ratio(a14b["original"]) is None
+    with caplog.at_level(logging.INFO, logger="pipeline.components"):
+        assert _load(a14b["original"], boundary_ratio=0.9).boundary_ratio == 0.9
+    assert any("from model.boundary_ratio" in r.getMessage() for r in caplog.records)
+    folder = shutil.copytree(a14b["pipeline"], tmp_path / "p")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.6}))
+    assert _load(folder).boundary_ratio == 0.6
+    assert _load(folder, boundary_ratio=0.7).boundary_ratio == 0.7
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": None}))
+    assert _load(folder).boundary_ratio == 0.875
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 1.5}))
+    with pytest.raises(WeightsError) as e:
+        _load(folder)
+    assert _one_line(e).endswith("model_index.json: boundary_ratio must be a number in (0, 1), got 1.5")
+
+
+def test_offload_idle_expert_on_cpu_keeps_both_where_they_are(a14b):
+    # On a CPU rank there is nothing to park: both experts are on the compute device, unpinned.
+    comp = _load(a14b["original"], offload_idle_expert=True)
+    assert {p.device.type for e in comp.experts() for p in e.parameters()} == {"cpu"}
+
+
+# -- missing and mismatched pieces: one line each ----------------------------------------------------------------
+
+
+def test_half_an_original_a14b_is_named(a14b, tmp_path):
+    folder = shutil.copytree(a14b["original"], tmp_path / "Wan2.2-T2V-A14B")
+    shutil.rmtree(folder / "low_noise_model")
+    with pytest.raises(WeightsError) as e:
+        _load(folder)
+    text = _one_line(e)
+    assert text.startswith(f"{folder} holds half of a two-expert model (Wan2.2 T2V-A14B): high_noise_model/ but "
+                           f"no low_noise_model/;"), text
+    assert "hf download Wan-AI/Wan2.2-T2V-A14B " in text
+    (folder / "low_noise_model").mkdir()  # there, but empty: its config.json is named
+    with pytest.raises(WeightsError, match=r"high_noise_model/ but no low_noise_model/config\.json;"):
+        dit_folders(folder)
+    shutil.rmtree(folder / "high_noise_model")
+    with pytest.raises(WeightsError, match=r": neither but no high_noise_model/ and no low_noise_model/config\.json"):
+        dit_folders(folder)
+
+
+def test_half_a_pipeline_a14b_is_named(a14b, tmp_path):
+    folder = shutil.copytree(a14b["pipeline"], tmp_path / "Wan2.2-T2V-A14B-Diffusers")
+    shutil.move(folder / "transformer_2", tmp_path / "low")
+    with pytest.raises(WeightsError) as e:  # model_index.json names transformer_2: it must be there
+        _load(folder)
+    assert _one_line(e).startswith(f"{folder} holds transformer/ (the high-noise expert) but no "
+                                   f"transformer_2/config.json (the low-noise expert, which model_index.json names);")
+    assert "hf download Wan-AI/Wan2.2-T2V-A14B-Diffusers " in str(e.value)
+    shutil.move(tmp_path / "low", folder / "transformer_2")
+    shutil.rmtree(folder / "transformer")
+    with pytest.raises(WeightsError) as e:
+        _load(folder)
+    assert _one_line(e).startswith(f"{folder} holds transformer_2/ (the low-noise expert) but no "
+                                   f"transformer/config.json")
+
+
+def test_experts_of_different_shapes_are_refused_before_loading(a14b, tmp_path):
+    folder = shutil.copytree(a14b["pipeline"], tmp_path / "p")
+    shutil.rmtree(folder / "transformer_2")
+    diffusers_dit(9, ffn_dim=64).save_pretrained(folder / "transformer_2")
+    with pytest.raises(ValueError) as e:
+        _load(folder)
+    assert _one_line(e) == (f"the two experts in {folder} (transformer/, transformer_2/) differ: ffn_dim 48 vs 64: "
+                            f"both must have the same shape")
+
+
+def test_a_16_channel_vae_with_a_48_channel_dit_is_refused(ti2v, tmp_path):
+    folder = shutil.copytree(ti2v["pipeline"], tmp_path / "p")
+    shutil.rmtree(folder / "vae")
+    save_vae(diffusers_vae(1), folder, "pipeline")  # the Wan2.1 VAE: z 16
+    with pytest.raises(ValueError) as e:
+        _load(folder)
+    assert _one_line(e) == (f"the VAE in {folder} has 16 latent channels but the DiT takes 48: a 48-channel DiT "
+                            f"(Wan2.2 TI2V-5B) needs the Wan2.2 VAE (Wan2.2_VAE.pth, or vae/ with z_dim 48)")
+
+
+def test_boundary_ratio_on_a_one_dit_model_is_refused(ti2v, tmp_path):
+    with pytest.raises(ValueError) as e:
+        _load(ti2v["original"], boundary_ratio=0.9)
+    assert _one_line(e).startswith(f"model.boundary_ratio is set but {ti2v['original']} holds one DiT")
+    with pytest.raises(ValueError, match=r"^model\.boundary_ratio is set but the embedded model"):
+        _load(None, boundary_ratio=0.9)
+    wan21 = save_dit(diffusers_dit(0), tmp_path / "dit", "diffusers")
+    assert dit_folders(wan21) == [wan21]
+
+
+def test_download_hint_knows_wan22():
+    assert "`hf download Wan-AI/Wan2.2-T2V-A14B --local-dir /m/Wan2.2-T2V-A14B`" in download_hint(
+        "/m/Wan2.2-T2V-A14B")
+    assert "`hf download Wan-AI/Wan2.2-TI2V-5B-Diffusers --local-dir /m/ti2v-5b-diffusers`" in download_hint(
+        "/m/ti2v-5b-diffusers")
+    assert "`hf download Wan-AI/Wan2.2-TI2V-5B --local-dir /m/x`" in download_hint("/m/x", "wan2.2-ti2v-5b")
+    assert "`hf download Wan-AI/Wan2.1-T2V-14B --local-dir /m/Wan2.1-T2V-14B`" in download_hint("/m/Wan2.1-T2V-14B")
+    assert "add `--config wan2.2-t2v-a14b` for Wan's" in download_hint("/m/wan2.2-a14b", "tiny")
+
+
+# -- sharded: both experts over 2 gloo ranks ---------------------------------------------------------------------
+
+
+def _load_sharded_experts(folder: str):
+    from pipeline.sharding import is_sharded, resident_param_bytes
+
+    comp = load_components(ModelConfig(path=folder), device=torch.device("cpu"), encode=False, decode=False,
+                           shard_group=dist.group.WORLD)
+    high, low = wan22_a14b_dits(seed=5)
+    with torch.no_grad():
+        latents = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(3))
+        ctx = torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(4))
+        t = torch.tensor([700.0])
+        outputs = [dit(latents, t, ctx) for dit in comp.experts()]
+        expected = [model(latents, t, ctx, return_dict=False)[0] for model in (high, low)]
+    errors = [float((o - e).abs().max() / e.abs().max()) for o, e in zip(outputs, expected)]
+    return ([is_sharded(d) for d in comp.experts()], errors, comp.boundary_ratio,
+            [resident_param_bytes(d) for d in comp.experts()], sum(p.numel() * 4 for p in high.parameters()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_both_experts_shard_over_two_gloo_ranks(dist_pools, a14b, layout):
+    for rank, (sharded, errors, boundary, resident, whole) in enumerate(
+            dist_pools(2).run(_load_sharded_experts, str(a14b[layout]), timeout=120)):
+        assert sharded == [True, True] and boundary == 0.875, rank
+        assert max(errors) < 1e-5, (rank, errors)  # each expert is its own diffusers model, not the other's
+        assert all(b < whole for b in resident), (rank, resident, whole)
