@@ -23,6 +23,7 @@ import torch.distributed as dist
 from configs import OdysseyConfig
 
 from .components import Components, load_components
+from .experts import ExpertSwitch
 from .load_guard import check_same_models, decode_record, encode_record, model_record
 from .memory import check_request, wait_until_fits
 from .parallel import Mesh, apply_sequence_parallel, build_mesh, _all_gather_dim0
@@ -119,6 +120,7 @@ class Runner:
         self.keep_latents_sharded = True  # False gathers the latents every step (benchmarked against)
         self.return_latents = False  # rank 0 puts the final latents in its Result (tests, comparisons)
         self.components: Components | None = None
+        self.experts: ExpertSwitch | None = None  # which expert is on the device (use_components)
         self.memory_budget: int | None = None  # GPU bytes free before loading (load_models); None: no checks
         self.load_s = 0.0
         self.shard_text = False  # every rank holds shards of the text encoder and encodes (load_models)
@@ -171,16 +173,30 @@ class Runner:
                 key = "parallel.shard_weights" if par.shard_weights else "model.shard_text_encoder"
                 raise ValueError(f"{key}: {reason.replace(': parallel.shard_weights needs', ': needs')} "
                                  f"(on node {socket.gethostname()})")
-        self.components = load_components(
+        self.use_components(load_components(
             self.config.model, device=self.device, encode=self.rank == 0 or self.shard_text,
             decode=self.rank == 0 or self.split_decode, attention_backend=par.attention_backend,
-            shard_group=world if par.shard_weights else None, shard_text_group=world if self.shard_text else None)
-        self._check_same_models()
-        mesh = self.mesh
-        apply_sequence_parallel(self.components.dit, mesh.ulysses_group, fuse_qkv=par.fuse_qkv, fp8_comm=par.fp8_comm,
-                                head_chunks=par.head_chunks, ring_group=mesh.ring_group, sequence_group=mesh.sp_group)
+            shard_group=world if par.shard_weights else None, shard_text_group=world if self.shard_text else None))
         self.load_s = time.perf_counter() - t0
         return self.load_s
+
+    def use_components(self, components: Components) -> None:
+        """Serve with these models (load_models' second half; tests pass models built in memory). Collective: checks
+        every rank loaded the same models, then shards both experts' tokens over the sequence group. With
+        model.offload_idle_expert on a GPU the idle expert of a two-expert model waits in CPU memory."""
+        par, mesh = self.config.parallel, self.mesh
+        self.components = components
+        self._check_same_models()
+        experts = components.experts()
+        for dit in experts:
+            apply_sequence_parallel(dit, mesh.ulysses_group, fuse_qkv=par.fuse_qkv, fp8_comm=par.fp8_comm,
+                                    head_chunks=par.head_chunks, ring_group=mesh.ring_group,
+                                    sequence_group=mesh.sp_group)
+        offload = self.config.model.offload_idle_expert and len(experts) == 2 and self.device.type == "cuda"
+        if self.config.model.offload_idle_expert and not offload and self.rank == 0:
+            log.info("model.offload_idle_expert: nothing to offload (%s)", "a CPU rank keeps both experts in host "
+                     "memory already" if len(experts) == 2 else "this model has one DiT")
+        self.experts = ExpertSwitch(experts, self.device, offload=offload, synchronize=self._sync)
 
     def _check_same_models(self) -> None:
         """Before any collective uses the weights: every rank loaded the same model (nodes read model.path on their
@@ -190,7 +206,7 @@ class Runner:
             return
         comp = self.components
         record = model_record(comp.dit, self.config.model.path, comp.text_encoder if self.shard_text else None,
-                              comp.decoder if self.split_decode else None)
+                              comp.decoder if self.split_decode else None, dit_low=comp.dit_low)
         rows = self._gather_table(encode_record(record))
         check_same_models([decode_record(row) for row in rows])
 
@@ -284,11 +300,19 @@ class Runner:
         if any(cancelled for _, _, cancelled in table):  # cancelled before it started: nothing encoded yet
             raise RequestCancelledError(f"request {request.request_id} cancelled after step 0")
 
+    def _guidances(self, request: GenerateRequest) -> list[float]:
+        """The guidance scale of each expert's steps: [high-noise (guidance_scale), low-noise
+        (low_noise_guidance_scale)] on two-expert models, [guidance_scale] on one DiT."""
+        if self.components.dit_low is None:
+            return [request.guidance_scale]
+        return [request.guidance_scale, request.low_noise_guidance_scale]
+
     def _context(self, request: GenerateRequest) -> torch.Tensor:
-        """[1 or 2, T, C] text embeddings (conditional, then unconditional when guidance is on): encoded on rank 0,
-        broadcast to the replica. A sharded encoder encodes on every rank together (each layer's forward gathers
-        its weights: a collective); rank 0's result is still broadcast, so every rank's context is bit-identical."""
-        n = 1 if request.guidance_scale == 1.0 else 2
+        """[1 or 2, T, C] text embeddings (conditional, then unconditional when any expert's guidance is on):
+        encoded on rank 0, broadcast to the replica. A sharded encoder encodes on every rank together (each layer's
+        forward gathers its weights: a collective); rank 0's result is still broadcast, so every rank's context is
+        bit-identical."""
+        n = 1 if all(g == 1.0 for g in self._guidances(request)) else 2
         comp = self.components
         ctx = torch.empty((n, comp.text_len, comp.text_dim), dtype=torch.float32, device=self._comm_device)
         if self.rank == 0 or self.shard_text:
@@ -298,33 +322,36 @@ class Runner:
             dist.broadcast(ctx, src=0)
         return ctx.to(self.device)
 
-    def _branch_contexts(self, ctx: torch.Tensor) -> list[torch.Tensor]:
-        """The text of each CFG branch this rank runs: cond (and uncond when sequential), or its half's branch."""
-        if ctx.shape[0] == 1:
-            return [ctx[:1]]
+    def _branch_contexts(self, ctx: torch.Tensor, guidance: float) -> list[torch.Tensor]:
+        """The text of each CFG branch this rank runs at a step guided by `guidance`: cond (and uncond when
+        sequential and guided), or its half's branch (CFG-parallel replicas refuse unguided steps)."""
         if self.mesh.cfg_degree == 2:
+            assert ctx.shape[0] == 2 and guidance != 1.0, "CFG-parallel needs guidance on every step"
             return [ctx[self.mesh.cfg_rank : self.mesh.cfg_rank + 1]]
+        if ctx.shape[0] == 1 or guidance == 1.0:
+            return [ctx[:1]]
         return [ctx[:1], ctx[1:]]
 
-    def _velocity(self, step: int, x_BLP, grid, t, ctx, guidance: float, cache: StepCache | None) -> torch.Tensor:
-        dit = self.components.dit
+    def _velocity(self, step: int, dit, expert: int, x_BLP, grid, t, ctx, guidance: float,
+                  cache: StepCache | None) -> torch.Tensor:
+        """This step's velocity of this rank's tokens from `dit` (expert `expert` of the model)."""
         t_B = torch.full((1,), float(t), device=self.device)
-        contexts = self._branch_contexts(ctx)
+        contexts = self._branch_contexts(ctx, guidance)
         if cache is not None:
-            v = cache.velocities(dit, step, x_BLP, grid, t_B, contexts)
+            v = cache.velocities(dit, step, x_BLP, grid, t_B, contexts, expert=expert)
         elif len(contexts) == 2:
             return guided_velocity(dit, x_BLP, grid, t_B, contexts[0], contexts[1], guidance)
         else:
             v = [dit.forward_tokens(x_BLP, grid, t_B, contexts[0])]
-        if ctx.shape[0] == 1:
-            return v[0]
+        if len(v) == 2:
+            return cfg_combine(v[0], v[1], guidance)
         if self.mesh.cfg_degree == 2:
             # This half of the ranks ran one branch; partners (same tokens, other branch) swap results.
             v_BLP = v[0]
             both = v_BLP.new_empty((2, *v_BLP.shape))
             _all_gather_dim0(both.view(-1, *v_BLP.shape[1:]), v_BLP.contiguous(), self.mesh.cfg_group)
             return cfg_combine(both[0], both[1], guidance)
-        return cfg_combine(v[0], v[1], guidance)
+        return v[0]
 
     def _gather_table(self, vec: torch.Tensor) -> torch.Tensor:
         """[world, n]: every rank's vec, the same table on every rank (the first collective of a request, and the
@@ -337,17 +364,19 @@ class Runner:
         return torch.stack(every).cpu()
 
     def _step_cache(self, request: GenerateRequest, ctx: torch.Tensor, seq_len: int) -> StepCache | None:
+        """Its state follows the first expert (velocities() starts it afresh at the switch)."""
         if request.cache == "off":
             return None
         dit = self.components.dit
         return StepCache(request.cache, request.cache_threshold, request.steps, dit.config,
-                         branches=len(self._branch_contexts(ctx)), valid=dit.layout.valid_tokens(seq_len),
-                         agree=self._gather_table, stats_rank=self.rank == 0)
+                         branches=len(self._branch_contexts(ctx, self._guidances(request)[0])),
+                         valid=dit.layout.valid_tokens(seq_len), agree=self._gather_table, stats_rank=self.rank == 0,
+                         experts=len(self.components.experts()))
 
     def _memory_row(self) -> list[int]:
         """[bytes of every model weight this rank holds (its shards of sharded ones), peak bytes this request]."""
         comp = self.components
-        return [resident_param_bytes(comp.dit, comp.text_encoder, comp.decoder),
+        return [resident_param_bytes(*comp.experts(), comp.text_encoder, comp.decoder),
                 peak_memory_bytes(self.device, self._peak_reset)]
 
     def _memory_table(self) -> list[list[int]]:
@@ -372,15 +401,25 @@ class Runner:
         try:
             if not request.is_resolved:
                 raise ValueError(f"request {request.request_id!r} is not resolved (seed and sizes must be set)")
-            shape = self.components.latent_shape(request.frames, request.height, request.width)
-            if self.mesh.cfg_degree == 2 and request.guidance_scale == 1.0:
-                raise ValueError("CFG-parallel replica (cfg_degree=2) got a request with guidance off")
-            check_cache(request.cache, request.cache_threshold, request.steps, self.components.dit.config)
+            comp = self.components
+            shape = comp.latent_shape(request.frames, request.height, request.width)
+            if comp.dit_low is None and request.low_noise_guidance_scale != request.guidance_scale:
+                raise ValueError(f"low_noise_guidance_scale applies to two-expert models (Wan2.2 T2V-A14B); this "
+                                 f"model has one DiT: use guidance_scale (got {request.low_noise_guidance_scale} "
+                                 f"and {request.guidance_scale})")
+            guidances = self._guidances(request)
+            if self.mesh.cfg_degree == 2 and 1.0 in guidances:
+                which = "" if len(guidances) == 1 else (" (low_noise_guidance_scale 1.0)" if guidances[0] != 1.0
+                                                        else " (guidance_scale 1.0)")
+                raise ValueError(f"CFG-parallel replica (cfg_degree=2) got a request with guidance off{which}")
+            check_cache(request.cache, request.cache_threshold, request.steps, comp.dit.config,
+                        experts=len(comp.experts()))
             if self.memory_budget is not None:  # prompt lines may ask for more than config.video, checked at load
+                # guidance on for any expert: the context and the cache's buffers hold two branches
+                guided = next((g for g in guidances if g != 1.0), 1.0)
                 check_request(self.config, self.rank, self.memory_budget, request.frames, request.height,
                               request.width, request_id=request.request_id, device_type=self.device.type,
-                              dit_config=self.components.dit.config, cache=request.cache,
-                              guidance_scale=request.guidance_scale)
+                              dit_config=comp.dit.config, cache=request.cache, guidance_scale=guided)
         except ValueError as e:
             error = e
         self._agree(request, error)
@@ -402,11 +441,16 @@ class Runner:
         x_BLP = layout.shard(dit.patchify(noise)).to(self.device)
         sampler = make_sampler(request.sampler, request.steps, request.shift)
         cache = self._step_cache(request, ctx, seq_len)
+        guidances = self._guidances(request)
         every = self.config.sampling.preview_every
         t0 = time.perf_counter()
         self._stop_if_cancelled(rid, 0)
+        self.experts.begin_request()
         for i, t in enumerate(sampler.timesteps.tolist()):
-            v_BLP = self._velocity(i, x_BLP, grid, t, ctx, request.guidance_scale, cache)
+            # two-expert models: t >= boundary_ratio * 1000 is the high-noise expert's step (diffusers' rule)
+            expert = comp.expert_index(t)
+            v_BLP = self._velocity(i, self.experts.use(expert), expert, x_BLP, grid, t, ctx, guidances[expert],
+                                   cache)
             # after steps every, 2*every, ... but the last (the frames follow): the estimate of the clean video
             # from this step's input and velocity, x0 = x_t - sigma_t * v, as both samplers see it
             previewing = every > 0 and (i + 1) % every == 0 and i + 1 < request.steps

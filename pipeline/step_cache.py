@@ -5,8 +5,13 @@ One decision per step for the whole replica. Every rank contributes its local su
 CFG branches it runs) to one all_gather over the replica's group, then every rank adds the same table up in rank
 order and decides from the totals: the decision cannot differ between ranks, whatever the Ulysses degree or
 CFG-parallel split. The same gather carries each rank's cache state (step, computed steps, skips in a row, policy,
-threshold); any difference is a StepCacheMismatch on every rank at once, never a rank entering a collective the
-others skip.
+threshold, expert); any difference is a StepCacheMismatch on every rank at once, never a rank entering a collective
+the others skip.
+
+Two-expert models (Wan2.2 T2V-A14B): a residual is never reused across experts. At the switch the cache starts a
+fresh state (no residual, no statistics, no skips in a row), so the new expert's first step always computes and the
+policy then decides from that expert's own steps; the warm-up and the last step stay the request's. TeaCache's
+polynomials were fitted on Wan2.1's single DiT: refused for two experts (fbcache and easycache need no fit).
 
 Policies (sources: TeaCache4Wan2.1, ParaAttention's first-block cache, EasyCache4Wan2.1; ../docs/benchmarks.md):
 - teacache: accumulated relative L1 change of the time embedding `e`, rescaled by TeaCache's degree-4 polynomial
@@ -83,8 +88,10 @@ def finite(value: int | float) -> bool:
         return False
 
 
-def check_cache(policy: str, threshold: float | None, steps: int, dit_config: WanDiTConfig | None = None) -> None:
-    """ValueError (one line) unless `policy` can cache a `steps`-step run of this model (None: not known here)."""
+def check_cache(policy: str, threshold: float | None, steps: int, dit_config: WanDiTConfig | None = None,
+                experts: int = 1) -> None:
+    """ValueError (one line) unless `policy` can cache a `steps`-step run of this model (None: not known here);
+    experts: the model's DiTs (2 for Wan2.2 T2V-A14B's high- and low-noise experts)."""
     if policy == "off":
         return
     if policy not in POLICIES:
@@ -92,6 +99,10 @@ def check_cache(policy: str, threshold: float | None, steps: int, dit_config: Wa
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not finite(threshold) or not 0 < threshold <= 1):
         raise ValueError(f"cache_threshold must be a number in (0, 1], got {threshold!r:.40}")
+    if policy == "teacache" and experts > 1:
+        # TeaCache's polynomials were fitted on Wan2.1's single DiT; each expert's time embedding differs
+        usable = ", ".join(p for p in POLICIES if p != "teacache")
+        raise ValueError(f"cache teacache has no coefficients for two-expert models (Wan2.2 T2V-A14B); use {usable}")
     spec = POLICIES[policy]
     forced = warmup_steps(spec, steps) + 1  # the warm-up and the last step
     if steps <= forced:
@@ -128,8 +139,9 @@ class StepCache:
     `branches` the number of CFG branches this rank runs per step (each keeps its own residual)."""
 
     def __init__(self, policy: str, threshold: float | None, steps: int, dit_config: WanDiTConfig, *,
-                 branches: int, valid: int, agree: Callable[[torch.Tensor], torch.Tensor], stats_rank: bool = True):
-        check_cache(policy, threshold, steps, dit_config)
+                 branches: int, valid: int, agree: Callable[[torch.Tensor], torch.Tensor], stats_rank: bool = True,
+                 experts: int = 1):
+        check_cache(policy, threshold, steps, dit_config, experts)
         self.spec = POLICIES[policy]
         self.poly = None
         default = self.spec.threshold
@@ -137,11 +149,18 @@ class StepCache:
             coefficients, default = teacache_coefficients(dit_config)
             self.poly = np.poly1d(coefficients)
         self.threshold = float(threshold) if threshold is not None else default
-        self.steps, self.branches, self.valid, self.agree = steps, branches, valid, agree
+        self.steps, self.valid, self.agree = steps, valid, agree
         self.stats_rank = stats_rank  # teacache's input is the same on every rank: only one rank reports it
         self.warmup = warmup_steps(self.spec, steps)
         self.computed: list[int] = []
         self.skipped: list[int] = []
+        self.expert = 0  # the DiT whose residuals are kept (two-expert models switch once, at the boundary)
+        self._fresh(branches)
+
+    def _fresh(self, branches: int) -> None:
+        """Forget every residual and statistic: a new DiT's blocks share nothing with the last one's, so its first
+        step computes (no residual) and the policies compare against its own steps only."""
+        self.branches = branches
         self.skips_in_row = 0
         self.accumulated = 0.0
         self.residual: list[torch.Tensor | None] = [None] * branches  # out - in of the skipped blocks
@@ -186,8 +205,8 @@ class StepCache:
     def decide(self, step: int, inputs: Sequence[StackInput], probes: Sequence[torch.Tensor]) -> bool:
         """True: run the blocks this step. Collective: every rank of the replica calls it at every step."""
         stats = self._local_stats(inputs, probes)
-        state = torch.tensor([step, len(self.computed), self.skips_in_row, _CODES[self.spec.name], self.threshold],
-                             dtype=torch.float64)
+        state = torch.tensor([step, len(self.computed), self.skips_in_row, _CODES[self.spec.name], self.threshold,
+                              self.expert], dtype=torch.float64)
         rows = self.agree(torch.cat([stats, state.to(stats.device)])).tolist()  # the one host sync of a step
         if any(row[4:] != rows[0][4:] for row in rows):
             raise StepCacheMismatch(f"step cache states differ across the replica's ranks at step {step}: "
@@ -266,12 +285,21 @@ class StepCache:
         return {"policy": self.spec.name, "threshold": self.threshold, "computed_steps": len(self.computed),
                 "steps": self.steps, "skipped": list(self.skipped)}
 
+    def use_expert(self, expert: int, branches: int) -> None:
+        """Step with DiT `expert` from now on (the index in Components.experts()); a different one than the last
+        step's starts from a fresh state, so no residual is ever reused across experts. `branches`: the CFG branches
+        this rank runs for it (an expert whose guidance is 1.0 runs the conditional pass only)."""
+        if expert != self.expert:
+            self.expert = expert
+            self._fresh(branches)
+
     # -- one step of the model --------------------------------------------------------------------------------------
 
     def velocities(self, dit: WanDiT, step: int, x_BLP: torch.Tensor, grid, t_B: torch.Tensor,
-                   contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                   contexts: Sequence[torch.Tensor], expert: int = 0) -> list[torch.Tensor]:
         """The velocity of each CFG branch this rank runs (contexts[b] is branch b's text), reusing the residuals
-        when the replica decides so."""
+        when the replica decides so. expert: which of the model's DiTs `dit` is (see use_expert)."""
+        self.use_expert(expert, len(contexts))
         assert len(contexts) == self.branches, (len(contexts), self.branches)
         tokens_BLC = dit.embed_tokens(x_BLP)  # shared by the branches: the patch embedding reads no text
         inputs = [dit.embed(x_BLP, grid, t_B, ctx, tokens_BLC) for ctx in contexts]
