@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["WanVAEDecoder", "DecoderSpec", "WAN21_LATENTS_MEAN", "WAN21_LATENTS_STD", "WAN22_LATENTS_MEAN",
-           "WAN22_LATENTS_STD", "tile_cache_factor"]
+           "WAN22_LATENTS_STD", "WAN22_VAE_CONFIG", "tile_cache_factor"]
 
 WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -44,6 +44,12 @@ WAN22_LATENTS_STD = [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5
                      0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
                      0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
 _LATENTS = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}
+# The TI2V-5B release's VAE as diffusers configures it (scripts/convert_wan_to_diffusers.py's vae22_diffusers_config):
+# decoder dims 1024, 1024, 1024, 512, 256; 555e6 decoder parameters (Wan2.1's: 73e6). DecoderSpec.from_diffusers_config
+# of it stands in for a Wan2.2-TI2V-5B folder that is not there yet (memory estimates).
+WAN22_VAE_CONFIG = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                        patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16)
 
 CACHE_T = 2  # frames of input each causal conv keeps from the previous chunk
 

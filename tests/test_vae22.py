@@ -216,3 +216,20 @@ def test_memory_estimate_fits_the_wan22_decoder(folders):
         for _ in decoder.decode_chunks(latents):
             pass
     assert vae_decode_bytes(decoder.spec, 10, 8, False) == pytest.approx(live.peak, rel=0.1)
+
+
+def test_the_released_structure_is_diffusers_own():
+    """WAN22_VAE_CONFIG (TI2V-5B's VAE, 1024-channel decoder) builds, on meta, exactly the decoder parameter shapes
+    diffusers builds from the same config; 555e6 parameters, 16x spatial and 4x temporal strides."""
+    from diffusers import AutoencoderKLWan
+
+    from pipeline.vae import WAN22_VAE_CONFIG, DecoderSpec
+
+    spec = DecoderSpec.from_diffusers_config(WAN22_VAE_CONFIG)
+    with torch.device("meta"):
+        ours = WanVAEDecoder(spec)
+        theirs = AutoencoderKLWan(**WAN22_VAE_CONFIG, latents_mean=VAE22_LATENTS_MEAN, latents_std=VAE22_LATENTS_STD)
+    want = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
+    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(555.05e6, rel=1e-4)
+    assert (spec.spatial_stride, spec.temporal_stride, spec.z_dim) == (16, 4, 48)
