@@ -229,33 +229,49 @@ def test_restored_records_are_checked_like_new_requests(tmp_path):
 def test_low_noise_guidance_scale_is_resolved_checked_and_echoed(tmp_path):
     """The low-noise expert's guidance (two-expert models): a request's own value, else the config's, else the
     request's guidance_scale; checked like guidance_scale (>= 0, limits.max_guidance_scale, on in every step with
-    CFG in parallel) with the 422 naming it; echoed in the video object and the model's defaults; a record written
-    before the field existed resumes with guidance_scale for every step (what it meant then)."""
-    svc = VideoService(config(), output_dir=tmp_path, model_name="tiny")
+    CFG in parallel) with the 422 naming it; a model of one DiT refuses a value of its own (422, not a failed job);
+    echoed in the video object and the model's defaults; a record written before the field existed resumes with
+    guidance_scale for every step (what it meant then)."""
+    from tests.tiny_models import wan22_a14b_folder
+
+    a14b = wan22_a14b_folder(tmp_path / "a14b", "pipeline")
+    svc = VideoService(config(f"model.path={a14b}"), output_dir=tmp_path, model_name="wan")
+    assert svc.experts == 2
     request, _ = svc._request({"prompt": PROMPT, "guidance_scale": 4.5, "low_noise_guidance_scale": 3.0})
     assert (request.guidance_scale, request.low_noise_guidance_scale) == (4.5, 3.0)
+    assert svc._object(dataclass_record(request))["low_noise_guidance_scale"] == 3.0
     request, _ = svc._request({"prompt": PROMPT, "guidance_scale": 4.5})
     assert request.low_noise_guidance_scale == 4.5
-    assert svc._object(dataclass_record(request))["low_noise_guidance_scale"] == 4.5
     assert svc.models()[0]["defaults"]["low_noise_guidance_scale"] == svc.config.sampling.guidance_scale
     for value, words in ((-1.0, ">= 0"), (51.0, "max_guidance_scale")):
         with pytest.raises(InvalidField) as bad:
             svc._request({"prompt": PROMPT, "low_noise_guidance_scale": value})
         assert bad.value.param == "low_noise_guidance_scale" and words in str(bad.value)
 
-    wan22 = VideoService(config("sampling.guidance_scale=4", "sampling.low_noise_guidance_scale=3"),
-                         output_dir=tmp_path, model_name="tiny")
+    wan22 = VideoService(config(f"model.path={a14b}", "sampling.guidance_scale=4",
+                                "sampling.low_noise_guidance_scale=3"), output_dir=tmp_path, model_name="wan")
     request, _ = wan22._request({"prompt": PROMPT, "guidance_scale": 6.0})
     assert (request.guidance_scale, request.low_noise_guidance_scale) == (6.0, 3.0)  # the config's, not 6
     assert wan22.models()[0]["defaults"]["low_noise_guidance_scale"] == 3.0
 
-    cfg2 = VideoService(config("parallel.cfg_degree=2"), output_dir=tmp_path, model_name="tiny")
+    cfg2 = VideoService(config(f"model.path={a14b}", "parallel.cfg_degree=2"), output_dir=tmp_path, model_name="w")
     with pytest.raises(InvalidField) as bad:
         cfg2._request({"prompt": PROMPT, "low_noise_guidance_scale": 1.0})
     assert bad.value.param == "low_noise_guidance_scale" and "low-noise" in str(bad.value)
     with pytest.raises(InvalidField) as bad:
         cfg2._request({"prompt": PROMPT, "guidance_scale": 1.0, "low_noise_guidance_scale": 3.0})
     assert bad.value.param == "guidance_scale"
+
+    one = VideoService(config(), output_dir=tmp_path, model_name="tiny")  # the embedded model: one DiT
+    assert one.experts == 1
+    with pytest.raises(InvalidField) as bad:
+        one._request({"prompt": PROMPT, "low_noise_guidance_scale": 3.0})
+    assert bad.value.param == "low_noise_guidance_scale" and "one DiT" in str(bad.value)
+    request, _ = one._request({"prompt": PROMPT, "guidance_scale": 3.0, "low_noise_guidance_scale": 3.0})
+    assert request.low_noise_guidance_scale == 3.0  # the same value: nothing to refuse
+    elsewhere = VideoService(config(f"model.path={tmp_path / 'on-the-nodes'}"), output_dir=tmp_path, model_name="w")
+    assert elsewhere.experts is None  # not on this machine: the ranks check it where the weights are
+    elsewhere._request({"prompt": PROMPT, "low_noise_guidance_scale": 3.0})
 
     old = {"prompt": "p", "request_id": "video_" + "ab" * 12, "seed": 1, "negative_prompt": "", "height": 32,
            "width": 32, "frames": 17, "fps": 8, "steps": 20, "guidance_scale": 4.0, "shift": 2.0, "sampler": "unipc",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -378,7 +379,22 @@ class VideoService:
             check_request_size(request, self.config)  # the embedded model's: a grid of copies at 64x64
         except ValueError as e:
             raise InvalidField("size", str(e)) from None
+        if request.low_noise_guidance_scale != request.guidance_scale and self.experts == 1:
+            raise InvalidField("low_noise_guidance_scale", "low_noise_guidance_scale applies to two-expert models "
+                               "(Wan2.2 T2V-A14B); this server's model has one DiT: use guidance_scale")
         return request, (None if cache is None else str(cache))
+
+    @functools.cached_property
+    def experts(self) -> int | None:
+        """DiTs of the served model (2: Wan2.2 T2V-A14B's two experts); None when its folder is not on this machine
+        or cannot be read (the replicas' ranks check it where the weights are)."""
+        from pipeline.weights import WeightsError, dit_folders
+
+        path = self.config.model.path
+        try:
+            return 1 if path is None else len(dit_folders(path))
+        except WeightsError:
+            return None
 
     def _frames_for(self, seconds, kwargs) -> int:
         """frames for a duration: the 4n+1 nearest seconds * fps (the VAE's frame count rule)."""
