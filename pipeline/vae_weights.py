@@ -5,12 +5,15 @@ names. The original files carry no config: the structure is read from the tensor
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from .text_encoder import _backed
 from .vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, DecoderSpec, WanVAEDecoder
 from .weights import WeightsError, check_keys, download_hint, inside_model, model_root, user_path
 
@@ -186,10 +189,21 @@ def _locate(path: Path) -> Path:
 
 
 def _read_original(path: Path) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
-    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # memory-mapped: headers only
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in raw.items()):
-        raise WeightsError(f"{path} is not a state dict of named tensors")
+    """The structure and decoder tensors of an original .pth (weights_only: no code runs; memory-mapped: only what
+    is used is read). WeightsError naming the file for anything but a dict of real tensors."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise WeightsError(f"{path} is not a loadable weights file: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{path}: {str(key)[:80]} is a {type(value).__name__}, not a named tensor")
+        # the shapes decide what is built: a view over a short storage could declare gigabytes it does not hold
+        if key.startswith(("decoder.", "conv2.")) and not _backed(value):
+            raise WeightsError(f"{path}: {key} declares {tuple(value.shape)} over {value.untyped_storage().nbytes()}"
+                               f" bytes of data (a zero stride or a short storage); refusing it")
     return _from_original(raw, path.name)
 
 

@@ -179,7 +179,19 @@ def test_mismatched_or_missing_pieces_are_one_line(folders, tmp_path):
 
     with pytest.raises(WeightsError) as e:
         WanVAEDecoder.from_pretrained(write([torch.zeros(1)]))
-    _one_line(e, "is not a state dict of named tensors")
+    _one_line(e, "Wan2.2_VAE.pth holds a list, not a dict of tensors")
+
+    garbage = write({})
+    (garbage / "Wan2.2_VAE.pth").write_bytes(b"not a zip or a pickle\n" * 3)
+    with pytest.raises(WeightsError) as e:
+        WanVAEDecoder.from_pretrained(garbage)
+    _one_line(e, "Wan2.2_VAE.pth is not a loadable weights file")
+
+    state = dict(original)  # a 1024-channel conv over 4 bytes: shapes that would build (and copy) gigabytes
+    state["decoder.conv1.weight"] = torch.zeros(1).expand(1024, 48, 3, 3, 3)
+    with pytest.raises(WeightsError) as e:
+        WanVAEDecoder.from_pretrained(write(state))
+    _one_line(e, "decoder.conv1.weight declares (1024, 48, 3, 3, 3) over 4 bytes of data")
 
     both = write(original)
     torch.save({}, both / "Wan2.1_VAE.pth")
