@@ -21,6 +21,7 @@ its own torch again before loading and refuses with the same message, naming its
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import weakref
@@ -35,7 +36,7 @@ from pipeline.step_cache import check_cache
 from .manifest import check_manifest
 
 __all__ = ["check_batch", "check_config", "check_config_cache", "check_config_sharding", "check_request_cache",
-           "check_request_size", "embedded_model_notes", "model_dit_config"]
+           "check_request_size", "embedded_model_notes", "model_dit_config", "model_experts"]
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,36 @@ def _embedded_dit_config() -> WanDiTConfig:
         return TinySpec.from_json(f.metadata()["spec"]).dit_config()
 
 
-@functools.lru_cache(maxsize=4)  # once per folder: a batch checks every line, and 14B's headers span six files
-def _folder_dit_config(folder: Path) -> WanDiTConfig:
-    from pipeline.weights import read_dit_headers
+def model_experts(config: OdysseyConfig) -> int | None:
+    """The DiTs of config.model.path (2 for a two-expert model, Wan2.2 T2V-A14B), read from its layout; 1 for the
+    embedded model; None where the folder is not on this machine."""
+    path = config.model.path
+    if path is None:
+        return 1
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        return None
+    return len(_folder_dits(folder.resolve()))
 
-    return read_dit_headers(folder)[1]
+
+@functools.lru_cache(maxsize=4)  # once per folder: a batch checks every line, and 14B's headers span six files
+def _folder_dits(folder: Path) -> tuple[WanDiTConfig, ...]:
+    """Each DiT's config (high-noise expert first), from config.json and the safetensors headers; a two-expert
+    folder whose experts differ is a ValueError naming the first differences."""
+    from pipeline.weights import dit_folders, read_dit_headers
+
+    folders = dit_folders(folder)
+    configs = tuple(read_dit_headers(f)[1] for f in folders)
+    if len(configs) == 2 and configs[0] != configs[1]:
+        high, low = (dataclasses.asdict(c) for c in configs)
+        fields = [f"{k} {high[k]} vs {low[k]}" for k in high if high[k] != low[k]]
+        raise ValueError(f"the two experts in {folder} ({folders[0].name}/, {folders[1].name}/) differ: "
+                         f"{', '.join(fields[:4])}: both must have the same shape")
+    return configs
+
+
+def _folder_dit_config(folder: Path) -> WanDiTConfig:
+    return _folder_dits(folder)[0]
 
 
 def check_config_cache(config: OdysseyConfig) -> None:
@@ -93,7 +119,8 @@ def check_config_cache(config: OdysseyConfig) -> None:
     s = config.sampling
     if s.cache != "off":
         try:
-            check_cache(s.cache, s.cache_threshold, s.steps, model_dit_config(config))
+            check_cache(s.cache, s.cache_threshold, s.steps, model_dit_config(config),
+                        experts=model_experts(config) or 1)
         except ValueError as e:
             raise ValueError(f"sampling.cache: {e}") from None
 
@@ -118,7 +145,8 @@ def check_config(config: OdysseyConfig) -> None:
 def check_request_cache(request, config: OdysseyConfig) -> None:
     """ValueError (one line) when a resolved request's step cache cannot run on the configured model."""
     if request.cache not in (None, "off"):
-        check_cache(request.cache, request.cache_threshold, request.steps, model_dit_config(config))
+        check_cache(request.cache, request.cache_threshold, request.steps, model_dit_config(config),
+                    experts=model_experts(config) or 1)
 
 
 # -- the embedded model ---------------------------------------------------------------------------------------------

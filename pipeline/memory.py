@@ -1,8 +1,10 @@
 """How much GPU memory one rank needs, known before anything is loaded, and a refusal naming what would fit.
 
 Nothing here reads weights: parameter bytes come from the real modules built on the meta device (WanDiT, the
-Wan2.1 VAE decoder, transformers' UMT5EncoderModel) from the folder's config.json / safetensors headers, or from
-the published shapes when the folder is not there. Activation peaks come from running the real code on meta
+Wan VAE decoder, transformers' UMT5EncoderModel) from the folder's config.json / safetensors headers, or from
+the published shapes when the folder is not there. A two-expert model (Wan2.2 T2V-A14B) keeps both DiTs resident
+(model.offload_idle_expert on a GPU: one, the other parked in CPU memory), both sharded with
+parallel.shard_weights (one expert's blocks gathered at a time: the experts never run together). Activation peaks come from running the real code on meta
 tensors under LiveBytes, which adds up the bytes of every tensor alive at once (what a tracemalloc would see):
     - DiT: one forward_tokens at the request's tokens per rank, L = ceil(S / (ring x ulysses)). Attention runs as
       flash / memory-efficient kernels do (output and log-sum-exp only, no S x S scores) when one can run
@@ -82,7 +84,8 @@ from .vae_parallel import splits_decode
 
 __all__ = ["MemoryEstimate", "estimate_rank_memory", "replica_estimates", "check_fits", "check_request",
            "fit_decision", "wait_until_fits", "MemoryBusy", "fused_attention_available", "LiveBytes",
-           "dit_activation_bytes", "vae_decode_bytes", "WAN21_1_3B", "WAN21_14B", "GiB"]
+           "dit_activation_bytes", "vae_decode_bytes", "WAN21_1_3B", "WAN21_14B", "WAN22_A14B_EXPERT", "WAN22_TI2V_5B",
+           "GiB"]
 
 GiB = 2**30
 RESERVE_BYTES = 1 * GiB
@@ -93,6 +96,8 @@ POLL_S = 2.0
 
 WAN21_1_3B = WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN21_14B = WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+WAN22_A14B_EXPERT = WAN21_14B  # each of T2V-A14B's two experts (upstream wan/configs/wan_t2v_A14B.py)
+WAN22_TI2V_5B = WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
@@ -356,13 +361,47 @@ def _dit_config(path: Path | None) -> WanDiTConfig:
     return read_dit_headers(path)[1]
 
 
+# (name pattern, the DiT's shapes, experts), first match wins: "a14b" before "14b"
+_KNOWN = ((r"a14b", WAN22_A14B_EXPERT, 2), (r"(?<![\d.])5b", WAN22_TI2V_5B, 1), (r"14b", WAN21_14B, 1),
+          (r"1[._-]?3b", WAN21_1_3B, 1))
+
+
 def _known_by_name(path: Path) -> WanDiTConfig:
+    return _known_model(path)[0]
+
+
+def _known_model(path: Path) -> tuple[WanDiTConfig, int]:
+    """(DiT shapes, experts) of a model folder that is not here, from its name (Wan2.1-T2V-14B, Wan2.2-T2V-A14B...)."""
     name = path.name.lower()
-    for tag, cfg in (("14b", WAN21_14B), ("1.3b", WAN21_1_3B)):
-        if tag in name:
-            return cfg
-    raise ValueError(f"model.path {path} does not exist (and its name says no Wan2.1 size, 1.3B or 14B, whose "
-                     f"memory could be estimated without it)")
+    for tag, cfg, experts in _KNOWN:
+        if re.search(tag, name):
+            return cfg, experts
+    raise ValueError(f"model.path {path} does not exist (and its name says no Wan model, Wan2.1 1.3B or 14B, Wan2.2 "
+                     f"A14B or 5B, whose memory could be estimated without it)")
+
+
+@functools.lru_cache(maxsize=4)
+def _known_vae_spec(path: Path):
+    """The VAE of a model folder that is not here, from its name: the Wan2.2 VAE for a 48-channel DiT (TI2V-5B),
+    else the Wan2.1 one."""
+    from .vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WAN22_VAE_CONFIG, DecoderSpec
+
+    if _known_model(path)[0].in_dim == 48:
+        return DecoderSpec.from_diffusers_config({**WAN22_VAE_CONFIG, "latents_mean": list(WAN22_LATENTS_MEAN),
+                                                  "latents_std": list(WAN22_LATENTS_STD)})
+    return DecoderSpec()
+
+
+@functools.lru_cache(maxsize=16)
+def _dit_experts(path: Path | None) -> int:
+    """The DiTs of the model at path: 2 for a two-expert model (Wan2.2 T2V-A14B), else 1."""
+    if path is None:
+        return 1
+    if not path.exists():
+        return _known_model(path)[1]
+    from .weights import dit_folders
+
+    return len(dit_folders(path))
 
 
 def _tiny_spec():
@@ -451,6 +490,7 @@ class MemoryEstimate:
     reserve: int = RESERVE_BYTES
     dit_gather: int = 0  # parallel.shard_weights: three blocks whole at once (see _sharded), while denoising
     text_gather: int = 0  # model.shard_text_encoder: three umt5 blocks whole + the embedding's all_reduce (encode)
+    dit_experts: int = 1  # the DiTs dit_params holds (2: both experts of Wan2.2 T2V-A14B on this GPU)
 
     @property
     def total(self) -> int:
@@ -462,7 +502,8 @@ class MemoryEstimate:
         return resident + max(encode, denoise, self.vae_decode)
 
     def summary(self) -> str:
-        parts = [("DiT" + (" shard" if self.dit_gather else ""), self.dit_params),
+        parts = [("DiT" + (" x2" if self.dit_experts == 2 else "") + (" shard" if self.dit_gather else ""),
+                  self.dit_params),
                  ("T5" + (" shard" if self.text_gather else "" if self.text_encoder_resident else " while encoding"),
                   self.text_encoder),
                  ("VAE", self.vae_params), ("T5 gathered", self.text_gather),
@@ -475,10 +516,11 @@ class MemoryEstimate:
 
 
 def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: str = "cuda",
-                         dit_config: WanDiTConfig | None = None) -> MemoryEstimate:
+                         dit_config: WanDiTConfig | None = None, experts: int | None = None) -> MemoryEstimate:
     """GPU bytes `rank` of a replica needs to generate config.video with config.model and config.parallel.
     dit_config: the DiT's shapes when known (else read from model.path's headers, or taken from the published
-    1.3B / 14B shapes when the folder is not there and its name says which)."""
+    shapes when the folder is not there and its name says which); experts: its DiTs (1, or 2 for Wan2.2
+    T2V-A14B; None: model.path's layout, or its name)."""
     model, par, video = config.model, config.parallel, config.video
     if not 0 <= rank < par.group_size:
         raise ValueError(f"rank {rank} is not in a replica of {par.group_size} ranks")
@@ -486,12 +528,16 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     device = torch.device(device_type)
     dtype = resolve_dtype(model.dtype, device)
     cfg = dit_config or _dit_config(path)
-    if par.shard_weights:
+    experts = experts or _dit_experts(path)
+    # offload_idle_expert on a GPU: the idle expert waits in CPU memory, one is on the GPU at a time
+    resident_experts = 1 if model.offload_idle_expert and device.type == "cuda" and not par.shard_weights else experts
+    if par.shard_weights:  # every expert's shards stay; only the running expert's blocks are gathered
         dit_params, dit_gather = _dit_sharded(cfg, dtype, par.group_size)
+        dit_params *= experts
     else:
-        dit_params, dit_gather = _dit_param_bytes(cfg, dtype), 0
+        dit_params, dit_gather = resident_experts * _dit_param_bytes(cfg, dtype), 0
 
-    spec = _vae_spec(path)
+    spec = _known_vae_spec(path) if path is not None and not path.exists() else _vae_spec(path)
     ts, ss = spec.temporal_stride, spec.spatial_stride
     pt, ph, pw = cfg.patch_size
     h, w = video.height // ss, video.width // ss
@@ -499,7 +545,8 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     fused = par.attention_backend != "reference" and fused_attention_available(device, dtype)
     acts = int(dit_activation_bytes(cfg, grid, par.ulysses_degree, dtype, fused, par.ring_degree) * FRAGMENTATION)
     sampling = config.sampling
-    branches = 2 if sampling.guidance_scale != 1.0 and par.cfg_degree == 1 else 1
+    guided = sampling.guidance_scale != 1.0 or (experts > 1 and sampling.low_noise_guidance_scale not in (None, 1.0))
+    branches = 2 if guided and par.cfg_degree == 1 else 1
     sequence_ranks = par.ring_degree * par.ulysses_degree  # the ranks one video's tokens are split over
     tokens_per_rank = -(-math.prod(grid) // sequence_ranks)
     cached = cache_buffers(sampling.cache, tokens_per_rank, cfg.dim, branches)
@@ -537,7 +584,8 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
         else:
             decode = int(vae_decode_bytes(spec, h, w, model.vae_tiling) * FRAGMENTATION)
     return MemoryEstimate(rank, dit_params, text, resident, vae, acts, decode, text_acts, cached, preview,
-                          dit_gather=dit_gather, text_gather=text_gather)
+                          dit_gather=dit_gather, text_gather=text_gather,
+                          dit_experts=experts if par.shard_weights else resident_experts)
 
 
 def replica_estimates(config: OdysseyConfig, *, device_type: str = "cuda") -> list[MemoryEstimate]:
@@ -581,12 +629,12 @@ def fit_decision(need: int, free: int, total: int | None = None) -> Literal["ok"
 
 def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: int | None = None, *,
                device_type: str = "cuda", dit_config: WanDiTConfig | None = None,
-               free_label: str = "free") -> MemoryEstimate:
+               free_label: str = "free", experts: int | None = None) -> MemoryEstimate:
     """The estimate when it fits in free_bytes. When it cannot fit the card at all (total_bytes less
     CONTEXT_BYTES; free_bytes when total_bytes is None): ValueError, one line: what is needed, what the card
     holds, and the settings that would fit (each alone, else together), or that none does. When it fits the
     card but not what is free now: MemoryBusy (see wait_until_fits)."""
-    est = estimate_rank_memory(config, rank, device_type=device_type, dit_config=dit_config)
+    est = estimate_rank_memory(config, rank, device_type=device_type, dit_config=dit_config, experts=experts)
     decision = fit_decision(est.total, free_bytes, total_bytes)
     if decision == "ok":
         return est
@@ -598,6 +646,7 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
     where = (f"{free_bytes / GiB:.1f} GiB {free_label}" if total_bytes is None else
              f"the {capacity / GiB:.1f} GiB this GPU can hold ({total_bytes / GiB:.1f} GiB less its CUDA context)")
     cfg = dit_config or _dit_config(None if config.model.path is None else Path(config.model.path).expanduser())
+    experts = experts or _dit_experts(None if config.model.path is None else Path(config.model.path).expanduser())
 
     def fits(changes: dict) -> bool:
         sections = {}
@@ -610,14 +659,17 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
             return False
         # every kind of rank of the replica must fit, not only this one: the advice is the same on every rank
         ranks = {0, min(1, changed.parallel.group_size - 1), rank}
-        return all(estimate_rank_memory(changed, r, device_type=device_type, dit_config=cfg).total <= capacity
-                   for r in ranks)
+        return all(estimate_rank_memory(changed, r, device_type=device_type, dit_config=cfg,
+                                        experts=experts).total <= capacity for r in ranks)
 
     # rank 0 holds what only it holds (the whole encoder, the decoder): the options come from it on every rank
-    est0 = est if rank == 0 else estimate_rank_memory(config, 0, device_type=device_type, dit_config=dit_config)
+    est0 = est if rank == 0 else estimate_rank_memory(config, 0, device_type=device_type, dit_config=dit_config,
+                                                      experts=experts)
     options = []
     if not config.parallel.shard_weights:  # over a replica of 2+ ranks: alone, or with a Ulysses degree below
         options.append({"parallel.shard_weights": True})
+        if experts == 2 and not config.model.offload_idle_expert:  # not with shard_weights: the config refuses both
+            options.append({"model.offload_idle_expert": True})
     if est0.text_encoder:
         options.append({"model.text_encoder_device": "cpu"})
         if est0.text_encoder_resident and not config.model.shard_text_encoder:
@@ -669,7 +721,8 @@ def check_fits(config: OdysseyConfig, rank: int, free_bytes: int, total_bytes: i
 
 def wait_until_fits(config: OdysseyConfig, rank: int, mem_get_info: Callable[[], tuple[int, int]], *,
                     timeout_s: float | None = None, poll_s: float | None = None, device_type: str = "cuda",
-                    dit_config: WanDiTConfig | None = None, sleep=None, clock=None) -> tuple[MemoryEstimate, int]:
+                    dit_config: WanDiTConfig | None = None, sleep=None, clock=None,
+                    experts: int | None = None) -> tuple[MemoryEstimate, int]:
     """check_fits against mem_get_info() -> (free, total), polled every poll_s (POLL_S) while the rank fits the
     card but not what is free, for up to timeout_s (FREE_WAIT_S); then MemoryBusy (retryable: the driver rebuilds
     with backoff). Returns the estimate and the free bytes it fitted in (the budget requests are checked against)."""
@@ -680,7 +733,8 @@ def wait_until_fits(config: OdysseyConfig, rank: int, mem_get_info: Callable[[],
     while True:
         free, total = mem_get_info()
         try:
-            return check_fits(config, rank, free, total, device_type=device_type, dit_config=dit_config), free
+            return check_fits(config, rank, free, total, device_type=device_type, dit_config=dit_config,
+                              experts=experts), free
         except MemoryBusy as busy:
             if clock() >= deadline:
                 raise MemoryBusy(f"{busy} after waiting {timeout_s:.0f} s") from None
@@ -689,16 +743,20 @@ def wait_until_fits(config: OdysseyConfig, rank: int, mem_get_info: Callable[[],
 
 def check_request(config: OdysseyConfig, rank: int, budget: int, frames: int, height: int, width: int, *,
                   request_id: str = "", device_type: str = "cuda", dit_config: WanDiTConfig | None = None,
-                  cache: str | None = None, guidance_scale: float | None = None) -> MemoryEstimate:
+                  cache: str | None = None, guidance_scale: float | None = None,
+                  experts: int | None = None) -> MemoryEstimate:
     """A request's own size (prompt lines may override config.video, the step cache and guidance) against
     `budget`, the bytes that were free before this rank loaded its models: ValueError, one line, when it would
     not fit."""
     video = replace(config.video, frames=frames, height=height, width=width)
     sampling = replace(config.sampling, cache=config.sampling.cache if cache is None else cache,
-                       guidance_scale=config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+                       guidance_scale=config.sampling.guidance_scale if guidance_scale is None else guidance_scale,
+                       # a given guidance_scale stands for every expert's (guidance on in any: two branches)
+                       low_noise_guidance_scale=config.sampling.low_noise_guidance_scale if guidance_scale is None
+                       else None)
     try:
         return check_fits(replace(config, video=video, sampling=sampling), rank, budget, device_type=device_type,
-                          dit_config=dit_config, free_label="free before loading")
+                          dit_config=dit_config, free_label="free before loading", experts=experts)
     except ValueError as e:
         raise ValueError(f"request {request_id!r} ({width}x{height}, {frames} frames) is too large for this "
                          f"replica: {e}") from None

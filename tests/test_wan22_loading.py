@@ -220,3 +220,90 @@ def test_both_experts_shard_over_two_gloo_ranks(dist_pools, a14b, layout):
         assert sharded == [True, True] and boundary == 0.875, rank
         assert max(errors) < 1e-5, (rank, errors)  # each expert is its own diffusers model, not the other's
         assert all(b < whole for b in resident), (rank, resident, whole)
+
+
+# -- what the driver and the memory estimate read of a Wan2.2 folder ---------------------------------------------
+
+
+def _config(path, *sets):
+    from configs import load_config
+
+    return load_config(None, [f"model.path={path}", "model.dtype=float32", "video.height=32", "video.width=32",
+                              "video.frames=5", *sets])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_driver_reads_both_layouts_and_refuses_teacache_on_two_experts(a14b, ti2v, layout, tmp_path):
+    from cluster.validate import check_config_cache, model_dit_config, model_experts
+
+    high, _ = wan22_a14b_dits(seed=5)
+    config = _config(a14b[layout])
+    assert model_experts(config) == 2 and model_dit_config(config).ffn_dim == high.config.ffn_dim
+    with pytest.raises(ValueError, match=r"^sampling\.cache: .*two-expert"):
+        check_config_cache(_config(a14b[layout], "sampling.cache=teacache"))
+    check_config_cache(_config(a14b[layout], "sampling.cache=fbcache"))
+    ti2v_config = _config(ti2v[layout])
+    assert model_experts(ti2v_config) == 1 and model_dit_config(ti2v_config).in_dim == 48
+    if layout == "original":  # experts of different shapes: one line, on the driver too
+        folder = shutil.copytree(a14b[layout], tmp_path / "o")
+        shutil.rmtree(folder / "low_noise_model")
+        save_dit(diffusers_dit(1, num_layers=3), folder / "low_noise_model", "original")
+        with pytest.raises(ValueError) as e:
+            model_dit_config(_config(folder))
+        assert _one_line(e) == (f"the two experts in {folder.resolve()} (high_noise_model/, low_noise_model/) differ: "
+                                f"num_layers 2 vs 3: both must have the same shape")
+
+
+def test_the_memory_estimate_counts_both_experts(a14b):
+    from pipeline.memory import GiB, check_fits, estimate_rank_memory
+
+    high, _ = wan22_a14b_dits(seed=5)
+    expert = 4 * sum(p.numel() for p in high.parameters())  # float32, from the diffusers model
+    path = a14b["pipeline"]
+    both = estimate_rank_memory(_config(path))
+    assert both.dit_params == 2 * expert and both.dit_experts == 2 and "DiT x2 " in both.summary()
+    assert estimate_rank_memory(_config(path), experts=1).dit_params == expert
+    # offload_idle_expert: one expert on the GPU; on a CPU rank nothing is parked
+    assert estimate_rank_memory(_config(path, "model.offload_idle_expert=true")).dit_params == expert
+    assert estimate_rank_memory(_config(path, "model.offload_idle_expert=true"),
+                                device_type="cpu").dit_params == 2 * expert
+    # sharded: both experts' shards stay, one expert's blocks are gathered at a time
+    sharded = _config(path, "parallel.ulysses_degree=2", "parallel.shard_weights=true")
+    two, one = estimate_rank_memory(sharded), estimate_rank_memory(sharded, experts=1)
+    assert two.dit_params == 2 * one.dit_params and two.dit_gather == one.dit_gather > 0
+    # too small for both experts, big enough for one: the refusal names offload_idle_expert
+    parked = estimate_rank_memory(_config(path, "model.offload_idle_expert=true"))
+    capacity = parked.total + 1
+    with pytest.raises(ValueError, match=r"use .*--set model\.offload_idle_expert=true"):
+        check_fits(_config(path), 0, capacity, capacity + GiB // 2)
+
+
+def test_the_memory_estimate_of_a_folder_not_here_goes_by_its_name():
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from pipeline.memory import estimate_rank_memory
+    from pipeline.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WAN22_VAE_CONFIG
+
+    def estimate(name, *sets):
+        from configs import load_config
+
+        return estimate_rank_memory(load_config(name, [f"model.path=/not/here/{name}", *sets]))
+
+    with torch.device("meta"):  # the published shapes, counted by diffusers
+        a14b_expert = WanTransformer3DModel(num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                                            out_channels=16, text_dim=4096, ffn_dim=13824, num_layers=40,
+                                            cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+        ti2v_dit = WanTransformer3DModel(num_attention_heads=24, attention_head_dim=128, in_channels=48,
+                                         out_channels=48, text_dim=4096, ffn_dim=14336, num_layers=30,
+                                         cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+        vae22 = AutoencoderKLWan(**WAN22_VAE_CONFIG, latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD)
+    n_a14b, n_ti2v = (sum(p.numel() for p in m.parameters()) for m in (a14b_expert, ti2v_dit))
+    assert (round(n_a14b / 1e9, 2), round(n_ti2v / 1e9, 2)) == (14.29, 5.0)
+    a14b = estimate("wan2.2-t2v-a14b")
+    # bf16 weights, the modulation tables, norms and time embedding kept in fp32 (a few percent)
+    assert a14b.dit_experts == 2 and 2 * 2 * n_a14b < a14b.dit_params < 1.02 * 2 * 2 * n_a14b
+    assert estimate("wan2.2-t2v-a14b", "model.offload_idle_expert=true").dit_params == a14b.dit_params // 2
+    ti2v = estimate("wan2.2-ti2v-5b")
+    assert ti2v.dit_experts == 1 and 2 * n_ti2v < ti2v.dit_params < 1.02 * 2 * n_ti2v
+    decoder = sum(p.numel() for n, p in vae22.named_parameters() if n.startswith(("decoder.", "post_quant_conv.")))
+    assert ti2v.vae_params == 4 * decoder  # the Wan2.2 VAE's decoder in fp32, not the Wan2.1 one
