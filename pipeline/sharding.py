@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .dit import WanDiT
-from .weights import check_keys, dit_weight_files, read_dit_headers
+from .weights import check_keys, dit_weight_files, one_dit, read_dit_headers
 
 __all__ = ["fsdp_unavailable", "shard_dit", "load_dit_sharded", "shard_text_encoder", "load_text_encoder_sharded",
            "resident_param_bytes", "is_sharded", "VocabParallelEmbedding"]
@@ -198,6 +198,7 @@ def _fill(model: nn.Module, group, read_rows) -> None:
 
 def load_dit_sharded(path, group, *, device, dtype, attention_backend="auto") -> WanDiT:
     """Like weights.load_dit, but each rank reads only its rows of each block parameter (meta build, no full copy)."""
+    one_dit(path)  # a two-expert model's root: each expert folder is loaded on its own
     # Headers only first: the config needs the shapes, and every mismatch is reported before any tensor loads.
     folder, cfg, source, shapes = read_dit_headers(path)
     device = torch.device(device)

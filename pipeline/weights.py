@@ -30,7 +30,7 @@ from .dit import WanDiT, WanDiTConfig
 __all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
            "WeightsError", "model_root", "inside_model", "read_header", "check_blocks", "file_fingerprint",
            "MAX_DIT_LAYERS", "user_path", "download_hint", "hint_preset", "WAN_REPOS", "MissingWeightsError",
-           "dit_folders", "model_boundary_ratio", "EXPERT_FOLDERS", "PIPELINE_EXPERTS", "WAN_PRESETS"]
+           "dit_folders", "model_boundary_ratio", "one_dit", "EXPERT_FOLDERS", "PIPELINE_EXPERTS", "WAN_PRESETS"]
 
 MAX_DIT_LAYERS = 256  # Wan2.1 has 30 (1.3B) or 40 (14B): a header naming block 4999 must not build 5000 on meta
 FINGERPRINT_BYTES = 1 << 20  # tensor data hashed per weight file when ranks compare what they loaded
@@ -458,7 +458,17 @@ def read_dit_headers(path) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, st
     return folder, read_dit_config(raw, shapes), source, shapes
 
 
+def one_dit(path) -> None:
+    """WeightsError unless the model at `path` has one DiT: a two-expert folder's root names two, and loading
+    "the" DiT of it would silently pick one expert."""
+    folders = dit_folders(path)
+    if len(folders) > 1:
+        raise WeightsError(f"{user_path(path)} holds two DiTs (the high- and low-noise experts of a two-expert "
+                           f"model): load {folders[0]} or {folders[1]} (load_components loads both)")
+
+
 def load_dit(path, *, device="cpu", dtype: torch.dtype | None = None, attention_backend: str = "auto") -> WanDiT:
+    one_dit(path)
     # Shapes first (headers only): the config needs them and every mismatch is reported before any tensor loads.
     folder, cfg, source, shapes = read_dit_headers(path)
 

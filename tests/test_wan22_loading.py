@@ -307,3 +307,34 @@ def test_the_memory_estimate_of_a_folder_not_here_goes_by_its_name():
     assert ti2v.dit_experts == 1 and 2 * n_ti2v < ti2v.dit_params < 1.02 * 2 * n_ti2v
     decoder = sum(p.numel() for n, p in vae22.named_parameters() if n.startswith(("decoder.", "post_quant_conv.")))
     assert ti2v.vae_params == 4 * decoder  # the Wan2.2 VAE's decoder in fp32, not the Wan2.1 one
+
+
+def test_loading_the_dit_of_a_two_expert_root_names_both(a14b):
+    from pipeline import WanDiT
+
+    for layout in LAYOUTS:
+        high, low = dit_folders(a14b[layout])
+        with pytest.raises(WeightsError) as e:
+            WanDiT.from_pretrained(a14b[layout])
+        assert _one_line(e) == (f"{a14b[layout]} holds two DiTs (the high- and low-noise experts of a two-expert "
+                                f"model): load {high} or {low} (load_components loads both)")
+        _assert_same_weights(WanDiT.from_pretrained(low), wan22_a14b_dits(seed=5)[1])
+
+
+def test_ranks_that_loaded_different_experts_are_told_apart(a14b, tmp_path):
+    from pipeline.load_guard import check_same_models, model_record
+
+    comp = _load(a14b["original"])
+    record = model_record(comp.dit, a14b["original"], dit_low=comp.dit_low)
+    assert record["config"]["experts"] == 2
+    # another node's folder: the same shapes, another low-noise expert
+    other = shutil.copytree(a14b["original"], tmp_path / "other")
+    shutil.rmtree(other / "low_noise_model")
+    save_dit(diffusers_dit(11), other / "low_noise_model", "original")
+    theirs = _load(other)
+    with pytest.raises(ValueError, match=r"^ranks \[1\] loaded a different DiT than rank 0 \(model\.path on their "
+                                         r"nodes: the same shapes, different weight files"):
+        check_same_models([record, model_record(theirs.dit, other, dit_low=theirs.dit_low)])
+    # a rank that loaded only the high-noise expert
+    with pytest.raises(ValueError, match=r"loaded a different DiT than rank 0 .*experts 2 vs 1"):
+        check_same_models([record, model_record(comp.dit, a14b["original"])])
