@@ -388,12 +388,11 @@ class VideoService:
     def experts(self) -> int | None:
         """DiTs of the served model (2: Wan2.2 T2V-A14B's two experts); None when its folder is not on this machine
         or cannot be read (the replicas' ranks check it where the weights are)."""
-        from pipeline.weights import WeightsError, dit_folders
+        from ..validate import model_experts
 
-        path = self.config.model.path
         try:
-            return 1 if path is None else len(dit_folders(path))
-        except WeightsError:
+            return model_experts(self.config)
+        except ValueError:  # a broken folder: the service's start says why
             return None
 
     def _frames_for(self, seconds, kwargs) -> int:
