@@ -338,3 +338,21 @@ def test_ranks_that_loaded_different_experts_are_told_apart(a14b, tmp_path):
     # a rank that loaded only the high-noise expert
     with pytest.raises(ValueError, match=r"loaded a different DiT than rank 0 .*experts 2 vs 1"):
         check_same_models([record, model_record(comp.dit, a14b["original"])])
+
+
+@pytest.mark.parametrize("offload, device, low_on, pinned", [(True, "cuda", "cpu", 1), (False, "cuda", "cuda", 0),
+                                                             (True, "cpu", "cpu", 0)])
+def test_offload_idle_expert_parks_the_low_noise_expert_in_pinned_memory(a14b, monkeypatch, offload, device, low_on,
+                                                                        pinned):
+    """Where each expert is loaded (no GPU here: the loader records the device it was asked for)."""
+    import pipeline.components as components
+    from pipeline import WanDiT
+
+    asked, pins = [], []
+    monkeypatch.setattr(WanDiT, "from_pretrained", classmethod(
+        lambda cls, folder, device, **kw: asked.append((folder.name, str(device))) or f"dit:{folder.name}"))
+    monkeypatch.setattr(components, "_pin", pins.append)
+    comp = load_components(ModelConfig(path=str(a14b["original"]), offload_idle_expert=offload),
+                           device=torch.device(device), encode=False, decode=False)
+    assert asked == [("high_noise_model", device), ("low_noise_model", low_on)]
+    assert pins == ["dit:low_noise_model"] * pinned and comp.experts() == ["dit:high_noise_model", "dit:low_noise_model"]
