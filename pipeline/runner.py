@@ -419,7 +419,8 @@ class Runner:
                 guided = next((g for g in guidances if g != 1.0), 1.0)
                 check_request(self.config, self.rank, self.memory_budget, request.frames, request.height,
                               request.width, request_id=request.request_id, device_type=self.device.type,
-                              dit_config=comp.dit.config, cache=request.cache, guidance_scale=guided)
+                              dit_config=comp.dit.config, cache=request.cache, guidance_scale=guided,
+                              experts=len(comp.experts()))
         except ValueError as e:
             error = e
         self._agree(request, error)
