@@ -460,10 +460,14 @@ def _text_encode_activations(dims: dict, text_len: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _vae_spec(path: Path | None):
-    from .vae import DecoderSpec
+    from .vae import WAN22_VAE_CONFIG, DecoderSpec
 
     if path is None or not path.exists():
-        return DecoderSpec()
+        try:  # a folder not downloaded yet: its name says the model, a 48-channel DiT (TI2V-5B) the Wan2.2 VAE
+            wan22 = path is not None and _known_model(path)[0].in_dim == 48
+        except ValueError:
+            wan22 = False
+        return DecoderSpec.from_diffusers_config(WAN22_VAE_CONFIG) if wan22 else DecoderSpec()
     from .vae_weights import read_vae_spec
 
     return read_vae_spec(path)
