@@ -101,8 +101,8 @@ def models(tmp_path_factory):
 
 
 def components(folder, model: str, rank: int, boundary: float = BOUNDARY):
-    """This rank's Components: 'a14b' (two experts, Wan2.1 VAE), 'a14b-twin' (the low-noise expert is `twin`'s)
-    or 'ti2v' (one 48-channel DiT, 16x / 4x)."""
+    """This rank's Components: 'a14b' (two experts, Wan2.1 VAE), 'a14b-twin' (the low-noise expert is `twin`'s),
+    'a14b-one' (the high-noise expert alone) or 'ti2v' (one 48-channel DiT, 16x / 4x)."""
     from pipeline.components import Components
     from pipeline.dit import WanDiT
     from pipeline.vae import WanVAEDecoder
@@ -112,6 +112,8 @@ def components(folder, model: str, rank: int, boundary: float = BOUNDARY):
         dit = WanDiT.from_pretrained(folder / "dit48", dtype=torch.float32)
         return Components(dit, encoder, BlankDecoder(4, 16) if rank == 0 else None, 48, 4, 16)
     high = WanDiT.from_pretrained(folder / "high", dtype=torch.float32)
+    if model == "a14b-one":  # the high-noise expert alone
+        return Components(high, encoder, None, 16, 4, 8)
     low = WanDiT.from_pretrained(folder / ("twin" if model == "a14b-twin" else "low"), dtype=torch.float32)
     decoder = WanVAEDecoder.from_pretrained(folder, dtype=torch.float32) if rank == 0 else None
     return Components(high, encoder, decoder, 16, 4, 8, dit_low=low, boundary_ratio=boundary)
@@ -310,6 +312,27 @@ def test_previews_across_the_switch_with_swapping_experts_at_sp2(dist_pools, mod
     assert all(p.image.dtype == np.uint8 and p.image.ndim == 3 and p.image.std() > 0 for p in previews)
     assert served["moves"] == [(0, 1)]
     assert rel(latents(served), latents(a14b["unipc"])) <= 1e-4
+
+
+def _use(cfg, folder, models_by_rank):
+    """On every pool rank: a Runner takes this rank's Components (models_by_rank[rank]); None when it did."""
+    import torch.distributed as dist
+
+    from tests import pool_runner as pr
+
+    try:
+        pr.pool_runner(cfg).use_components(components(folder, models_by_rank[dist.get_rank()], dist.get_rank()))
+    finally:
+        pr._RUNNERS.pop(repr(cfg), None)
+
+
+def test_ranks_that_loaded_different_experts_are_refused(dist_pools, models):
+    """The load check covers both experts: a rank holding one DiT where rank 0 holds two is the same one-line
+    ValueError on every rank, before any collective uses the weights."""
+    out = dist_pools(2).run_each(_use, config(sp=2), models["folder"], ["a14b", "a14b-one"])
+    assert [ok for ok, _ in out] == [False, False]
+    for _, (kind, message, _) in out:
+        assert kind == "ValueError" and message.startswith("ranks [1] loaded a different DiT than rank 0"), message
 
 
 def test_sp2_and_cfg_parallel_equal_one_rank(dist_pools, models, a14b):
