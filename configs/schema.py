@@ -76,7 +76,8 @@ class ModelConfig:
     offload_idle_expert: bool = False
     """Two-expert models on a GPU: keep the expert not in use in (pinned) CPU memory and swap the two at the
     boundary (one transfer each way per video), halving the DiTs' GPU memory (A14B in bf16: 27 GiB instead of
-    54). Not with parallel.shard_weights (both experts are then sharded over the replica instead)."""
+    54). Not with parallel.shard_weights (both experts are then sharded over the replica instead). Moot for
+    models of one DiT and on CPU ranks."""
 
     def __post_init__(self) -> None:
         _finite(self, "boundary_ratio")
@@ -160,7 +161,7 @@ class SamplingConfig:
 
     low_noise_guidance_scale: float | None = None
     """Two-expert models: the guidance weight of the low-noise expert's steps (t < the boundary; diffusers'
-    guidance_scale_2). null: guidance_scale. Ignored by single-DiT models."""
+    guidance_scale_2). null: guidance_scale. A model of one DiT refuses a value other than guidance_scale."""
 
     shift: float = 5.0
     """Flow shift of the sigma schedule: s' = shift*s / (1 + (shift-1)*s). Higher spends more steps at high noise.

@@ -380,19 +380,6 @@ def _known_model(path: Path) -> tuple[WanDiTConfig, int]:
                      f"A14B or 5B, whose memory could be estimated without it)")
 
 
-@functools.lru_cache(maxsize=4)
-def _known_vae_spec(path: Path):
-    """The VAE of a model folder that is not here, from its name: the Wan2.2 VAE for a 48-channel DiT (TI2V-5B),
-    else the Wan2.1 one."""
-    from .vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WAN22_VAE_CONFIG, DecoderSpec
-
-    if _known_model(path)[0].in_dim == 48:
-        return DecoderSpec.from_diffusers_config({**WAN22_VAE_CONFIG, "latents_mean": list(WAN22_LATENTS_MEAN),
-                                                  "latents_std": list(WAN22_LATENTS_STD)})
-    return DecoderSpec()
-
-
-@functools.lru_cache(maxsize=16)
 def _dit_experts(path: Path | None) -> int:
     """The DiTs of the model at path: 2 for a two-expert model (Wan2.2 T2V-A14B), else 1."""
     if path is None:
@@ -541,7 +528,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     else:
         dit_params, dit_gather = resident_experts * _dit_param_bytes(cfg, dtype), 0
 
-    spec = _known_vae_spec(path) if path is not None and not path.exists() else _vae_spec(path)
+    spec = _vae_spec(path)
     ts, ss = spec.temporal_stride, spec.spatial_stride
     pt, ph, pw = cfg.patch_size
     h, w = video.height // ss, video.width // ss
