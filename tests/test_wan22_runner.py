@@ -132,8 +132,9 @@ def config(cfg=1, sp=1, **extra):
 
 def _serve(cfg, folder, model, requests, trace=False, swap=False, boundary=BOUNDARY):
     """On every rank of a pool: a Runner with these Components serves `requests`; rank 0 returns per request its
-    events (or (error type, message)), with trace=True also per denoising step (expert index, whether the whole
-    block stack ran: one entry per CFG pass) and with swap=True the expert moves of each request (an ExpertSwitch offloading on CPU)."""
+    events (or (error type, message)), with trace=True also per denoising step the experts whose whole block stack
+    ran (one entry per CFG pass; none on a skipped step), and with swap=True the expert moves of each request (an
+    ExpertSwitch offloading on the CPU)."""
     import torch.distributed as dist
 
     from tests import pool_runner as pr
