@@ -4,7 +4,8 @@ Every rank holds a band of each frame's rows (bands may be uneven; they double w
 convolution needs one row above and below its band: `halo` all-gathers every rank's first and last rows and each
 rank takes its neighbours' (zeros at the frame's edges, as the convolution's own padding). The mid-block attention
 is global over a frame's pixels: `whole` all-gathers the bands so each rank attends its own queries to every key.
-Everything else (RMS norm over channels, 1x1 and time-only convolutions, nearest upsampling) is per pixel. So each
+Everything else (RMS norm over channels, 1x1 and time-only convolutions, nearest upsampling; Wan2.2's DupUp3D
+shortcuts and 2x2 unpatchify, which turn each pixel into its own 2x2 block) is per pixel. So each
 rank computes exactly the rows the single-rank decode computes, and its causal caches hold only its band (plus the
 halo rows). Frames come back to rank 0 of the group through one gather of uint8 rows per decoded chunk.
 
@@ -65,7 +66,8 @@ class Bands:
         self.active = min(self.world, latent_rows)  # ranks that own rows; the rest repeat the last band
 
     def scale(self, x: torch.Tensor) -> int:
-        """How many rows each latent row has become in x [..., R, W] (1, 2, 4, 8: the upsamples so far)."""
+        """How many rows each latent row has become in x [..., R, W] (1, 2, 4, 8: the upsamples so far; 16 for
+        Wan2.2's frames, its 2x2 patch unpatchified)."""
         start, stop = self.bands[self.rank]
         return x.shape[-2] // (stop - start)
 
