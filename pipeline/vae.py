@@ -1,6 +1,7 @@
 """Wan VAE decoders (Wan2.1's and Wan2.2's) that stream: one latent frame in, its RGB frames out, with a per-conv
 causal cache so memory does not grow with video length (it grows with the frame size: 8.1 GiB of fp32 caches at
-720p, 3.5 at 480p for Wan2.1). Parity-tested against diffusers' AutoencoderKLWan.decode.
+720p, 3.5 at 480p for Wan2.1; 6.0 GiB at 1280x704 for Wan2.2, whose peak there is 17.2 GiB untiled and 10.9 tiled,
+beside 2.2 GB of fp32 weights: bench/vae_cache.py's method). Parity-tested against diffusers' AutoencoderKLWan.decode.
 
 Wan2.2's VAE (TI2V-5B: 48 latent channels) differs in three ways: its up blocks are residual (a weightless DupUp3D
 shortcut: channels rearranged into the upsampled pixels and frames, added to the blocks' output), its upsamplers
