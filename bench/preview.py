@@ -43,13 +43,11 @@ PROMPTS = ["a red circle moving right", "a green square moving up", "a blue circ
 def _runner(config, components=None):
     import torch.distributed as dist
 
-    from pipeline.parallel import apply_sequence_parallel
     from pipeline.runner import Runner
 
     runner = Runner(config, 0, 1, store=dist.HashStore(), load=components is None)
     if components is not None:
-        runner.components = components
-        apply_sequence_parallel(components.dit, runner.mesh.sp_group)
+        runner.use_components(components)
     return runner
 
 

@@ -162,7 +162,7 @@ def test_load_models_waits_for_memory_a_replaced_rank_still_holds(monkeypatch):
     from pipeline.runner import Runner
 
     loaded = []
-    monkeypatch.setattr(runner_module, "load_components", lambda *a, **k: loaded.append(a) or SimpleNamespace(dit=None))
+    monkeypatch.setattr(runner_module, "load_components", lambda *a, **k: loaded.append(a) or SimpleNamespace(dit=None, experts=lambda: []))
     monkeypatch.setattr(runner_module, "apply_sequence_parallel", lambda *a, **k: None)
     monkeypatch.setattr(memory, "POLL_S", 0.01)
     readings = iter([(10 * 2**30, 80 * 2**30)] * 3 + [(79 * 2**30, 80 * 2**30)])
