@@ -36,21 +36,23 @@ MODELS = {  # preset, DiT shapes, experts, VAE decoder, sizes (width x height)
     "TI2V-5B": ("wan2.2-ti2v-5b", WAN22_TI2V_5B, 1, DecoderSpec.from_diffusers_config(WAN22_VAE_CONFIG),
                 ((1280, 704),)),
 }
-LAYOUTS = {  # name -> --set overrides; replicas are left out (they do not change a rank's need)
-    "--ulysses 8": ["parallel.ulysses_degree=8"],
-    "--ulysses 4": ["parallel.ulysses_degree=4"],
-    "--ulysses 2": ["parallel.ulysses_degree=2"],
-    "--ulysses 1": ["parallel.ulysses_degree=1"],
-    "--ulysses 1, offload_idle_expert": ["parallel.ulysses_degree=1", "model.offload_idle_expert=true"],
-    "--ulysses 2, offload_idle_expert": ["parallel.ulysses_degree=2", "model.offload_idle_expert=true"],
-    "--ulysses 4, shard_text_encoder": ["parallel.ulysses_degree=4", "model.shard_text_encoder=true"],
-    "--ulysses 8, shard_text_encoder": ["parallel.ulysses_degree=8", "model.shard_text_encoder=true"],
-    "--ulysses 4, text_encoder_device=cpu": ["parallel.ulysses_degree=4", "model.text_encoder_device=cpu"],
-    "--ulysses 8 --shard-weights": ["parallel.ulysses_degree=8", "parallel.shard_weights=true"],
-    "--ulysses 8 --shard-weights, shard_text_encoder": ["parallel.ulysses_degree=8", "parallel.shard_weights=true",
-                                                        "model.shard_text_encoder=true"],
-    "--ulysses 4 --shard-weights, shard_text_encoder": ["parallel.ulysses_degree=4", "parallel.shard_weights=true",
-                                                        "model.shard_text_encoder=true"],
+LAYOUTS = {  # README row -> --set overrides; replicas are left out (they do not change a rank's need)
+    "`--ulysses 8`": ["parallel.ulysses_degree=8"],
+    "`--ulysses 4`": ["parallel.ulysses_degree=4"],
+    "`--ulysses 2`": ["parallel.ulysses_degree=2"],
+    "`--ulysses 1` (one GPU)": ["parallel.ulysses_degree=1"],
+    "`--ulysses 1`, `offload_idle_expert`": ["parallel.ulysses_degree=1", "model.offload_idle_expert=true"],
+    "`--ulysses 2`, `offload_idle_expert`": ["parallel.ulysses_degree=2", "model.offload_idle_expert=true"],
+    "`--ulysses 4`, `shard_text_encoder`": ["parallel.ulysses_degree=4", "model.shard_text_encoder=true"],
+    "`--ulysses 8`, `shard_text_encoder`": ["parallel.ulysses_degree=8", "model.shard_text_encoder=true"],
+    "`--ulysses 4`, `text_encoder_device=cpu`": ["parallel.ulysses_degree=4", "model.text_encoder_device=cpu"],
+    "`--ulysses 8 --shard-weights`": ["parallel.ulysses_degree=8", "parallel.shard_weights=true"],
+    "`--ulysses 8 --shard-weights`, `shard_text_encoder`": ["parallel.ulysses_degree=8",
+                                                           "parallel.shard_weights=true",
+                                                           "model.shard_text_encoder=true"],
+    "`--ulysses 4 --shard-weights`, `shard_text_encoder`": ["parallel.ulysses_degree=4",
+                                                           "parallel.shard_weights=true",
+                                                           "model.shard_text_encoder=true"],
 }
 
 
@@ -75,16 +77,29 @@ def _meta_dit(cfg):
 
 
 def estimates() -> dict:
+    """{layout: {"MODEL WxH": [rank 0 bytes, other ranks' bytes]}} (a layout a model cannot use is left out)."""
     out = {}
-    for name, (preset, _, experts, _, sizes) in MODELS.items():
-        for width, height in sizes:
-            for layout, sets in LAYOUTS.items():
-                if "offload_idle_expert" in layout and experts == 1:
-                    continue
+    for layout, sets in LAYOUTS.items():
+        for name, (preset, _, experts, _, sizes) in MODELS.items():
+            if "offload_idle_expert" in layout and experts == 1:
+                continue  # one DiT: nothing to park
+            for width, height in sizes:
                 config = load_config(preset, [f"video.width={width}", f"video.height={height}", *sets])
-                est = replica_estimates(config, device_type="cuda")
-                out.setdefault(name, {}).setdefault(f"{width}x{height}", {})[layout] = [e.total for e in est]
+                short = name.split("-", 1)[1] if name.startswith("T2V") else name  # the README's column names
+                out.setdefault(layout, {})[f"{short} {width}x{height}"] = [
+                    e.total for e in replica_estimates(config, device_type="cuda")]
     return out
+
+
+def estimate_table(est: dict) -> list[str]:
+    """The README's table: a row per layout, rank 0 / other ranks in GiB per model and size."""
+    columns = [f"{(n.split('-', 1)[1] if n.startswith('T2V') else n)} {w}x{h}"
+               for n, m in MODELS.items() for w, h in m[4]]
+    rows = ["| layout (per replica) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for layout, cells in est.items():
+        shown = [" / ".join(f"{b / GiB:.1f}" for b in cells[c]) if c in cells else "" for c in columns]
+        rows.append(" ".join(["|", layout, "|", *[part for cell in shown for part in (cell, "|") if part]]))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -99,12 +114,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {f'{n} x ' if n > 1 else ''}{each} | {f'{n} x ' if n > 1 else ''}"
               f"{p['dit_shard8_bytes_each'] / GiB:.2f} GiB + {p['dit_gather8_bytes'] / GiB:.2f} gathered | "
               f"{p['text_encoder_bytes'] / GiB:.2f} GiB | {p['vae_decoder_bytes'] / GiB:.2f} GiB |")
-    for name, sizes in est.items():
-        print(f"\n{name}: rank 0 / other ranks, GiB\n\n| layout | " + " | ".join(sizes) + " |\n|---|"
-              + "---|" * len(sizes))
-        for layout in next(iter(sizes.values())):
-            cells = [" / ".join(f"{b / GiB:.1f}" for b in sizes[s][layout]) for s in sizes]
-            print(f"| {layout} | " + " | ".join(cells) + " |")
+    print("\nrank 0 / other ranks, GiB\n\n" + "\n".join(estimate_table(est)))
     if args.json:
         args.json.write_text(json.dumps({"parameters": params, "estimates": est}, indent=1))
     return 0

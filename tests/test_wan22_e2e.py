@@ -114,3 +114,20 @@ def test_ti2v_original_folder_writes_the_frames_and_size_asked_for(runs):
     assert frames.std() > 1.0  # a decoded video, not a constant frame
     record = json.loads((folder / "m.jsonl").read_text())
     assert (record["request"]["height"], record["request"]["width"], record["request"]["frames"]) == (32, 64, 9)
+
+
+def test_readme_memory_table_is_the_estimate_the_ranks_check(tmp_path, monkeypatch):
+    """README's Wan2.2 per-GPU table is what pipeline.memory estimates for each preset, layout and size
+    (bench/wan22_memory.py prints it): a change to the estimate, or to a preset, must come with the README's."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("wan22_memory", root / "bench" / "wan22_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.chdir(tmp_path)  # the presets' ./Wan2.2-* folders are not here: the shapes come from the names
+    readme = (root / "README.md").read_text().splitlines()
+    table = bench.estimate_table(bench.estimates())
+    assert len(table) == 2 + len(bench.LAYOUTS)
+    start = readme.index(table[0])
+    assert readme[start:start + len(table)] == table
