@@ -292,7 +292,7 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
     from .manifest import check_manifest
     from .prompts import slugify
     from .submit import check_job_output
-    from .validate import check_request_cache, check_request_size
+    from .validate import check_request_cache, check_request_model, check_request_size
 
     check_job_output(output or Path("outputs"), "-o")  # a Ray Job's relative paths land in Ray's cache
     if manifest is not None:
@@ -318,6 +318,7 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
         request = GenerateRequest(prompt, seed=seed).resolve(config)
         check_request_cache(request, config)  # the model's DiT read here: refused before Ray starts
         check_request_size(request, config)
+        check_request_model(request, config)
         if manifest is not None:
             check_manifest(manifest)  # the user chose the path; still never through a link
     except ValueError as e:
@@ -345,7 +346,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
     from .manifest import check_manifest, read_records, request_changes
     from .prompts import output_path, read_prompt_file
     from .submit import check_job_output
-    from .validate import check_config, check_request_cache, check_request_size
+    from .validate import check_config, check_request_cache, check_request_model, check_request_size
     from .video import clean_stale_partials
 
     check_job_output(output_dir, "-o")  # a Ray Job's relative paths land in Ray's cache
@@ -371,6 +372,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
                                       negative_prompt=spec.negative_prompt, **spec.overrides).resolve(config)
             check_request_cache(request, config)
             check_request_size(request, config)
+            check_request_model(request, config)
         except ValueError as e:
             raise InputError(f"{prompts_file}:{spec.line}: {e}") from None
         if resume and _complete(path):

@@ -36,7 +36,7 @@ from pipeline.step_cache import check_cache
 from .manifest import check_manifest
 
 __all__ = ["check_batch", "check_config", "check_config_cache", "check_config_sharding", "check_request_cache",
-           "check_request_size", "embedded_model_notes", "model_dit_config", "model_experts"]
+           "check_request_model", "check_request_size", "embedded_model_notes", "model_dit_config", "model_experts"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def check_batch(jobs: Sequence, config: OdysseyConfig, manifest: Path | None) ->
             job.request.validate(config)
             check_request_cache(job.request, config)
             check_request_size(job.request, config)
+            check_request_model(job.request, config)
         except ValueError as e:
             raise ValueError(f"prompt {job.index}: {e}") from None
     if manifest is not None:
@@ -147,6 +148,36 @@ def check_request_cache(request, config: OdysseyConfig) -> None:
     if request.cache not in (None, "off"):
         check_cache(request.cache, request.cache_threshold, request.steps, model_dit_config(config),
                     experts=model_experts(config) or 1)
+
+
+def check_request_model(request, config: OdysseyConfig) -> None:
+    """ValueError (one line) when a resolved request asks the configured model for what it cannot do, read from the
+    folder's headers where it is on this machine (else every rank checks it at the request's start, after Ray and
+    the load): a low-noise guidance of its own on a model of one DiT (only Wan2.2 T2V-A14B has two experts), or a
+    frame size its VAE and patch do not divide (TI2V-5B: multiples of 32, its VAE compresses 16x and the DiT
+    patches 2x2; the embedded model's sizes are check_request_size's)."""
+    experts = model_experts(config)
+    if experts == 1 and request.low_noise_guidance_scale != request.guidance_scale:
+        raise ValueError(f"low_noise_guidance_scale applies to two-expert models (Wan2.2 T2V-A14B); this model has "
+                         f"one DiT: use guidance_scale (got {request.low_noise_guidance_scale} and "
+                         f"{request.guidance_scale})")
+    if config.model.path is None or experts is None:
+        return
+    stride, ph, pw = _size_factors(Path(config.model.path).expanduser().resolve())
+    if request.height % (stride * ph) or request.width % (stride * pw):
+        sides = (f"a height and width that are multiples of {stride * ph}" if ph == pw else
+                 f"a height that is a multiple of {stride * ph} and a width that is a multiple of {stride * pw}")
+        raise ValueError(f"this model needs {sides} (its VAE compresses {stride}x and its DiT patches {ph}x{pw}), "
+                         f"not {request.height}x{request.width} (height x width)")
+
+
+@functools.lru_cache(maxsize=4)
+def _size_factors(folder: Path) -> tuple[int, int, int]:
+    """(the VAE's spatial stride, the DiT's patch height and width) of a model folder, from headers only."""
+    from pipeline.vae_weights import read_vae_spec
+
+    _, ph, pw = _folder_dit_config(folder).patch_size
+    return read_vae_spec(folder).spatial_stride, ph, pw
 
 
 # -- the embedded model ---------------------------------------------------------------------------------------------

@@ -341,7 +341,7 @@ class VideoService:
 
     def _request(self, fields: dict) -> tuple[GenerateRequest, str | None]:
         from ..cli import parse_cache  # the CLI's --cache grammar: POLICY or POLICY:THRESHOLD
-        from ..validate import check_request_cache, check_request_size
+        from ..validate import check_request_cache, check_request_model, check_request_size
 
         prompt = fields.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -382,6 +382,10 @@ class VideoService:
         if request.low_noise_guidance_scale != request.guidance_scale and self.experts == 1:
             raise InvalidField("low_noise_guidance_scale", "low_noise_guidance_scale applies to two-expert models "
                                "(Wan2.2 T2V-A14B); this server's model has one DiT: use guidance_scale")
+        try:
+            check_request_model(request, self.config)  # a size the model's VAE and patch do not divide
+        except ValueError as e:
+            raise InvalidField("size", str(e)) from None
         return request, (None if cache is None else str(cache))
 
     @functools.cached_property
