@@ -287,6 +287,7 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
              ring, shard_weights, cfg_parallel, replicas, address, progress, strict_vocab):
     """Generate one video from PROMPT."""
     from pipeline.request import GenerateRequest
+    from pipeline.weights import hint_preset
 
     from .driver import Job
     from .manifest import check_manifest
@@ -316,9 +317,10 @@ def generate(prompt, output, manifest, preview, config_source, overrides, cache,
         raise InputError(f"--output must end in .mp4, got {output}")
     try:
         request = GenerateRequest(prompt, seed=seed).resolve(config)
-        check_request_cache(request, config)  # the model's DiT read here: refused before Ray starts
-        check_request_size(request, config)
-        check_request_model(request, config)
+        with hint_preset(_preset_of(config_source)):  # a broken folder's download hint names the preset's model
+            check_request_cache(request, config)  # the model's DiT read here: refused before Ray starts
+            check_request_size(request, config)
+            check_request_model(request, config)
         if manifest is not None:
             check_manifest(manifest)  # the user chose the path; still never through a link
     except ValueError as e:
@@ -341,6 +343,7 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
     """Generate a video per prompt of PROMPTS_FILE (.txt: a prompt per line; .jsonl: objects with 'prompt' and
     optional name, seed, negative_prompt and sampling/video settings)."""
     from pipeline.request import GenerateRequest
+    from pipeline.weights import hint_preset
 
     from .driver import Job
     from .manifest import check_manifest, read_records, request_changes
@@ -370,9 +373,10 @@ def batch(prompts_file, output_dir, resume, config_source, overrides, cache, see
             request = GenerateRequest(spec.prompt, seed=spec.seed if spec.seed is not None else
                                       (seed + i if seed is not None else None),
                                       negative_prompt=spec.negative_prompt, **spec.overrides).resolve(config)
-            check_request_cache(request, config)
-            check_request_size(request, config)
-            check_request_model(request, config)
+            with hint_preset(_preset_of(config_source)):
+                check_request_cache(request, config)
+                check_request_size(request, config)
+                check_request_model(request, config)
         except ValueError as e:
             raise InputError(f"{prompts_file}:{spec.line}: {e}") from None
         if resume and _complete(path):

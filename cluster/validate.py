@@ -102,7 +102,7 @@ def _folder_dits(folder: Path) -> tuple[WanDiTConfig, ...]:
     from pipeline.weights import dit_folders, read_dit_headers
 
     folders = dit_folders(folder)
-    configs = tuple(read_dit_headers(f)[1] for f in folders)
+    configs = tuple(read_dit_headers(f, model=folder)[1] for f in folders)
     if len(configs) == 2 and configs[0] != configs[1]:
         high, low = (dataclasses.asdict(c) for c in configs)
         fields = [f"{k} {high[k]} vs {low[k]}" for k in high if high[k] != low[k]]

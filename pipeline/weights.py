@@ -242,6 +242,15 @@ def _has_config(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
+def _two_expert_hint(path: Path, two: bool = True) -> str:
+    """download_hint for a folder that is evidently half of a two-expert model: Wan2.2 T2V-A14B's repository unless
+    the preset in effect names a Wan model (then that one, as everywhere)."""
+    preset = _HINT_PRESET.get()
+    if not two or (preset and _wan_sizes(preset)):
+        return download_hint(path)
+    return download_hint(path, WAN_PRESETS["A14B"])
+
+
 def dit_folders(path) -> list[Path]:
     """The DiT folders of the model at `path`, high-noise expert first: [one] for a single-DiT model, [high, low]
     for a two-expert one (see the module's table). WeightsError, one line naming what is missing, for a folder
@@ -257,13 +266,13 @@ def dit_folders(path) -> list[Path]:
         if not _has_config(high):
             what = "transformer_2/ (the low-noise expert) but " if low.exists() else ""
             raise MissingWeightsError(f"{path} holds {what}no transformer/config.json (the DiT; the high-noise "
-                                      f"expert of a two-expert model); {download_hint(path)}")
+                                      f"expert of a two-expert model); {_two_expert_hint(path, low.exists())}")
         if low.exists() or _index_names_transformer_2(path):
             if not _has_config(low):
                 raise MissingWeightsError(
                     f"{path} holds transformer/ (the high-noise expert) but no transformer_2/config.json (the "
                     f"low-noise expert{', which model_index.json names' if _index_names_transformer_2(path) else ''}"
-                    f"); {download_hint(path)}")
+                    f"); {_two_expert_hint(path)}")
             return [high, low]
         return [high]
     experts = [path / name for name in EXPERT_FOLDERS]
@@ -274,7 +283,7 @@ def dit_folders(path) -> list[Path]:
             have = [f"{folder.name}/" for folder in experts if _has_config(folder)]
             raise MissingWeightsError(
                 f"{path} holds half of a two-expert model (Wan2.2 T2V-A14B): {' and '.join(have) or 'neither'} "
-                f"but no {' and no '.join(missing)}; {download_hint(path)}")
+                f"but no {' and no '.join(missing)}; {_two_expert_hint(path)}")
         return experts
     if _has_config(path):
         return [path]
@@ -430,9 +439,11 @@ def read_dit_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> WanDiTConf
     return cfg
 
 
-def read_dit_headers(path) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, str]], dict[str, tuple[int, ...]]]:
+def read_dit_headers(path, *, model=None) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, str]],
+                                                   dict[str, tuple[int, ...]]]:
     """(DiT folder, its config, our name -> (file, key in file), our name -> shape) from config.json and the
-    safetensors headers only: no tensor is read."""
+    safetensors headers only: no tensor is read. model: the model folder `path` (an expert's folder) lies in, the
+    one a missing shard's download hint names (default: `path`)."""
     folder = _dit_folder(user_path(path))
     try:
         raw = json.loads((folder / "config.json").read_text())
@@ -445,7 +456,7 @@ def read_dit_headers(path) -> tuple[Path, WanDiTConfig, dict[str, tuple[Path, st
     try:
         files = dit_weight_files(folder)
     except MissingWeightsError as e:
-        raise MissingWeightsError(f"{e}; {download_hint(path)}") from None
+        raise MissingWeightsError(f"{e}; {download_hint(path if model is None else model)}") from None
     for file in files:
         header = read_header(file)
         diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) for k in header) or (

@@ -79,3 +79,16 @@ def test_the_two_expert_model_takes_a_low_noise_guidance(folders, tmp_path):
     request = GenerateRequest("a cat", low_noise_guidance_scale=1.5).resolve(config)
     check_request_model(request, config)
     assert request.low_noise_guidance_scale == 1.5
+
+
+def test_half_a_two_expert_folder_hints_the_two_expert_repository(folders, tmp_path, capsys, no_ray):
+    """A folder whose name says no model, holding transformer/ and a model_index.json naming a transformer_2/ that
+    is not there: the hint names Wan2.2 T2V-A14B's repository (not Wan2.1's, the default for a name saying none)."""
+    import shutil
+
+    half = tmp_path / "wan"
+    shutil.copytree(folders["a14b"], half)
+    shutil.rmtree(half / "transformer_2")
+    code, err = _run(["generate", "a cat", "-o", tmp_path / "x.mp4", *_cpu(half)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "no transformer_2/config.json" in err and "hf download Wan-AI/Wan2.2-T2V-A14B" in err, err
