@@ -498,6 +498,83 @@ def test_expert_switch_moves_once_each_way_per_request():
     assert [p.data_ptr() for m in (high, low) for p in m.parameters()] == ptrs
 
 
+def _two_experts():
+    torch.manual_seed(0)
+    high, low = (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)) for _ in range(2))
+    return high, low, [[p.detach().clone() for p in m.parameters()] for m in (high, low)]
+
+
+@pytest.mark.parametrize("fail", [("empty_like", 1), ("empty_like", 3), ("copy_", 1), ("copy_", 4), ("copy_", 6),
+                                  ("synchronize", 1)])
+def test_a_failed_swap_is_undone(monkeypatch, fail):
+    """A swap that fails partway (the device out of memory for the 1st or 3rd of 4 tensors, a failed copy into
+    the device or into a pinned home, which may leave that home half written, or the final wait) raises that
+    error and trades back what it had exchanged: both experts whole with their values, the leaving one still
+    resident (device tensors, not in the host buffers), the idle one in its own pinned homes; the next use()
+    swaps normally."""
+    high, low, values = _two_experts()
+    homes = {p.data_ptr() for p in low.parameters()}
+    what, at = fail
+    calls = [0]
+
+    def failing(real):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                if what == "copy_":  # a copy that fails after writing part of its destination
+                    args[0].view(-1)[:1] = float("nan")
+                raise torch.OutOfMemoryError(f"simulated failure of {what} call {at}")
+            return real(*args, **kwargs)
+        return call
+
+    synced = []
+    switch = ExpertSwitch([high, low], torch.device("cpu"), offload=True,
+                          synchronize=failing(lambda: synced.append(1)) if what == "synchronize" else None)
+    if what != "synchronize":
+        monkeypatch.setattr(torch.Tensor if what == "copy_" else torch, what, failing(getattr(
+            torch.Tensor if what == "copy_" else torch, what)))
+    switch.begin_request()
+    with pytest.raises(torch.OutOfMemoryError, match=f"simulated failure of {what} call {at}"):
+        switch.use(1)
+    monkeypatch.undo()
+    assert switch.resident == 0 and switch.moves == [] and switch.swaps == 0 and switch.broken is None
+    assert not {p.data_ptr() for p in high.parameters()} & homes
+    assert {p.data_ptr() for p in low.parameters()} == homes
+    for m, want in zip((high, low), values):
+        assert all(torch.equal(p, w) for p, w in zip(m.parameters(), want))
+    switch.synchronize = lambda: None
+    assert switch.use(1) is low and switch.moves == [(0, 1)] and switch.resident == 1
+    assert {p.data_ptr() for p in high.parameters()} == homes
+    for m, want in zip((high, low), values):
+        assert all(torch.equal(p, w) for p, w in zip(m.parameters(), want))
+
+
+def test_a_swap_that_cannot_be_undone_breaks_the_switch(monkeypatch):
+    """When undoing a failed swap fails too (every copy fails once the wait has), the swap's own error is raised
+    (noting the second) and every later use(), either expert, raises one RuntimeError asking for a rebuild."""
+    high, low, _ = _two_experts()
+
+    def no_copy(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+    def failed_wait():
+        monkeypatch.setattr(torch.Tensor, "copy_", no_copy)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated wait)")
+
+    switch = ExpertSwitch([high, low], torch.device("cpu"), offload=True, synchronize=failed_wait)
+    switch.begin_request()
+    with pytest.raises(RuntimeError, match=r"\(simulated wait\)\nundoing the expert swap failed too: RuntimeError: "
+                                           r".*\(simulated\)$"):  # the message, then its note
+        switch.use(1)
+    monkeypatch.undo()
+    for index in (0, 1):
+        with pytest.raises(RuntimeError, match=r"^the experts are unusable: swapping expert 0 out for expert 1 "
+                                               r"failed \(RuntimeError: .*\(simulated wait\)\) and undoing it "
+                                               r"failed too \(RuntimeError: .*\(simulated\)\); this replica must "
+                                               r"be rebuilt$"):
+            switch.use(index)
+
+
 def test_offloading_runner_swaps_at_the_switch_and_back_for_the_next_request(dist_pools, models, a14b):
     """The Runner with an offloading ExpertSwitch (the 'device' the CPU): one move to the low-noise expert per
     request, the next request first moves the high-noise one back, and the latents are those of the resident run
