@@ -206,12 +206,16 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
             return load_dit_sharded(folder, shard_group, device=on, dtype=dtype, attention_backend=attention_backend)
         return WanDiT.from_pretrained(folder, device=on, dtype=dtype, attention_backend=attention_backend)
 
+    # offload_idle_expert on a GPU: the low-noise expert waits in pinned CPU memory until the Runner swaps it in
+    # (pinned: the swap is one fast DMA copy). Sharded experts both stay (config refuses the two together).
+    park = len(folders) == 2 and model.offload_idle_expert and device.type == "cuda" and shard_group is None
+    if park:
+        from .memory import _dit_param_bytes
+
+        _check_host_memory(_dit_param_bytes(configs[1], dtype))
     dit = load(folders[0], device)
     dit_low = None
     if len(folders) == 2:
-        # offload_idle_expert on a GPU: the low-noise expert waits in pinned CPU memory until the Runner swaps it in
-        # (pinned: the swap is one fast DMA copy). Sharded experts both stay (config refuses the two together).
-        park = model.offload_idle_expert and device.type == "cuda" and shard_group is None
         dit_low = load(folders[1], torch.device("cpu") if park else device)
         if park:
             _pin(dit_low)
@@ -262,6 +266,32 @@ def _vae_hint(in_dim: int) -> str:
     if in_dim == 16:
         return "a 16-channel DiT (Wan2.1, Wan2.2 T2V-A14B) needs the Wan2.1 VAE (Wan2.1_VAE.pth, or vae/ with z_dim 16)"
     return "the VAE and the DiT come from different models"
+
+
+PIN_MARGIN_BYTES = 2 << 30  # left for the OS and the rest of this process (one tensor is unpinned while pinning)
+
+
+def host_memory_available() -> int | None:
+    """/proc/meminfo's MemAvailable in bytes; None where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_host_memory(need: int) -> None:
+    """Refuse, before a weight is read, to park an expert of `need` bytes in pinned memory the host does not have
+    (pinned pages cannot be swapped: the kernel's OOM killer would end this rank instead, mid-load)."""
+    available = host_memory_available()
+    if available is not None and available < need + PIN_MARGIN_BYTES:
+        raise ValueError(f"model.offload_idle_expert parks the idle expert in pinned host memory on every GPU's "
+                         f"process: this one needs {need / 2**30:.1f} GiB (+{PIN_MARGIN_BYTES >> 30} GiB margin) but "
+                         f"the host has {available / 2**30:.1f} GiB available: turn it off and use "
+                         f"parallel.shard_weights (--shard-weights) to fit both experts, or free host memory")
 
 
 @torch.no_grad()

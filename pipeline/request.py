@@ -181,10 +181,11 @@ class Result:
     latents: object = None  # final latents [1, z, T, h, w] when the Runner was asked to return them
     finished_at: float = 0.0  # wall clock on the worker when the generation finished
     cache: dict | None = None  # step cache: policy, threshold, computed_steps, steps, skipped (step indices)
-    # rank 0: {"param_bytes": [per rank], "peak_bytes": [per rank]}: every model weight each rank holds (its
-    # shards of sharded ones), and its peak this request. CUDA: torch.cuda.max_memory_allocated (tensors only: not
-    # NCCL's buffers nor the caching allocator's reserve). CPU: the process's peak RSS, reset per request through
-    # /proc/self/clear_refs; where that fails, the process's lifetime peak.
+    # rank 0: {"param_bytes": [per rank], "peak_bytes": [per rank]}: the model weights on each rank's device (its
+    # shards of sharded ones; on a GPU not those in host memory: the expert parked by model.offload_idle_expert, a
+    # text encoder on or offloaded to the CPU), and its peak this request. CUDA: torch.cuda.max_memory_allocated
+    # (tensors only: not NCCL's buffers nor the caching allocator's reserve). CPU: the process's peak RSS, reset
+    # per request through /proc/self/clear_refs; where that fails, the process's lifetime peak.
     memory: dict | None = None
 
 

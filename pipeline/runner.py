@@ -374,9 +374,11 @@ class Runner:
                          experts=len(self.components.experts()))
 
     def _memory_row(self) -> list[int]:
-        """[bytes of every model weight this rank holds (its shards of sharded ones), peak bytes this request]."""
+        """[bytes of the model weights on this rank's device (its shards of sharded ones), peak bytes this request].
+        Weights elsewhere (the idle expert parked in host memory, an encoder on the CPU) are not in a GPU's peak, so
+        not in its row either; on a CPU rank that is every weight."""
         comp = self.components
-        return [resident_param_bytes(*comp.experts(), comp.text_encoder, comp.decoder),
+        return [resident_param_bytes(*comp.experts(), comp.text_encoder, comp.decoder, on=self.device),
                 peak_memory_bytes(self.device, self._peak_reset)]
 
     def _memory_table(self) -> list[list[int]]:

@@ -376,16 +376,18 @@ def _allocated_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def resident_param_bytes(*modules) -> int:
+def resident_param_bytes(*modules, on: torch.device | None = None) -> int:
     """Bytes of the parameters and buffers this rank holds now, as allocated: a parameter sharded by FSDP2 counts
     its padded shard (ceil(n / P) rows on every rank: what FSDP2 allocates, and what pipeline.memory estimates),
     as does a VocabParallelEmbedding's weight (a plain tensor of that many rows); anything else its whole size; a
-    tensor shared by modules once."""
+    tensor shared by modules once. on: only tensors on that device (an index-less device matches any index)."""
     seen: set[int] = set()
     total = 0
     for module in _modules(modules):
         for t in (*module.parameters(), *module.buffers()):
             if id(t) in seen:
+                continue
+            if on is not None and (t.device.type != on.type or on.index not in (None, t.device.index)):
                 continue
             seen.add(id(t))
             total += _allocated_bytes(t)

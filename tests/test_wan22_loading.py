@@ -352,7 +352,42 @@ def test_offload_idle_expert_parks_the_low_noise_expert_in_pinned_memory(a14b, m
     monkeypatch.setattr(WanDiT, "from_pretrained", classmethod(
         lambda cls, folder, device, **kw: asked.append((folder.name, str(device))) or f"dit:{folder.name}"))
     monkeypatch.setattr(components, "_pin", pins.append)
+    monkeypatch.setattr(components, "host_memory_available", lambda: 1 << 50)  # not this machine's: it may be busy
     comp = load_components(ModelConfig(path=str(a14b["original"]), offload_idle_expert=offload),
                            device=torch.device(device), encode=False, decode=False)
     assert asked == [("high_noise_model", device), ("low_noise_model", low_on)]
     assert pins == ["dit:low_noise_model"] * pinned and comp.experts() == ["dit:high_noise_model", "dit:low_noise_model"]
+
+
+@pytest.mark.parametrize("short_by, refused", [(1, True), (0, False), (None, False)])
+def test_offload_idle_expert_is_refused_when_the_host_cannot_pin_an_expert(a14b, monkeypatch, short_by, refused):
+    """Before any weight is read, a GPU rank that would park the idle expert checks /proc/meminfo's MemAvailable
+    against that expert's bytes (as loaded: the loaded low-noise expert's) plus PIN_MARGIN_BYTES: one byte short
+    is one line naming the need, what is available and parallel.shard_weights; enough loads; unreadable
+    (None) skips the check."""
+    import pipeline.components as components
+    from pipeline import WanDiT
+
+    assert components.host_memory_available() > 0  # the real reader, on this Linux machine
+    low = WanDiT.from_pretrained(a14b["original"] / "low_noise_model", device=torch.device("cpu"),
+                                 dtype=torch.bfloat16)
+    need = sum(t.numel() * t.element_size() for t in (*low.parameters(), *low.buffers()))
+    available = None if short_by is None else need + components.PIN_MARGIN_BYTES - short_by
+    asked = []
+    monkeypatch.setattr(components, "host_memory_available", lambda: available)
+    monkeypatch.setattr(WanDiT, "from_pretrained", classmethod(
+        lambda cls, folder, device, **kw: asked.append(folder.name) or f"dit:{folder.name}"))
+    monkeypatch.setattr(components, "_pin", lambda module: None)
+    model = ModelConfig(path=str(a14b["original"]), dtype="bfloat16", offload_idle_expert=True)
+    if not refused:
+        load_components(model, device=torch.device("cuda"), encode=False, decode=False)
+        assert asked == ["high_noise_model", "low_noise_model"]
+        return
+    gib = f"{need / 2**30:.1f}"
+    with pytest.raises(ValueError, match=rf"^model\.offload_idle_expert parks the idle expert in pinned host memory "
+                                         rf"on every GPU's process: this one needs {gib} GiB \(\+2 GiB margin\) but "
+                                         rf"the host has {available / 2**30:.1f} GiB available: turn it off and use "
+                                         rf"parallel\.shard_weights \(--shard-weights\) to fit both experts, or free "
+                                         rf"host memory$"):
+        load_components(model, device=torch.device("cuda"), encode=False, decode=False)
+    assert asked == []

@@ -303,6 +303,28 @@ def test_memory_rows_count_both_experts(a14b, models):
     assert a14b["unipc"]["events"][-1].memory["param_bytes"] == [want]
 
 
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_memory_rows_count_what_is_on_the_ranks_device(monkeypatch, device):
+    """With the idle expert parked in host memory, a GPU rank's param_bytes is what its peak can contain: the
+    expert and the decoder on its device (the 'GPU' here the meta device), not the parked expert nor an encoder
+    on the CPU; on a CPU rank every weight."""
+    from types import SimpleNamespace
+
+    import pipeline.runner as runner_module
+    from pipeline.components import Components
+    from pipeline.runner import Runner
+
+    monkeypatch.setattr(runner_module, "peak_memory_bytes", lambda device, since_reset: 7)
+    on = torch.device(device)
+    high, decoder = torch.nn.Linear(8, 8, device=on), torch.nn.Linear(4, 2, device=on)  # 288 and 40 bytes
+    low, encoder = torch.nn.Linear(8, 8), torch.nn.Linear(16, 16)  # host memory: 288 and 1088 bytes
+    runner = Runner.__new__(Runner)
+    runner.device, runner._peak_reset = on, True
+    runner.components = Components(high, SimpleNamespace(model=encoder),  # a WanTextEncoder counts its .model
+                                   decoder, 16, 4, 8, dit_low=low, boundary_ratio=0.875)
+    assert runner._memory_row() == ([288 + 40, 7] if device == "meta" else [288 + 288 + 1088 + 40, 7])
+
+
 def test_previews_across_the_switch_with_swapping_experts_at_sp2(dist_pools, models, a14b):
     """Previews every 2 steps (before, at and after the switch) at SP=2 with the experts swapping: each is an image,
     the moves are one per request, and the latents are the one-rank resident run's."""
