@@ -322,17 +322,6 @@ def report(cfg: WanDiTConfig, tokens: int, reps: int, runs: dict[str, list[dict]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, help="DiT blocks (default 30, the 1.3B model; --quick: 4)")
@@ -359,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = dataclasses.replace(base, num_layers=layers)
     need = int(whole_param_bytes(cfg) * WORLD * 1.2)  # the whole variant: a copy per rank, plus activations
-    free = mem_available()
+    from pipeline.components import host_memory_available
+
+    free = host_memory_available()
     if free is not None and need > free:
         print(f"memory: the whole-model variant needs ~{gb(need)} ({WORLD} ranks x {gb(whole_param_bytes(cfg))} of "
               f"fp32 weights), {gb(free)} is available; use fewer --layers", file=sys.stderr)
