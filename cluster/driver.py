@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from configs import OdysseyConfig, to_dict
+from configs import OdysseyConfig
 from pipeline.request import Frame, GenerateRequest, Result
 
 from .placement import PlacementError, WorkerShape, cluster_nodes, describe_layout, plan_placement, shortfall
-from .manifest import append_manifest_line
+from .manifest import append_manifest_line, record_config
 from .progress import ProgressReporter, cache_note, make_reporter
 from .replica import POLL_S, Replica, ReplicaFailed, RequestCancelled, RequestFailed, RequestRejected
 from .token_file import secure_default_token
@@ -513,7 +513,8 @@ class Driver:
             "index": job.index, "name": job.name, "prompt": job.request.prompt, "seed": job.request.seed,
             "negative_prompt": job.request.negative_prompt, "output": str(outcome.path),
             "frames": outcome.result.num_frames, "attempts": job.attempts + 1,
-            "request": dataclasses.asdict(job.request), "config": to_dict(self.config), "timings": outcome.timings,
+            "request": dataclasses.asdict(job.request), "config": record_config(self.config),
+            "timings": outcome.timings,
             "cache": outcome.result.cache,  # policy, threshold, computed_steps, steps, skipped; null when off
             "memory": outcome.result.memory,  # param_bytes, peak_bytes: one int per rank of the replica
             "placement": {"replica": outcome.replica, "nodes": outcome.nodes},

@@ -7,6 +7,7 @@ login. So the file is opened with O_NOFOLLOW and must be a regular file with a s
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -18,7 +19,7 @@ from configs.loader import open_regular
 from .prompts import UNPRINTABLE, printable
 
 __all__ = ["ManifestError", "append_manifest_line", "check_manifest", "manifest_line", "read_records",
-           "request_changes"]
+           "record_config", "request_changes"]
 
 
 class ManifestError(ValueError):
@@ -86,6 +87,28 @@ def append_manifest_line(path: Path, record: dict) -> None:
 REQUEST_FIELDS = ("negative_prompt", "height", "width", "frames", "fps", "steps", "guidance_scale",
                   "low_noise_guidance_scale", "shift", "sampler", "cache", "cache_threshold")
 CONFIG_FIELDS = (("model", "path"), ("model", "dtype"), ("parallel", "fp8_comm"))
+BOUNDARY = "model.boundary_ratio"  # recorded as the run used it (record_config), compared as the next run would
+
+
+def _boundary(config) -> float | None:
+    """validate.model_boundary, or config's own value where the folder cannot say (broken since the checks ran:
+    a finished video is never lost to its record)."""
+    from .validate import model_boundary
+
+    try:
+        return model_boundary(config)
+    except (ValueError, OSError):
+        return config.model.boundary_ratio
+
+
+def record_config(config) -> dict:
+    """The config as a manifest record holds it: to_dict(config), with the boundary a two-expert model ran with
+    (model.boundary_ratio, else its model_index.json's, else 0.875; null for one DiT) instead of a null."""
+    from configs import to_dict
+
+    record = to_dict(config)
+    record["model"]["boundary_ratio"] = _boundary(config)
+    return record
 
 
 MAX_RECORD_BYTES = 1024 * 1024
@@ -137,7 +160,7 @@ def read_records(path: Path) -> dict[str, dict]:
             if "low_noise_guidance_scale" not in made and "guidance_scale" in made:
                 # a record from before two-expert models: its requests resolved every step's guidance to this
                 made["low_noise_guidance_scale"] = made["guidance_scale"]
-            for section, key in CONFIG_FIELDS:
+            for section, key in CONFIG_FIELDS + (("model", "boundary_ratio"),):
                 if isinstance(config.get(section), dict) and key in config[section]:
                     made[f"{section}.{key}"] = config[section][key]
             records[name] = made
@@ -161,9 +184,15 @@ def request_changes(made: dict, request, config, *, seed_drawn: bool = False) ->
         wanted[f"{section}.{key}"] = getattr(getattr(config, section), key)
     if not made or any(k not in made for k in wanted):
         return None
+    wanted[BOUNDARY] = _boundary(config)
+    if made.get(BOUNDARY) is None and wanted[BOUNDARY] is not None:
+        # a record from before boundaries were recorded (none, or the config's null): a one-DiT model's has nothing
+        # to compare; a two-expert model's ran with the folder's own boundary, as a null asks for now
+        made = {**made, BOUNDARY: _boundary(dataclasses.replace(
+            config, model=dataclasses.replace(config.model, boundary_ratio=None)))}
     changes = []
     for key, value in wanted.items():
-        was = made[key]
+        was = made.get(key)  # only the boundary can be absent (a record from before it was recorded)
         if key == "model.path" and _same_path(was, value):
             continue
         if was == value and isinstance(was, bool) == isinstance(value, bool):  # JSON's 5 is 5.0; true is not 1

@@ -35,8 +35,9 @@ from pipeline.step_cache import check_cache
 
 from .manifest import check_manifest
 
-__all__ = ["check_batch", "check_config", "check_config_cache", "check_config_sharding", "check_request_cache",
-           "check_request_model", "check_request_size", "embedded_model_notes", "model_dit_config", "model_experts"]
+__all__ = ["check_batch", "check_config", "check_config_cache", "check_config_model", "check_config_sharding",
+           "check_request_cache", "check_request_model", "check_request_size", "embedded_model_notes", "model_boundary",
+           "model_dit_config", "model_experts"]
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,55 @@ def check_config_sharding(config: OdysseyConfig) -> None:
         raise ValueError(f"{key}: {reason.replace(': parallel.shard_weights needs', ': needs')}")  # the key once
 
 
+def check_config_model(config: OdysseyConfig) -> None:
+    """ValueError (one line, load_components' own) when the model the config names cannot load, read from headers
+    where the folder is on this machine (else the ranks refuse it, after Ray and placement): model.boundary_ratio set
+    on a model of one DiT, a model_index.json boundary_ratio that is not a number in (0, 1) (read only where
+    model.boundary_ratio is null, as the load does), a VAE whose latent channels are not the DiT's input channels.
+    A folder missing its files is left to check_model_folder and the request checks (they name the download)."""
+    from pipeline.components import _boundary_ratio, _vae_hint  # the load's own rules and messages
+    from pipeline.weights import MissingWeightsError, dit_folders
+
+    path = config.model.path
+    if path is None:
+        if config.model.boundary_ratio is not None:
+            raise ValueError("model.boundary_ratio is set but the embedded model (model.path null) holds one DiT: "
+                             "set it null")
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        return
+    try:
+        _boundary_ratio(config.model, folder, dit_folders(folder))
+        in_dim, z_dim = _folder_dit_config(folder.resolve()).in_dim, _vae_spec(folder.resolve()).z_dim
+    except MissingWeightsError:
+        return
+    if z_dim != in_dim:
+        raise ValueError(f"the VAE in {folder} has {z_dim} latent channels but the DiT takes {in_dim}: "
+                         f"{_vae_hint(in_dim)}")
+
+
+def model_boundary(config: OdysseyConfig) -> float | None:
+    """The boundary a run of `config` uses (what its manifest records and --resume compares): model.boundary_ratio,
+    else, for a two-expert folder on this machine, its model_index.json's, else 0.875 (load_components' rule); None
+    for a model of one DiT. Where the folder is not on this machine only model.boundary_ratio is known."""
+    from pipeline.components import DEFAULT_BOUNDARY_RATIO
+    from pipeline.weights import model_boundary_ratio
+
+    experts = model_experts(config)
+    if experts == 1:
+        return None
+    if config.model.boundary_ratio is not None or experts is None:
+        return config.model.boundary_ratio
+    folder = Path(config.model.path).expanduser().resolve()
+    ratio = model_boundary_ratio(folder)
+    return DEFAULT_BOUNDARY_RATIO if ratio is None else ratio
+
+
 def check_config(config: OdysseyConfig) -> None:
-    """Every check of the config alone that needs the model's headers or this torch (the step cache, sharding):
-    what the driver runs before it starts anything."""
+    """Every check of the config alone that needs the model's headers or this torch (the model, the step cache,
+    sharding): what the driver runs before it starts anything."""
+    check_config_model(config)
     check_config_cache(config)
     check_config_sharding(config)
 
@@ -174,10 +221,16 @@ def check_request_model(request, config: OdysseyConfig) -> None:
 @functools.lru_cache(maxsize=4)
 def _size_factors(folder: Path) -> tuple[int, int, int]:
     """(the VAE's spatial stride, the DiT's patch height and width) of a model folder, from headers only."""
+    _, ph, pw = _folder_dit_config(folder).patch_size
+    return _vae_spec(folder).spatial_stride, ph, pw
+
+
+@functools.lru_cache(maxsize=4)
+def _vae_spec(folder: Path):
+    """The VAE's DecoderSpec of a model folder, from its config or the original file's shapes (no weight read)."""
     from pipeline.vae_weights import read_vae_spec
 
-    _, ph, pw = _folder_dit_config(folder).patch_size
-    return read_vae_spec(folder).spatial_stride, ph, pw
+    return read_vae_spec(folder)
 
 
 # -- the embedded model ---------------------------------------------------------------------------------------------

@@ -146,3 +146,34 @@ def test_resume_regenerates_what_changed_and_says_so(tmp_path):
     assert unknown.returncode == 0, unknown.stderr
     assert "2 of 2 outputs already complete" in unknown.stderr and "2 of them have no record" in unknown.stderr
     assert not (out / "manifest.jsonl").exists()
+
+
+def test_records_compare_the_boundary_of_two_expert_models(tmp_path):
+    """A two-expert model's record holds the boundary it ran with (its model_index.json's when the config says
+    null); records written before the boundary was (no field, or the config's null) compare as the folder's own."""
+    from tests.tiny_models import wan22_a14b_folder
+
+    model = wan22_a14b_folder(tmp_path / "a14b", "original")  # no model_index.json: upstream's 0.875
+    sets = [f"model.path={model}", "video.height=32", "video.width=48", "video.frames=5"]
+    config = load_config("wan2.2-t2v-a14b", sets)
+    request = GenerateRequest("a cat", seed=1).resolve(config)
+    manifest = tmp_path / "manifest.jsonl"
+    _record(manifest, request, config, tmp_path / "0-a.mp4")
+    made = read_records(manifest)["0-a.mp4"]
+    assert made["model.boundary_ratio"] == 0.875
+    assert request_changes(made, request, config) == []
+    half = load_config("wan2.2-t2v-a14b", [*sets, "model.boundary_ratio=0.5"])
+    assert request_changes(made, request, half) == ["model.boundary_ratio 0.875 -> 0.5"]
+    assert request_changes({**made, "model.boundary_ratio": 0.5}, request, half) == []
+
+    old = {k: v for k, v in made.items() if k != "model.boundary_ratio"}
+    assert request_changes(old, request, config) == [] and request_changes({**old, "model.boundary_ratio": None},
+                                                                            request, config) == []
+    assert request_changes(old, request, half) == ["model.boundary_ratio 0.875 -> 0.5"]
+    # a one-DiT model has no boundary: its old records are unchanged, its new ones say null
+    tiny = load_config("tiny")
+    small = GenerateRequest("a red circle moving right", seed=5).resolve(tiny)
+    _record(manifest, small, tiny, tmp_path / "1-b.mp4")
+    made = read_records(manifest)["1-b.mp4"]
+    assert made["model.boundary_ratio"] is None and request_changes(made, small, tiny) == []
+    assert request_changes({k: v for k, v in made.items() if k != "model.boundary_ratio"}, small, tiny) == []

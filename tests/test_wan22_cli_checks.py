@@ -92,3 +92,113 @@ def test_half_a_two_expert_folder_hints_the_two_expert_repository(folders, tmp_p
     code, err = _run(["generate", "a cat", "-o", tmp_path / "x.mp4", *_cpu(half)], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "no transformer_2/config.json" in err and "hf download Wan-AI/Wan2.2-T2V-A14B" in err, err
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_a_boundary_on_a_one_dit_folder_is_refused_before_ray(folders, command, tmp_path, capsys, no_ray):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    target = ["a cat", "-o", tmp_path / "out.mp4"] if command == "generate" else [prompts, "-o", tmp_path / "out"]
+    code, err = _run([command, *target, "--config", "wan2.2-ti2v-5b",
+                      *_cpu(folders["ti2v"], "video.height=32", "video.width=32", "model.boundary_ratio=0.5")], capsys)
+    assert code == 2 and not (tmp_path / "out.mp4").exists() and not (tmp_path / "out").exists()
+    assert f"model.boundary_ratio is set but {folders['ti2v']} holds one DiT" in _one_line(err)
+
+
+@pytest.mark.parametrize("value", ["NaN", '"0.5"', "1e308", "{}", "[0.5]", "true", "0", "1"])
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_a_hostile_model_index_boundary_is_refused_before_ray(folders, value, command, tmp_path, capsys, no_ray):
+    import shutil
+
+    model = tmp_path / "Wan2.2-T2V-A14B"
+    shutil.copytree(folders["a14b"], model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps(index).replace('"boundary_ratio": 0.875',
+                                                                      f'"boundary_ratio": {value}'))
+    assert json.loads((model / "model_index.json").read_text())["boundary_ratio"] != 0.875
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    target = ["a cat", "-o", tmp_path / "out.mp4"] if command == "generate" else [prompts, "-o", tmp_path / "out"]
+    code, err = _run([command, *target, "--config", "wan2.2-t2v-a14b",
+                      *_cpu(model, "video.height=32", "video.width=48")], capsys)
+    assert code == 2 and not (tmp_path / "out.mp4").exists() and not (tmp_path / "out").exists()
+    assert "boundary_ratio must be a number in (0, 1)" in _one_line(err) and "model_index.json" in err
+    # the config's own boundary wins, as at load: the folder's is not read
+    from cluster.validate import check_config
+    from configs import load_config
+
+    check_config(load_config("wan2.2-t2v-a14b", [f"model.path={model}", "model.boundary_ratio=0.5"]))
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_a_vae_whose_latents_the_dit_does_not_take_is_refused_before_ray(folders, command, tmp_path, capsys,
+                                                                        no_ray):
+    """A Wan2.1 folder (16-channel DiT) given the Wan2.2 VAE (48 latent channels)."""
+    import shutil
+
+    from tests.tiny_models import diffusers_vae22, save_vae22
+
+    model = tmp_path / "Wan2.1-T2V-1.3B"
+    shutil.copytree(folders["wan21"], model)
+    shutil.rmtree(model / "vae")
+    save_vae22(diffusers_vae22(), model, "pipeline")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    target = ["a cat", "-o", tmp_path / "out.mp4"] if command == "generate" else [prompts, "-o", tmp_path / "out"]
+    code, err = _run([command, *target, "--config", "wan2.1-t2v-1.3b",
+                      *_cpu(model, "video.height=32", "video.width=32")], capsys)
+    assert code == 2 and not (tmp_path / "out.mp4").exists() and not (tmp_path / "out").exists()
+    line = _one_line(err)
+    assert f"the VAE in {model} has 48 latent channels but the DiT takes 16" in line and "Wan2.1 VAE" in line
+
+
+def test_resume_compares_the_boundary_a_two_expert_model_ran_with(folders, tmp_path, capsys, no_ray):
+    """The record says the boundary the folder gave (0.875, from model_index.json, the config's null); a run with
+    another one regenerates and says so in its one line, the same one skips."""
+    from types import SimpleNamespace
+
+    from cluster.driver import Driver, Job, Outcome
+    from cluster.prompts import output_path, read_prompt_file
+    from configs import load_config
+    from pipeline.request import GenerateRequest
+
+    sets = _cpu(folders["a14b"], "video.height=32", "video.width=48", "sampling.steps=2")
+    config = load_config("wan2.2-t2v-a14b", sets[1::2])
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_text("a cat\n")
+    out.mkdir()
+    path = output_path(out, 0, 1, read_prompt_file(prompts, config.limits)[0])
+    path.write_bytes(b"a finished video")
+    request = GenerateRequest("a cat", seed=3).resolve(config)
+    result = SimpleNamespace(num_frames=5, cache=None, memory=None)
+    Driver._write_manifest(SimpleNamespace(manifest=out / "manifest.jsonl", config=config),
+                           Outcome(Job(0, request, path), path=path, result=result, timings={}))
+    assert json.loads((out / "manifest.jsonl").read_text())["config"]["model"]["boundary_ratio"] == 0.875
+
+    batch = ["batch", prompts, "-o", out, "--config", "wan2.2-t2v-a14b", "--seed", "3", *sets]
+    for same in ([], ["--set", "model.boundary_ratio=0.875"]):  # the folder's, or the same number said
+        main([str(a) for a in [*batch, *same]])  # nothing to run: returns
+        err = capsys.readouterr().err
+        assert "1 of 1 outputs already complete" in err and "regenerating" not in err
+    code, err = _run([*batch, "--set", "model.boundary_ratio=0.5"], capsys)  # goes on to Ray: refused by no_ray
+    assert [ln for ln in err.splitlines() if "regenerating" in ln] == [
+        f"odyssey: 1 of 1 outputs in {out} were made with other settings (model.boundary_ratio 0.875 -> 0.5), "
+        f"regenerating them"], err
+
+
+def test_every_preset_of_a_downloaded_model_says_it_needs_its_weights():
+    """`config presets` lists one line per preset: those whose model.path is a folder say the weights are needed."""
+    from configs import load_config
+    from configs.presets import list_presets, preset_description
+
+    downloaded = [name for name in list_presets() if name.startswith("wan")]
+    assert {"wan2.2-t2v-a14b", "wan2.2-ti2v-5b"} <= set(downloaded)
+    for name in downloaded:
+        assert load_config(name).model.path is not None
+        assert preset_description(name).endswith("needs its weights."), name
