@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["WanVAEDecoder", "DecoderSpec", "WAN21_LATENTS_MEAN", "WAN21_LATENTS_STD", "WAN22_LATENTS_MEAN",
-           "WAN22_LATENTS_STD", "WAN22_VAE_CONFIG", "tile_cache_factor"]
+           "WAN22_LATENTS_STD", "WAN22_VAE_CONFIG", "tile_cache_factor", "MAX_UP_BLOCKS", "MAX_RESNETS"]
 
 WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -51,6 +51,9 @@ _LATENTS = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN
 WAN22_VAE_CONFIG = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                         temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                         patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16)
+
+MAX_UP_BLOCKS, MAX_RESNETS = 8, 16  # a hostile file's indices must not make us build thousands of modules
+MAX_WIDTH = 4096  # a config's base dim, each dim_mult, z_dim, patch_size: Wan's are 96..1024, 1..4, 16/48, 1..2
 
 CACHE_T = 2  # frames of input each causal conv keeps from the previous chunk
 
@@ -268,18 +271,23 @@ class DecoderSpec:
     def from_diffusers_config(cls, cfg: dict) -> "DecoderSpec":
         """The decoder of an AutoencoderKLWan config.json (Wan2.1's or Wan2.2's). ValueError if it cannot be."""
         residual = bool(cfg.get("is_residual", False))
-        patch = cfg.get("patch_size") or 1
+        patch = 1 if cfg.get("patch_size") is None else cfg["patch_size"]
         dim = cfg.get("decoder_base_dim") or cfg.get("base_dim", 96)
         mult = cfg.get("dim_mult", [1, 2, 4, 4])
         nres = cfg.get("num_res_blocks", 2)
+        z = cfg.get("z_dim", 16)
         temporal = list(cfg.get("temperal_downsample", [False, True, True]))[::-1]
-        ints = [patch, dim, nres, *mult]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in ints) or not mult:
-            raise ValueError(f"VAE config: patch_size, decoder_base_dim/base_dim, num_res_blocks and dim_mult must "
-                             f"be positive integers, got {patch!r}, {dim!r}, {nres!r}, {mult!r}")
+        for name, value, cap in (("patch_size", patch, MAX_WIDTH), ("decoder_base_dim/base_dim", dim, MAX_WIDTH),
+                                 ("num_res_blocks", nres, MAX_RESNETS), ("z_dim", z, MAX_WIDTH)):
+            if not _count(value, cap):
+                raise ValueError(f"VAE config: {name} must be an integer from 1 to {cap}, got {_short(value)}")
+        if not isinstance(mult, list) or not 0 < len(mult) <= MAX_UP_BLOCKS or not all(_count(v, MAX_WIDTH)
+                                                                                      for v in mult):
+            raise ValueError(f"VAE config: dim_mult must be a list of 1 to {MAX_UP_BLOCKS} integers from 1 to "
+                             f"{MAX_WIDTH}, got {_short(mult)}")
         out = cfg.get("out_channels", 3)
         if out != 3 * patch * patch:
-            raise ValueError(f"VAE config: out_channels {out!r} is not RGB times the {patch}x{patch} patch "
+            raise ValueError(f"VAE config: out_channels {_short(out)} is not RGB times the {patch}x{patch} patch "
                              f"({3 * patch * patch})")
         if len(temporal) < len(mult) - 1:
             raise ValueError(f"VAE config: temperal_downsample has {len(temporal)} entries for {len(mult)} blocks")
@@ -289,7 +297,6 @@ class DecoderSpec:
             up = None if i == len(mult) - 1 else ("upsample3d" if temporal[i] else "upsample2d")
             # Wan2.1's upsamplers halve the channels, Wan2.2's keep them
             blocks.append((cin // 2 if i > 0 and not residual else cin, cout, nres + 1, up))
-        z = cfg.get("z_dim", 16)
         default_mean, default_std = _LATENTS.get(z, ([], []))
         mean = tuple(cfg.get("latents_mean") or default_mean)[:z]
         std = tuple(cfg.get("latents_std") or default_std)[:z]
@@ -301,7 +308,21 @@ class DecoderSpec:
         return spec
 
     def check(self) -> None:
-        """ValueError unless the modules can be built (a config or weight file names any shapes)."""
+        """ValueError unless the modules can be built (a config or weight file names any shapes): every channel
+        count and the patch at least 1 (a 0 divides by zero in the shortcut, the strides and the size checks), at
+        most MAX_UP_BLOCKS up blocks of MAX_RESNETS + 1 residual blocks (num_res_blocks + 1, as diffusers builds)."""
+        if self.z_dim < 1 or self.mid_dim < 1:
+            raise ValueError(f"the decoder's input has {self.z_dim} latent and {self.mid_dim} mid channels; both "
+                             f"must be at least 1")
+        if self.patch_size < 1:
+            raise ValueError(f"the decoder's output patch size is {self.patch_size}; it must be at least 1")
+        if not 0 < len(self.blocks) <= MAX_UP_BLOCKS:
+            raise ValueError(f"the decoder has {len(self.blocks)} up blocks; 1 to {MAX_UP_BLOCKS} are supported")
+        for i, (cin, cout, n, _) in enumerate(self.blocks):
+            if cin < 1 or cout < 1:
+                raise ValueError(f"up block {i} has {cin} -> {cout} channels; each must be at least 1")
+            if not 0 < n <= MAX_RESNETS + 1:
+                raise ValueError(f"up block {i} has {n} residual blocks; 1 to {MAX_RESNETS + 1} are supported")
         if self.is_residual:
             for cin, cout, _, up in self.blocks:
                 factor = (8 if up == "upsample3d" else 4) if up else 0
@@ -317,6 +338,18 @@ class DecoderSpec:
     def spatial_stride(self) -> int:
         """Pixels per latent pixel: the up blocks' 2x each times the output patch."""
         return 2 ** sum(b[3] is not None for b in self.blocks) * self.patch_size
+
+
+def _count(value, cap: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= cap
+
+
+def _short(value) -> str:
+    """repr(value) cut to 40 characters: a config's 2000-digit number or 200000-entry list stays one short line."""
+    if isinstance(value, int) and value.bit_length() > 64:  # repr would print all its digits (or refuse to)
+        return f"a {value.bit_length()}-bit integer"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class WanVAEDecoder(nn.Module):

@@ -4,7 +4,6 @@ names. The original files carry no config: the structure is read from the tensor
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import zipfile
@@ -14,12 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from .text_encoder import _backed
-from .vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, DecoderSpec, WanVAEDecoder
-from .weights import WeightsError, check_keys, download_hint, inside_model, model_root, user_path
+from .vae import MAX_RESNETS, MAX_UP_BLOCKS, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, DecoderSpec, WanVAEDecoder
+from .weights import WeightsError, check_keys, download_hint, inside_model, model_root, read_model_json, user_path
 
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"
 ORIGINAL_VAE22_FILE = "Wan2.2_VAE.pth"  # TI2V-5B's; the A14B release ships Wan2.1_VAE.pth
-MAX_UP_BLOCKS, MAX_RESNETS = 8, 16  # a hostile file's indices must not make us build thousands of modules
 
 _RESNET = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.", "residual.6.": "conv2.",
            "shortcut.": "conv_shortcut."}
@@ -39,7 +37,7 @@ def _from_original(raw: dict[str, torch.Tensor], file: str = ORIGINAL_VAE_FILE
     if any(k.startswith("decoder.upsamples.") and ".upsamples." in k[len("decoder.upsamples."):] for k in raw):
         return _from_original22(raw, file)
     if "decoder.conv1.weight" not in raw:
-        raise WeightsError(f"{ORIGINAL_VAE_FILE} has no decoder.conv1.weight: not a Wan2.1 VAE")
+        raise WeightsError(f"{file} has no decoder.conv1.weight: not a Wan2.1 VAE")
     state = {"post_quant_conv.weight": raw["conv2.weight"], "post_quant_conv.bias": raw["conv2.bias"]}
     ups: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
@@ -53,13 +51,13 @@ def _from_original(raw: dict[str, torch.Tensor], file: str = ORIGINAL_VAE_FILE
             if n == 1:
                 state[f"decoder.mid_block.attentions.0.{sub}"] = t
             else:
-                state[f"decoder.mid_block.resnets.{n // 2}.{_resnet_key(sub)}"] = t
+                state[f"decoder.mid_block.resnets.{n // 2}.{_resnet_key(sub, file)}"] = t
         elif m := re.match(r"upsamples\.(\d+)\.(.*)", rest):
             ups.setdefault(int(m.group(1)), {})[m.group(2)] = t
         elif m := re.match(r"head\.(\d)\.(.*)", rest):
             state[{"0": "decoder.norm_out.", "2": "decoder.conv_out."}[m.group(1)] + m.group(2)] = t
         else:
-            raise WeightsError(f"unknown key {key} in {ORIGINAL_VAE_FILE}")
+            raise WeightsError(f"unknown key {key} in {file}")
     # upsamples is one flat Sequential: residual blocks, a resample closing each up block but the last.
     blocks, block, res_i = [], 0, 0
     current: list = []
@@ -73,19 +71,19 @@ def _from_original(raw: dict[str, torch.Tensor], file: str = ORIGINAL_VAE_FILE
             block, res_i, current = block + 1, 0, []
         else:
             for sub, t in entry.items():
-                state[f"decoder.up_blocks.{block}.resnets.{res_i}.{_resnet_key(sub)}"] = t
+                state[f"decoder.up_blocks.{block}.resnets.{res_i}.{_resnet_key(sub, file)}"] = t
             w = entry["residual.2.weight"]
             current.append((w.shape[1], w.shape[0]))
             res_i += 1
     if current:
         blocks.append((*current[0], len(current), None))
     if not blocks:
-        raise WeightsError(f"{ORIGINAL_VAE_FILE} has no decoder.upsamples: not a Wan2.1 VAE")
+        raise WeightsError(f"{file} has no decoder.upsamples: not a Wan2.1 VAE")
     conv_in = raw["decoder.conv1.weight"]
     spec = DecoderSpec(z_dim=conv_in.shape[1], mid_dim=conv_in.shape[0],
                        blocks=tuple((cin, cout, n, mode) for cin, cout, n, mode in blocks))
     if spec.z_dim != len(spec.latents_mean):
-        raise WeightsError(f"{ORIGINAL_VAE_FILE} has z_dim {spec.z_dim}; the Wan2.1 VAE has 16")
+        raise WeightsError(f"{file} has z_dim {spec.z_dim}; the Wan2.1 VAE has 16")
     return spec, state
 
 
@@ -204,18 +202,27 @@ def _read_original(path: Path) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
         if key.startswith(("decoder.", "conv2.")) and not _backed(value):
             raise WeightsError(f"{path}: {key} declares {tuple(value.shape)} over {value.untyped_storage().nbytes()}"
                                f" bytes of data (a zero stride or a short storage); refusing it")
-    return _from_original(raw, path.name)
+    try:
+        spec, state = _from_original(raw, str(path))
+        spec.check()  # Wan2.1's too: its flat upsamples may name any number of blocks
+    except WeightsError:
+        raise
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    except (ArithmeticError, IndexError, KeyError) as e:  # shapes or keys no Wan VAE has
+        raise WeightsError(f"{path}: not a Wan VAE ({type(e).__name__}: {str(e)[:80]})") from None
+    return spec, state
 
 
 def _config_spec(path: Path) -> DecoderSpec:
     file = path / "config.json"
+    cfg = read_model_json(file)
     try:
-        cfg = json.loads(file.read_text())
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
         return DecoderSpec.from_diffusers_config(cfg)
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise WeightsError(f"{file}: {e}") from None
+    except (ValueError, TypeError, ArithmeticError) as e:
+        raise WeightsError(f"{file}: {str(e)[:300]}") from None
 
 
 def read_vae_spec(path: Path) -> DecoderSpec:

@@ -30,10 +30,12 @@ from .dit import WanDiT, WanDiTConfig
 __all__ = ["load_dit", "read_dit_headers", "dit_weight_files", "read_dit_config", "check_keys", "rename_first",
            "WeightsError", "model_root", "inside_model", "read_header", "check_blocks", "file_fingerprint",
            "MAX_DIT_LAYERS", "user_path", "download_hint", "hint_preset", "WAN_REPOS", "MissingWeightsError",
-           "dit_folders", "model_boundary_ratio", "one_dit", "EXPERT_FOLDERS", "PIPELINE_EXPERTS", "WAN_PRESETS"]
+           "dit_folders", "model_boundary_ratio", "one_dit", "EXPERT_FOLDERS", "PIPELINE_EXPERTS", "WAN_PRESETS",
+           "read_model_json", "MAX_JSON_BYTES"]
 
 MAX_DIT_LAYERS = 256  # Wan2.1 has 30 (1.3B) or 40 (14B): a header naming block 4999 must not build 5000 on meta
 FINGERPRINT_BYTES = 1 << 20  # tensor data hashed per weight file when ranks compare what they loaded
+MAX_JSON_BYTES = 16 << 20  # a model's config or index (a 14B index: ~100 KB); the driver and every rank read them
 
 _COMFY_PREFIX = "model.diffusion_model."
 
@@ -66,6 +68,26 @@ class WeightsError(ValueError):
 class MissingWeightsError(WeightsError):
     """Weight files that are not there (a download that never ran or was cut short): the loaders that know the
     model folder add download_hint to it."""
+
+
+def read_model_json(file: Path):
+    """The JSON of a model's config.json, model_index.json or safetensors index: WeightsError, one line naming the
+    file, when it cannot be read, is over MAX_JSON_BYTES (read no further), is not JSON, or nests past the
+    recursion limit (json raises RecursionError, which no loader's except catches)."""
+    if not Path(file).is_file():  # a FIFO would block the open
+        raise WeightsError(f"cannot read {file}: not a regular file")
+    try:
+        with open(file, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise WeightsError(f"cannot read {file}: {e.strerror or e}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise WeightsError(f"cannot read {file}: over {MAX_JSON_BYTES} bytes (not a model's JSON file)")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise WeightsError(f"cannot read {file}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+                           ) from None
 
 
 def user_path(path) -> Path:
@@ -261,8 +283,26 @@ def dit_folders(path) -> list[Path]:
         raise WeightsError(f"weights folder {path} does not exist: {download_hint(path)}")
     if not path.is_dir():
         raise WeightsError(f"{path} is not a folder; pass the folder that holds config.json and the weights")
+    return [_inside_model_dit(path, folder) for folder in _dit_folders(path)]
+
+
+def _inside_model_dit(path: Path, folder: Path) -> Path:
+    """folder (as named) once it resolves inside the model folder: an expert folder linked elsewhere would make
+    every file under it read from there (its shards are then checked against it, not the model)."""
+    inside_model(model_root(path), folder, "DiT folder")
+    return folder
+
+
+def _dit_folders(path: Path) -> list[Path]:
     high, low = (path / name for name in PIPELINE_EXPERTS)
-    if high.exists() or low.exists():
+    experts = [path / name for name in EXPERT_FOLDERS]
+    pipeline = [f"{folder.name}/" for folder in (high, low) if folder.exists()]
+    original = [f"{folder.name}/" for folder in experts if folder.exists()]
+    if pipeline and original:
+        raise WeightsError(f"{path} holds both {' and '.join(pipeline)} (a diffusers pipeline) and "
+                           f"{' and '.join(original)} (the original Wan2.2 release): keep one layout, or set "
+                           f"model.path to the folder of the other")
+    if pipeline:
         if not _has_config(high):
             what = "transformer_2/ (the low-noise expert) but " if low.exists() else ""
             raise MissingWeightsError(f"{path} holds {what}no transformer/config.json (the DiT; the high-noise "
@@ -275,8 +315,7 @@ def dit_folders(path) -> list[Path]:
                     f"); {_two_expert_hint(path)}")
             return [high, low]
         return [high]
-    experts = [path / name for name in EXPERT_FOLDERS]
-    if any(folder.exists() for folder in experts):
+    if original:
         missing = [f"{folder.name}/" + ("config.json" if folder.exists() else "") for folder in experts
                    if not _has_config(folder)]
         if missing:
@@ -299,10 +338,7 @@ def _model_index(path: Path) -> dict:
     index = path / "model_index.json"
     if not index.is_file():
         return {}
-    try:
-        raw = json.loads(index.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {index}: {str(e)[:200]}") from None
+    raw = read_model_json(index)
     if not isinstance(raw, dict):
         raise WeightsError(f"{index} is not a JSON object")
     return raw
@@ -337,9 +373,9 @@ def dit_weight_files(folder: Path) -> list[Path]:
     (checked before any is opened: a FIFO named *.safetensors would block the reader forever)."""
     indexes = sorted(f for f in folder.glob("*.safetensors.index.json") if f.is_file())
     if indexes:
+        raw = read_model_json(indexes[0])
         try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            names = set(weight_map.values())
+            names = set(raw["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise WeightsError(f"{indexes[0]} is not a safetensors index (a JSON object with a weight_map)") from None
         root = model_root(folder)
@@ -445,10 +481,7 @@ def read_dit_headers(path, *, model=None) -> tuple[Path, WanDiTConfig, dict[str,
     safetensors headers only: no tensor is read. model: the model folder `path` (an expert's folder) lies in, the
     one a missing shard's download hint names (default: `path`)."""
     folder = _dit_folder(user_path(path))
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"cannot read {folder / 'config.json'}: {e}") from None
+    raw = read_model_json(folder / "config.json")
     source: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     if not isinstance(raw, dict):
