@@ -5,16 +5,13 @@ Legend: N prompts, T text_len (512) token rows, C d_model (4096).
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
 from .weights import (MissingWeightsError, WeightsError, check_blocks, check_keys, dit_weight_files, download_hint,
-                      inside_model, model_root, read_header, rename_first, user_path)
+                      inside_model, load_pth, model_root, read_header, read_model_json, rename_first, user_path)
 
 __all__ = ["WanTextEncoder", "ORIGINAL_T5_FILE", "ORIGINAL_TOKENIZER_DIR", "locate", "load_tokenizer", "original_state",
            "original_config"]
@@ -50,37 +47,12 @@ def _hf_name(key: object, path: Path) -> str:
     return name
 
 
-def _backed(t: torch.Tensor) -> bool:
-    """Whether every element of t has its own bytes in its storage: a zero stride (an expand()ed row) or a storage
-    smaller than the view lets a 51 KB file declare gigabytes, which the encoder would then allocate."""
-    if t.numel() == 0:
-        return True
-    if any(stride == 0 for size, stride in zip(t.shape, t.stride()) if size > 1):
-        return False
-    extent = t.storage_offset() + 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    have = t.untyped_storage().nbytes()
-    return have >= extent * t.element_size() and have >= t.numel() * t.element_size()
-
-
 def original_state(path: Path) -> dict[str, torch.Tensor]:
     """The original release's .pth under transformers' names, memory-mapped (weights_only: no code runs; mmap: a
     tensor's pages are read only when used, so slicing a row range reads just those rows). WeightsError naming the
     file (one line) for anything but a dict of real tensors with the keys the config is read from."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise WeightsError(f"{path} is not a loadable weights file: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
-    state = {}
-    for key, value in raw.items():
-        name = _hf_name(key, path)
-        if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
-        if not _backed(value):
-            raise WeightsError(f"{path}: {key} declares {tuple(value.shape)} over {value.untyped_storage().nbytes()}"
-                               f" bytes of data (a zero stride or a short storage); refusing it")
-        state[name] = value
+    raw = load_pth(path)
+    state = {_hf_name(key, path): value for key, value in raw.items()}
     state_shapes = {k: tuple(v.shape) for k, v in state.items()}
     _check_config_shapes(state_shapes, str(path))
     return state
@@ -163,10 +135,7 @@ def _check_diffusers_layers(folder: Path) -> None:
     """A diffusers text_encoder/ whose config.json num_layers matches the blocks its safetensors headers name
     (0..L-1, one key set, L <= MAX_T5_LAYERS): checked before any loader builds the model config.json declares."""
     config = folder / "config.json"
-    try:
-        raw = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {config}: {str(e).splitlines()[0][:200]}") from None
+    raw = read_model_json(config)
     layers = raw.get("num_layers") if isinstance(raw, dict) else None
     if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= MAX_T5_LAYERS:
         raise WeightsError(f"{config}: num_layers {layers!r:.40} is not a number of blocks from 1 to {MAX_T5_LAYERS}")

@@ -4,17 +4,15 @@ names. The original files carry no config: the structure is read from the tensor
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .text_encoder import _backed
 from .vae import MAX_RESNETS, MAX_UP_BLOCKS, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, DecoderSpec, WanVAEDecoder
-from .weights import WeightsError, check_keys, download_hint, inside_model, model_root, read_model_json, user_path
+from .weights import (WeightsError, check_keys, download_hint, inside_model, load_pth, model_root, read_model_json,
+                      user_path)
 
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"
 ORIGINAL_VAE22_FILE = "Wan2.2_VAE.pth"  # TI2V-5B's; the A14B release ships Wan2.1_VAE.pth
@@ -189,19 +187,7 @@ def _locate(path: Path) -> Path:
 def _read_original(path: Path) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
     """The structure and decoder tensors of an original .pth (weights_only: no code runs; memory-mapped: only what
     is used is read). WeightsError naming the file for anything but a dict of real tensors."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise WeightsError(f"{path} is not a loadable weights file: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
-    for key, value in raw.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{path}: {str(key)[:80]} is a {type(value).__name__}, not a named tensor")
-        # the shapes decide what is built: a view over a short storage could declare gigabytes it does not hold
-        if key.startswith(("decoder.", "conv2.")) and not _backed(value):
-            raise WeightsError(f"{path}: {key} declares {tuple(value.shape)} over {value.untyped_storage().nbytes()}"
-                               f" bytes of data (a zero stride or a short storage); refusing it")
+    raw = load_pth(path, checked=lambda key: key.startswith(("decoder.", "conv2.")))
     try:
         spec, state = _from_original(raw, str(path))
         spec.check()  # Wan2.1's too: its flat upsamples may name any number of blocks

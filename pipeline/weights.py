@@ -16,9 +16,11 @@ import contextvars
 import hashlib
 import json
 import math
+import pickle
 import re
 import shlex
 import struct
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -534,3 +536,35 @@ def load_dit(path, *, device="cpu", dtype: torch.dtype | None = None, attention_
                 state[ours] = t.to(want) if t.dtype != want else t
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def load_pth(path: Path, checked=lambda key: True) -> dict[str, torch.Tensor]:
+    """An original release's .pth as {name: tensor}, memory-mapped (weights_only: no code runs; mmap: a tensor's
+    pages are read only when used). WeightsError naming the file (one line) for anything but a dict of named
+    tensors, or for a tensor `checked(name)` selects whose shape its storage does not back (see backed)."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise WeightsError(f"{path} is not a loadable weights file: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{path}: {str(key)[:80]} is a {type(value).__name__}, not a tensor")
+        # the shapes decide what is built: a view over a short storage could declare gigabytes it does not hold
+        if checked(key) and not backed(value):
+            raise WeightsError(f"{path}: {key} declares {tuple(value.shape)} over {value.untyped_storage().nbytes()}"
+                               f" bytes of data (a zero stride or a short storage); refusing it")
+    return raw
+
+
+def backed(t: torch.Tensor) -> bool:
+    """Whether every element of t has its own bytes in its storage: a zero stride (an expand()ed row) or a storage
+    smaller than the view lets a 51 KB file declare gigabytes, which a loader would then allocate."""
+    if t.numel() == 0:
+        return True
+    if any(stride == 0 for size, stride in zip(t.shape, t.stride()) if size > 1):
+        return False
+    extent = t.storage_offset() + 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    have = t.untyped_storage().nbytes()
+    return have >= extent * t.element_size() and have >= t.numel() * t.element_size()

@@ -192,3 +192,14 @@ def test_wan21_pth_structure_errors_are_one_line(tmp_path, edit, says):
     with pytest.raises(WeightsError) as e:
         read_vae_spec(folder)
     assert _one_line(e).startswith(f"{file}: {says}"), str(e.value)
+
+
+def test_deep_text_encoder_config_is_one_line(models, tmp_path):
+    """text_encoder/config.json goes through the same reader (it used to end in RecursionError, exit 1)."""
+    from pipeline.text_encoder import locate
+
+    folder = _copy(models["wan21"], tmp_path / "t")
+    (folder / "text_encoder" / "config.json").write_text('{"num_layers": ' + DEEP + "}")
+    with pytest.raises(WeightsError) as e:
+        locate(folder)
+    assert _one_line(e).startswith(f"cannot read {folder / 'text_encoder' / 'config.json'}: "), str(e.value)
