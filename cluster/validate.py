@@ -21,7 +21,6 @@ its own torch again before loading and refuses with the same message, naming its
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import weakref
@@ -100,16 +99,9 @@ def model_experts(config: OdysseyConfig) -> int | None:
 def _folder_dits(folder: Path) -> tuple[WanDiTConfig, ...]:
     """Each DiT's config (high-noise expert first), from config.json and the safetensors headers; a two-expert
     folder whose experts differ is a ValueError naming the first differences."""
-    from pipeline.weights import dit_folders, read_dit_headers
+    from pipeline.weights import read_dit_configs
 
-    folders = dit_folders(folder)
-    configs = tuple(read_dit_headers(f, model=folder)[1] for f in folders)
-    if len(configs) == 2 and configs[0] != configs[1]:
-        high, low = (dataclasses.asdict(c) for c in configs)
-        fields = [f"{k} {high[k]} vs {low[k]}" for k in high if high[k] != low[k]]
-        raise ValueError(f"the two experts in {folder} ({folders[0].name}/, {folders[1].name}/) differ: "
-                         f"{', '.join(fields[:4])}: both must have the same shape")
-    return configs
+    return tuple(read_dit_configs(folder)[1])
 
 
 def _folder_dit_config(folder: Path) -> WanDiTConfig:
@@ -143,26 +135,22 @@ def check_config_model(config: OdysseyConfig) -> None:
     on a model of one DiT, a model_index.json boundary_ratio that is not a number in (0, 1) (read only where
     model.boundary_ratio is null, as the load does), a VAE whose latent channels are not the DiT's input channels.
     A folder missing its files is left to check_model_folder and the request checks (they name the download)."""
-    from pipeline.components import _boundary_ratio, _vae_hint  # the load's own rules and messages
+    from pipeline.components import check_latent_channels, resolve_boundary_ratio  # the load's own rules
     from pipeline.weights import MissingWeightsError, dit_folders
 
     path = config.model.path
     if path is None:
-        if config.model.boundary_ratio is not None:
-            raise ValueError("model.boundary_ratio is set but the embedded model (model.path null) holds one DiT: "
-                             "set it null")
+        resolve_boundary_ratio(config.model, None, [])
         return
     folder = Path(path).expanduser()
     if not folder.exists():
         return
     try:
-        _boundary_ratio(config.model, folder, dit_folders(folder))
+        resolve_boundary_ratio(config.model, folder, dit_folders(folder))
         in_dim, z_dim = _folder_dit_config(folder.resolve()).in_dim, _vae_spec(folder.resolve()).z_dim
     except MissingWeightsError:
         return
-    if z_dim != in_dim:
-        raise ValueError(f"the VAE in {folder} has {z_dim} latent channels but the DiT takes {in_dim}: "
-                         f"{_vae_hint(in_dim)}")
+    check_latent_channels(folder, z_dim, in_dim)
 
 
 def model_boundary(config: OdysseyConfig) -> float | None:

@@ -3,7 +3,6 @@ the text encoder and the decoder only where they run."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +164,7 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
     if model.path is None:
         from .tiny import load_tiny_components
 
-        if model.boundary_ratio is not None:
-            raise ValueError("model.boundary_ratio is set but the embedded model (model.path null) holds one DiT: "
-                             "set it null")
+        resolve_boundary_ratio(model, None, [])
         comp = load_tiny_components(device=device, dtype=dtype, encode=encode, decode=decode,
                                     attention_backend=attention_backend)
         if shard_group is not None:
@@ -181,23 +178,14 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
     from .text_encoder import WanTextEncoder
     from .vae import WanVAEDecoder
     from .vae_weights import read_vae_spec
-    from .weights import dit_folders, read_dit_headers
+    from .weights import read_dit_configs
 
     path = Path(model.path).expanduser()
     # Everything that can be refused from configs and headers is, before a weight is read.
-    folders = dit_folders(path)
-    configs = [read_dit_headers(folder)[1] for folder in folders]
-    boundary = _boundary_ratio(model, path, folders)
-    if len(configs) == 2 and configs[0] != configs[1]:
-        high, low = configs
-        fields = [f"{f.name} {getattr(high, f.name)} vs {getattr(low, f.name)}" for f in dataclasses.fields(high)
-                  if getattr(high, f.name) != getattr(low, f.name)]
-        raise ValueError(f"the two experts in {path} ({folders[0].name}/, {folders[1].name}/) differ: "
-                         f"{', '.join(fields[:4])}: both must have the same shape")
+    folders, configs = read_dit_configs(path)
+    boundary = resolve_boundary_ratio(model, path, folders)
     spec = read_vae_spec(path)
-    if spec.z_dim != configs[0].in_dim:
-        raise ValueError(f"the VAE in {path} has {spec.z_dim} latent channels but the DiT takes {configs[0].in_dim}: "
-                         f"{_vae_hint(configs[0].in_dim)}")
+    check_latent_channels(path, spec.z_dim, configs[0].in_dim)
 
     def load(folder: Path, on: torch.device) -> WanDiT:
         if shard_group is not None:
@@ -239,14 +227,16 @@ def load_components(model: ModelConfig, *, device: torch.device, encode: bool, d
                       dit_low=dit_low, boundary_ratio=boundary)
 
 
-def _boundary_ratio(model: ModelConfig, path: Path, folders: list[Path]) -> float | None:
-    """The boundary of a two-expert model: model.boundary_ratio, else its model_index.json's, else
-    DEFAULT_BOUNDARY_RATIO (logged with its source); None for one DiT (where setting it is refused)."""
+def resolve_boundary_ratio(model: ModelConfig, path: Path | None, folders: list[Path]) -> float | None:
+    """The boundary of a two-expert model at `path` (its DiT folders `folders`): model.boundary_ratio, else its
+    model_index.json's, else DEFAULT_BOUNDARY_RATIO (logged with its source); None for one DiT, or the embedded
+    model (path None), where setting it is a ValueError. The driver's check (cluster/validate.py) runs it too."""
     from .weights import model_boundary_ratio
 
-    if len(folders) == 1:
+    if path is None or len(folders) == 1:
         if model.boundary_ratio is not None:
-            raise ValueError(f"model.boundary_ratio is set but {path} holds one DiT (only two-expert models such as "
+            where = "the embedded model (model.path null)" if path is None else str(path)
+            raise ValueError(f"model.boundary_ratio is set but {where} holds one DiT (only two-expert models such as "
                              f"Wan2.2 T2V-A14B have a boundary): set it null")
         return None
     if model.boundary_ratio is not None:
@@ -260,12 +250,17 @@ def _boundary_ratio(model: ModelConfig, path: Path, folders: list[Path]) -> floa
     return ratio
 
 
-def _vae_hint(in_dim: int) -> str:
+def check_latent_channels(path: Path, z_dim: int, in_dim: int) -> None:
+    """ValueError unless the VAE's latent channels are the DiT's input channels (the load's and the driver's check)."""
+    if z_dim == in_dim:
+        return
     if in_dim == 48:
-        return "a 48-channel DiT (Wan2.2 TI2V-5B) needs the Wan2.2 VAE (Wan2.2_VAE.pth, or vae/ with z_dim 48)"
-    if in_dim == 16:
-        return "a 16-channel DiT (Wan2.1, Wan2.2 T2V-A14B) needs the Wan2.1 VAE (Wan2.1_VAE.pth, or vae/ with z_dim 16)"
-    return "the VAE and the DiT come from different models"
+        hint = "a 48-channel DiT (Wan2.2 TI2V-5B) needs the Wan2.2 VAE (Wan2.2_VAE.pth, or vae/ with z_dim 48)"
+    elif in_dim == 16:
+        hint = "a 16-channel DiT (Wan2.1, Wan2.2 T2V-A14B) needs the Wan2.1 VAE (Wan2.1_VAE.pth, or vae/ with z_dim 16)"
+    else:
+        hint = "the VAE and the DiT come from different models"
+    raise ValueError(f"the VAE in {path} has {z_dim} latent channels but the DiT takes {in_dim}: {hint}")
 
 
 PIN_MARGIN_BYTES = 2 << 30  # left for the OS and the rest of this process (one tensor is unpinned while pinning)

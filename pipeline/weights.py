@@ -12,6 +12,7 @@ Where a model's DiTs are (dit_folders), high-noise expert first:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import hashlib
 import json
@@ -502,6 +503,20 @@ def read_dit_headers(path, *, model=None) -> tuple[Path, WanDiTConfig, dict[str,
             source[ours] = (file, key)
             shapes[ours] = shape
     return folder, read_dit_config(raw, shapes), source, shapes
+
+
+def read_dit_configs(path) -> tuple[list[Path], list[WanDiTConfig]]:
+    """(dit_folders(path), each DiT's config from its config.json and safetensors headers), high-noise expert
+    first; WeightsError naming the first differences when a two-expert model's experts differ in shape."""
+    folders = dit_folders(path)
+    configs = [read_dit_headers(folder, model=path)[1] for folder in folders]
+    if len(configs) == 2 and configs[0] != configs[1]:
+        high, low = configs
+        fields = [f"{f.name} {getattr(high, f.name)} vs {getattr(low, f.name)}" for f in dataclasses.fields(high)
+                  if getattr(high, f.name) != getattr(low, f.name)]
+        raise WeightsError(f"the two experts in {user_path(path)} ({folders[0].name}/, {folders[1].name}/) differ: "
+                           f"{', '.join(fields[:4])}: both must have the same shape")
+    return folders, configs
 
 
 def one_dit(path) -> None:
