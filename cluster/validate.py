@@ -30,6 +30,7 @@ from typing import Sequence
 from configs import OdysseyConfig
 from pipeline.dit import WanDiTConfig
 from pipeline.sharding import fsdp_unavailable
+from pipeline.memory import vae_spec
 from pipeline.step_cache import check_cache
 
 from .manifest import check_manifest
@@ -147,7 +148,7 @@ def check_config_model(config: OdysseyConfig) -> None:
         return
     try:
         resolve_boundary_ratio(config.model, folder, dit_folders(folder))
-        in_dim, z_dim = _folder_dit_config(folder.resolve()).in_dim, _vae_spec(folder.resolve()).z_dim
+        in_dim, z_dim = _folder_dit_config(folder.resolve()).in_dim, vae_spec(folder.resolve()).z_dim
     except MissingWeightsError:
         return
     check_latent_channels(folder, z_dim, in_dim)
@@ -210,15 +211,7 @@ def check_request_model(request, config: OdysseyConfig) -> None:
 def _size_factors(folder: Path) -> tuple[int, int, int]:
     """(the VAE's spatial stride, the DiT's patch height and width) of a model folder, from headers only."""
     _, ph, pw = _folder_dit_config(folder).patch_size
-    return _vae_spec(folder).spatial_stride, ph, pw
-
-
-@functools.lru_cache(maxsize=4)
-def _vae_spec(folder: Path):
-    """The VAE's DecoderSpec of a model folder, from its config or the original file's shapes (no weight read)."""
-    from pipeline.vae_weights import read_vae_spec
-
-    return read_vae_spec(folder)
+    return vae_spec(folder).spatial_stride, ph, pw
 
 
 # -- the embedded model ---------------------------------------------------------------------------------------------

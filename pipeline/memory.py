@@ -82,7 +82,7 @@ from .step_cache import cache_buffers
 from .vae import tile_cache_factor
 from .vae_parallel import splits_decode
 
-__all__ = ["MemoryEstimate", "estimate_rank_memory", "replica_estimates", "check_fits", "check_request",
+__all__ = ["MemoryEstimate", "vae_spec", "estimate_rank_memory", "replica_estimates", "check_fits", "check_request",
            "fit_decision", "wait_until_fits", "MemoryBusy", "fused_attention_available", "LiveBytes",
            "dit_activation_bytes", "vae_decode_bytes", "WAN21_1_3B", "WAN21_14B", "WAN22_A14B_EXPERT", "WAN22_TI2V_5B",
            "GiB"]
@@ -446,7 +446,8 @@ def _text_encode_activations(dims: dict, text_len: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _vae_spec(path: Path | None):
+def vae_spec(path: Path | None):
+    """The VAE structure of a model folder (headers only, cached), or of the model a folder not here is named for."""
     from .vae import WAN22_VAE_CONFIG, DecoderSpec
 
     if path is None or not path.exists():
@@ -528,7 +529,7 @@ def estimate_rank_memory(config: OdysseyConfig, rank: int = 0, *, device_type: s
     else:
         dit_params, dit_gather = resident_experts * _dit_param_bytes(cfg, dtype), 0
 
-    spec = _vae_spec(path)
+    spec = vae_spec(path)
     ts, ss = spec.temporal_stride, spec.spatial_stride
     pt, ph, pw = cfg.patch_size
     h, w = video.height // ss, video.width // ss

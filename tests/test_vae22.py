@@ -259,11 +259,11 @@ def test_a_ti2v_folder_not_downloaded_yet_is_estimated_with_the_wan22_vae():
     Wan2.2 VAE (2.2 GB of fp32 weights, 16x), the other Wan models with Wan2.1's (0.29 GB, 8x)."""
     from pathlib import Path
 
-    from pipeline.memory import _vae_param_bytes, _vae_spec
+    from pipeline.memory import _vae_param_bytes, vae_spec
     from pipeline.vae import WAN22_VAE_CONFIG, DecoderSpec
 
-    spec = _vae_spec(Path("/nonexistent/Wan2.2-TI2V-5B-Diffusers"))
+    spec = vae_spec(Path("/nonexistent/Wan2.2-TI2V-5B-Diffusers"))
     assert spec == DecoderSpec.from_diffusers_config(WAN22_VAE_CONFIG) and spec.spatial_stride == 16
     assert _vae_param_bytes(spec) == 555_051_580 * 4
     for name in ("Wan2.2-T2V-A14B", "Wan2.1-T2V-14B", "somewhere"):
-        assert _vae_spec(Path("/nonexistent") / name) == DecoderSpec(), name
+        assert vae_spec(Path("/nonexistent") / name) == DecoderSpec(), name
